@@ -1,0 +1,100 @@
+"""The cluster map: which clusters the overlay holds, persisted crash-consistently.
+
+One byte per cluster, in memory as a bytearray and on disk as clusters.map
+(byte i is cluster i).  Every byte is independent, so a torn page write after a
+power cut leaves each entry either old or new, never garbage.
+
+Durability rule: the map on disk never claims a cluster holds data that did
+not reach the disk.  commit() takes a snapshot of the changed pages *before*
+it syncs the data file, so everything the snapshot claims was written before
+the data sync; only then are the pages written and the map synced.
+"""
+
+import os
+import threading
+
+ABSENT = 0   # the overlay does not hold the cluster: read the base (or zeros)
+DATA = 1     # data.img holds the cluster
+ZERO = 2     # the cluster reads as zeros, whatever the base holds
+
+PAGE = 4096
+
+_STATE_BYTES = {ABSENT: b"\x00", DATA: b"\x01", ZERO: b"\x02"}
+
+
+class ClusterMap:
+    """In-memory cluster states with dirty-page tracking and a durable commit."""
+
+    def __init__(self, path, nclusters):
+        self.nclusters = nclusters
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._map = bytearray(nclusters)
+        n = os.preadv(self._fd, [self._map], 0) if nclusters else 0
+        # A short file means the tail was never committed: those clusters are absent.
+        self._map[n:] = bytes(nclusters - n)
+        if os.fstat(self._fd).st_size != nclusters:
+            os.ftruncate(self._fd, nclusters)
+        self._dirty = set()
+        self._lock = threading.Lock()          # guards _map writes and _dirty
+        self._commit_lock = threading.Lock()   # one commit at a time
+
+    def states(self, first, end):
+        """The states of clusters [first, end) as bytes."""
+        return bytes(self._map[first:end])
+
+    def get(self, cluster):
+        return self._map[cluster]
+
+    def run_end(self, first, end):
+        """End of the run of equal states that starts at first (at most end)."""
+        m = self._map
+        state = m[first]
+        stop = end
+        for other in _STATE_BYTES:
+            if other != state:
+                i = m.find(_STATE_BYTES[other], first, stop)
+                if i != -1:
+                    stop = i
+        return stop
+
+    def set(self, first, end, state):
+        """Set clusters [first, end) to state (in memory; durable at the next commit)."""
+        if first >= end:
+            return
+        with self._lock:
+            self._map[first:end] = _STATE_BYTES[state] * (end - first)
+            self._dirty.update(range(first // PAGE, (end - 1) // PAGE + 1))
+
+    def count(self, state):
+        return self._map.count(_STATE_BYTES[state])
+
+    def commit(self, sync_data):
+        """Make the current map durable; sync_data() must sync the data file."""
+        with self._commit_lock:
+            with self._lock:
+                pages = sorted(self._dirty)
+                self._dirty.clear()
+                snapshot = [(p, bytes(self._map[p * PAGE:(p + 1) * PAGE])) for p in pages]
+            try:
+                sync_data()
+                for page, content in snapshot:
+                    _pwrite_all(self._fd, content, page * PAGE)
+                if snapshot:
+                    os.fdatasync(self._fd)
+            except BaseException:
+                with self._lock:
+                    self._dirty.update(pages)
+                raise
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _pwrite_all(fd, data, offset):
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n

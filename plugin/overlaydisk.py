@@ -1,0 +1,165 @@
+"""nbdkit entry script: serve a copy-on-write overlay disk.
+
+    nbdkit -U disk.sock python plugin/overlaydisk.py overlay=STATE_DIR [base=FILE|NBD_URI]
+           [size=SIZE] [control=CTL_SOCK] [device=NAME] [cluster-size=64K]
+
+Thread model: parallel.  Every callback is one or two lines forwarding to the
+Disk (plugin/disk.py); errors become the errno they carry (nbdkit.set_error).
+"""
+
+import errno
+import functools
+import logging
+import os
+import sys
+
+# nbdkit does not put the script's folder on sys.path: add the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+
+import nbdkit  # noqa: E402
+
+from plugin.config import ConfigError  # noqa: E402
+from plugin.service import Service  # noqa: E402
+
+API_VERSION = 2
+
+
+class _NbdkitLog(logging.Handler):
+    def emit(self, record):
+        nbdkit.debug(self.format(record))
+
+
+logging.basicConfig(level=logging.INFO, handlers=[_NbdkitLog()],
+                    format="%(name)s: %(levelname)s: %(message)s")
+service = Service()
+
+
+def _startup(fn):
+    """Configuration errors stop nbdkit with one clear line, not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except ConfigError as e:
+            sys.stderr.write("nbdkit: overlay: error: %s\n" % e)
+            sys.stderr.flush()
+            os._exit(1)
+    return wrapper
+
+
+def _io(fn):
+    """OSError from the disk becomes the client's errno instead of EIO."""
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            nbdkit.set_error(e.errno or errno.EIO)
+            raise
+    return wrapper
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+@_startup
+def config(key, value):
+    service.configure(key, value)
+
+
+@_startup
+def config_complete():
+    service.open()
+
+
+def after_fork():
+    service.start()
+
+
+def cleanup():
+    service.stop()
+
+
+def open(readonly):
+    return service.disk
+
+
+def get_size(h):
+    return h.size
+
+
+def block_size(h):
+    return (1, max(4096, h.store.cluster_size), 0xffffffff)
+
+
+def can_write(h):
+    return True
+
+
+def can_flush(h):
+    return True
+
+
+def can_trim(h):
+    return True
+
+
+def can_zero(h):
+    return True
+
+
+def can_fast_zero(h):
+    return True
+
+
+def can_fua(h):
+    return nbdkit.FUA_NATIVE
+
+
+def can_multi_conn(h):
+    return True
+
+
+def can_cache(h):
+    return nbdkit.CACHE_NATIVE
+
+
+def can_extents(h):
+    return True
+
+
+@_io
+def pread(h, buf, offset, flags):
+    h.read(buf, offset)
+
+
+@_io
+def pwrite(h, buf, offset, flags):
+    h.write(buf, offset, bool(flags & nbdkit.FLAG_FUA))
+
+
+@_io
+def flush(h, flags):
+    h.flush()
+
+
+@_io
+def trim(h, count, offset, flags):
+    h.trim(offset, count, bool(flags & nbdkit.FLAG_FUA))
+
+
+@_io
+def zero(h, count, offset, flags):
+    h.zero(offset, count, may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
+           fast=bool(flags & nbdkit.FLAG_FAST_ZERO), fua=bool(flags & nbdkit.FLAG_FUA))
+
+
+@_io
+def cache(h, count, offset, flags):
+    h.cache(offset, count)
+
+
+@_io
+def extents(h, count, offset, flags):
+    return h.extents(offset, count, bool(flags & nbdkit.FLAG_REQ_ONE))

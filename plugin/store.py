@@ -1,0 +1,319 @@
+"""The overlay store: a persistent copy-on-write layer over an optional read-only base.
+
+Data lives in a sparse file at the disk's own offsets (data.img); the cluster
+map (clustermap.py) says, per cluster, whether the overlay holds data, holds
+zeros, or leaves the cluster to the base.
+
+Concurrency: a cluster that the overlay already holds (DATA) is read and
+written in place with no lock.  Every change of a cluster's state (copy-on-write
+of a partial write, a full write over an absent cluster, zero, trim, a stream
+copying the base in) holds a range lock on the clusters it touches and checks
+the state again under the lock, so two partial writes to one absent cluster,
+or a write racing a stream, can never overwrite each other's completed bytes.
+The map turns DATA only after the cluster's bytes are fully written.
+"""
+
+import contextlib
+import errno
+import logging
+import os
+import threading
+
+from plugin import clustermap
+from plugin.backends import pread_all, pwrite_all, fallocate
+from plugin.backends import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+from plugin.clustermap import ABSENT, DATA, ZERO
+from plugin import statedir
+
+log = logging.getLogger(__name__)
+
+# nbdkit's extent type bits.
+EXTENT_DATA = 0
+EXTENT_HOLE = 1
+EXTENT_ZERO = 2
+
+MAX_EXTENTS = 1024
+
+
+class RangeLock:
+    """Excludes overlapping [first, end) ranges of clusters from each other."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._held = []
+
+    @contextlib.contextmanager
+    def hold(self, first, end):
+        with self._cond:
+            while any(f < end and first < e for f, e in self._held):
+                self._cond.wait()
+            entry = (first, end)
+            self._held.append(entry)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held.remove(entry)
+                self._cond.notify_all()
+
+
+class OverlayStore:
+    """The disk as the overlay (state directory) on top of the base backend."""
+
+    def __init__(self, state, base):
+        self.state = state
+        self.base = base
+        self.size = state.size
+        self.cluster_size = cs = state.cluster_size
+        self.nclusters = (self.size + cs - 1) // cs
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        self._fd = os.open(state.file(statedir.DATA), flags, 0o600)
+        if os.fstat(self._fd).st_size != self.size:
+            os.ftruncate(self._fd, self.size)
+        self.map = clustermap.ClusterMap(state.file(statedir.MAP), self.nclusters)
+        self._ranges = RangeLock()
+        self._zeros = bytes(cs)
+
+    # -- helpers ---------------------------------------------------------
+
+    def _clusters(self, offset, length):
+        """The clusters [first, end) that bytes [offset, offset+length) touch."""
+        cs = self.cluster_size
+        return offset // cs, (offset + length + cs - 1) // cs
+
+    def _cluster_end(self, cluster):
+        return min((cluster + 1) * self.cluster_size, self.size)
+
+    def _base_reads_zero(self, offset, length):
+        """True when the base contributes nothing but zeros to the range."""
+        if self.base is None or offset >= self.base.size():
+            return True
+        return all(zero for _, _, zero in self.base.extents(offset, length))
+
+    def _read_below(self, view, offset, state):
+        """Fill view with what the cluster reads as without overlay data."""
+        if state == ZERO or self.base is None:
+            view[:] = self._zeros[:len(view)] if len(view) <= len(self._zeros) else bytes(len(view))
+            return
+        base_size = self.base.size()
+        n = max(0, min(len(view), base_size - offset))
+        if n:
+            self.base.readinto(view[:n], offset)
+        if n < len(view):
+            view[n:] = bytes(len(view) - n)
+
+    def _fill(self, cluster, start, end):
+        """Copy-on-write: write what cluster reads as into data.img for [start, end)."""
+        if start >= end:
+            return
+        buf = bytearray(end - start)
+        self._read_below(memoryview(buf), start, self.map.get(cluster))
+        pwrite_all(self._fd, buf, start)
+
+    def _write_locked(self, buf, offset, first, end):
+        """Write while holding the range lock on clusters [first, end)."""
+        cs = self.cluster_size
+        stop = offset + len(buf)
+        if offset % cs and self.map.get(first) != DATA:
+            self._fill(first, first * cs, offset)
+        last = end - 1
+        if stop < self._cluster_end(last) and self.map.get(last) != DATA:
+            self._fill(last, stop, self._cluster_end(last))
+        pwrite_all(self._fd, buf, offset)
+        self.map.set(first, end, DATA)
+
+    # -- the disk --------------------------------------------------------
+
+    def read(self, buf, offset):
+        """Fill buf with the disk's bytes at offset."""
+        length = len(buf)
+        first, end = self._clusters(offset, length)
+        states = self.map.states(first, end)
+        if states.count(DATA) == len(states):
+            pread_all(self._fd, buf, offset)
+            return
+        view = memoryview(buf)
+        cs = self.cluster_size
+        pos, stop = offset, offset + length
+        cluster = first
+        while pos < stop:
+            state = self.map.get(cluster)
+            run_end = self.map.run_end(cluster, end)
+            piece_end = min(run_end * cs, stop)
+            piece = view[pos - offset:piece_end - offset]
+            if state == DATA:
+                pread_all(self._fd, piece, pos)
+            else:
+                self._read_below(piece, pos, state)
+            pos, cluster = piece_end, run_end
+
+    def write(self, buf, offset, fua=False):
+        first, end = self._clusters(offset, len(buf))
+        states = self.map.states(first, end)
+        if states.count(DATA) == len(states):
+            pwrite_all(self._fd, buf, offset)
+        else:
+            with self._ranges.hold(first, end):
+                self._write_locked(buf, offset, first, end)
+        if fua:
+            self.flush()
+
+    def zero(self, offset, length, may_trim=False, fast=False, fua=False):
+        """Make the range read as zeros.
+
+        Whole clusters become zero by metadata alone (and are punched out of
+        data.img when may_trim allows).  A partial cluster needs a data write,
+        unless it already reads as zeros; with fast=True that is refused with
+        ENOTSUP before anything changes, as NBD_CMD_FLAG_FAST_ZERO demands.
+        """
+        cs = self.cluster_size
+        stop = offset + length
+        first, end = self._clusters(offset, length)
+        full_first = (offset + cs - 1) // cs
+        full_end = end if stop == self.size else stop // cs
+        with self._ranges.hold(first, end):
+            # The partial clusters at either end, each within one cluster.
+            edges = []
+            head_end = min(full_first * cs, stop)
+            if offset < head_end:
+                edges.append((offset, head_end))
+            tail_start = max(full_end * cs, head_end)
+            if tail_start < stop:
+                edges.append((tail_start, stop))
+            writes = [e for e in edges if not self._reads_zero(*e)]
+            if writes and fast:
+                raise OSError(errno.ENOTSUP, "zeroing part of a cluster is not fast")
+            if full_first < full_end:
+                if may_trim:
+                    self._punch_data(full_first, full_end)
+                self.map.set(full_first, full_end, ZERO)
+            for start, e in writes:
+                c = start // cs
+                if self.map.get(c) == DATA:
+                    pwrite_all(self._fd, self._zeros[:e - start], start)
+                else:
+                    self._write_locked(self._zeros[:e - start], start, c, c + 1)
+        if fua:
+            self.flush()
+
+    def _reads_zero(self, start, stop):
+        state = self.map.get(start // self.cluster_size)
+        if state == ZERO:
+            return True
+        if state == ABSENT:
+            return self._base_reads_zero(start, stop - start)
+        return False
+
+    def _punch_data(self, first, end):
+        """Release data.img space of the DATA clusters in [first, end)."""
+        cs = self.cluster_size
+        c = first
+        while c < end:
+            run_end = self.map.run_end(c, end)
+            if self.map.get(c) == DATA:
+                start = c * cs
+                length = min(run_end * cs, self.size) - start
+                try:
+                    fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, length)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                        raise
+            c = run_end
+
+    def trim(self, offset, length, fua=False):
+        """Discard whole clusters (they read as zeros after); partial clusters are kept."""
+        cs = self.cluster_size
+        stop = offset + length
+        full_first = (offset + cs - 1) // cs
+        full_end = (self.nclusters if stop == self.size else stop // cs)
+        if full_first < full_end:
+            with self._ranges.hold(full_first, full_end):
+                self._punch_data(full_first, full_end)
+                self.map.set(full_first, full_end, ZERO)
+        if fua:
+            self.flush()
+
+    def flush(self):
+        """Make every completed write durable: data first, then the map that names it."""
+        self.map.commit(lambda: os.fdatasync(self._fd))
+
+    def cache(self, offset, length):
+        """Prefetch: ask the kernel to read ahead the overlay's part of the range."""
+        os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def extents(self, offset, length, req_one=False):
+        """[(offset, length, type)] from offset, merged across overlay and base."""
+        result = []
+
+        def add(start, n, kind):
+            if result and result[-1][2] == kind:
+                s, l, _ = result[-1]
+                result[-1] = (s, l + n, kind)
+            else:
+                result.append((start, n, kind))
+
+        cs = self.cluster_size
+        stop = min(offset + length, self.size)
+        first, end = self._clusters(offset, stop - offset)
+        pos, cluster = offset, first
+        while pos < stop and len(result) < MAX_EXTENTS:
+            state = self.map.get(cluster)
+            run_end = self.map.run_end(cluster, end)
+            piece_end = min(run_end * cs, stop)
+            if state == DATA:
+                add(pos, piece_end - pos, EXTENT_DATA)
+            elif state == ZERO or self.base is None:
+                add(pos, piece_end - pos, EXTENT_HOLE | EXTENT_ZERO)
+            else:
+                for s, n, zero in self.base.extents(pos, piece_end - pos):
+                    add(s, n, EXTENT_HOLE | EXTENT_ZERO if zero else EXTENT_DATA)
+            pos, cluster = piece_end, run_end
+            if req_one:
+                break
+        return result
+
+    # -- jobs ------------------------------------------------------------
+
+    def populate(self, offset, length):
+        """Copy what the base holds for the range into the overlay (stream).
+
+        Clusters the overlay holds already are left alone, so a client write
+        is never overwritten by older base data.  Returns the bytes copied.
+        """
+        first, end = self._clusters(offset, length)
+        copied = 0
+        with self._ranges.hold(first, end):
+            c = first
+            while c < end:
+                run_end = self.map.run_end(c, end)
+                if self.map.get(c) == ABSENT:
+                    start = c * self.cluster_size
+                    stop = min(run_end * self.cluster_size, self.size)
+                    if self._base_reads_zero(start, stop - start):
+                        self.map.set(c, run_end, ZERO)
+                    else:
+                        buf = bytearray(stop - start)
+                        self._read_below(memoryview(buf), start, ABSENT)
+                        pwrite_all(self._fd, buf, start)
+                        self.map.set(c, run_end, DATA)
+                        copied += stop - start
+                c = run_end
+        return copied
+
+    def allocation(self):
+        """Counts of clusters by state, for query-block."""
+        return {
+            "cluster-size": self.cluster_size,
+            "clusters": self.nclusters,
+            "data-clusters": self.map.count(DATA),
+            "zero-clusters": self.map.count(ZERO),
+            "absent-clusters": self.map.count(ABSENT),
+        }
+
+    def close(self):
+        self.map.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.base is not None:
+            self.base.close()
