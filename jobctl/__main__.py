@@ -1,0 +1,7 @@
+"""Allow `python -m jobctl ...`."""
+
+import sys
+
+from jobctl.cli import main
+
+sys.exit(main())
