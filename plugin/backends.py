@@ -148,7 +148,11 @@ class FileBackend:
 
 
 def _nbd_errno(e):
-    return getattr(e, "errno", None) or errno.EIO
+    """libnbd's Error carries the errno as a name ("ENOSPC"); map it to the number."""
+    name = getattr(e, "errno", None)
+    if isinstance(name, int):
+        return name
+    return getattr(errno, name, errno.EIO) if name else errno.EIO
 
 
 class NbdBackend:
@@ -274,5 +278,7 @@ class NbdBackend:
                 h.shutdown()
             except self._nbd.Error:
                 pass
-            h.close()
+        # libnbd closes each handle when the last reference goes.
+        while not self._pool.empty():
+            self._pool.get_nowait()
 

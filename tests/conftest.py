@@ -1,0 +1,178 @@
+"""Shared fixtures: start real nbdkit servers on sockets in a temp folder.
+
+Every process a test starts is tracked and killed by pid at the end of the
+test; nothing else is ever signalled.
+"""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+PLUGIN = REPO / "plugin" / "overlaydisk.py"
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def nbd_uri(sock):
+    return "nbd+unix:///?socket=%s" % sock
+
+
+class Server:
+    """An nbdkit process serving on a Unix socket."""
+
+    def __init__(self, argv, sock, log_path, env=None):
+        self.argv = argv
+        self.sock = str(sock)
+        self.uri = nbd_uri(sock)
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+        self.pid = self.proc.pid
+
+    def wait_ready(self, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.path.exists(self.sock):
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError("nbdkit exited with %s:\n%s" % (self.proc.returncode, self.log()))
+            time.sleep(0.02)
+        raise RuntimeError("nbdkit did not create %s:\n%s" % (self.sock, self.log()))
+
+    def log(self):
+        self._log.flush()
+        return pathlib.Path(self.log_path).read_text(errors="replace")
+
+    def stop(self, timeout=20):
+        """SIGTERM and wait: nbdkit must exit promptly on its own."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise RuntimeError("nbdkit did not exit on SIGTERM:\n" + self.log())
+        self._cleanup_socket()
+        return self.proc.returncode
+
+    def kill9(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._cleanup_socket()
+
+    def _cleanup_socket(self):
+        self._log.close()
+        try:
+            os.unlink(self.sock)
+        except FileNotFoundError:
+            pass
+
+
+class Servers:
+    """Factory fixture: start servers; all are killed (by pid) after the test."""
+
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.started = []
+        self._n = 0
+
+    def _next(self, name):
+        self._n += 1
+        return self.tmp / ("%s%d.sock" % (name, self._n)), self.tmp / ("%s%d.log" % (name, self._n))
+
+    def overlay(self, overlay, base=None, size=None, filters=(), wait=True, **params):
+        """nbdkit serving our plugin; params are extra key=value (use '_' for '-')."""
+        sock, log = self._next("overlay")
+        argv = ["nbdkit", "-f", "-v", "-U", str(sock)]
+        for f in filters:
+            argv += ["--filter=" + f]
+        argv += ["python", str(PLUGIN), "overlay=%s" % overlay]
+        if base is not None:
+            argv.append("base=%s" % base)
+        if size is not None:
+            argv.append("size=%s" % size)
+        for k, v in params.items():
+            argv.append("%s=%s" % (k.replace("_", "-"), v))
+        return self._start(argv, sock, log, wait)
+
+    def nbdkit(self, plugin, *args, filters=(), wait=True):
+        """nbdkit serving any plugin, e.g. nbdkit("file", path, filters=["error"])."""
+        sock, log = self._next(plugin.replace("/", "_"))
+        argv = ["nbdkit", "-f", "-U", str(sock)]
+        for f in filters:
+            argv += ["--filter=" + f]
+        argv += [plugin, *args]
+        return self._start(argv, sock, log, wait)
+
+    def _start(self, argv, sock, log, wait):
+        server = Server(argv, sock, log)
+        self.started.append(server)
+        return server.wait_ready() if wait else server
+
+    def cleanup(self):
+        for s in self.started:
+            if s.proc.poll() is None:
+                try:
+                    os.killpg(s.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                s.proc.wait()
+
+
+@pytest.fixture
+def servers(tmp_path):
+    s = Servers(tmp_path)
+    yield s
+    s.cleanup()
+
+
+@pytest.fixture
+def connect():
+    """Open libnbd handles to URIs; all closed after the test."""
+    import nbd
+    handles = []
+
+    def _connect(uri, meta=True):
+        h = nbd.NBD()
+        if meta:
+            h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        h.connect_uri(uri)
+        handles.append(h)
+        return h
+
+    yield _connect
+    for h in handles:
+        try:
+            h.shutdown()
+        except Exception:
+            pass
+    handles.clear()              # libnbd closes a handle when it is collected
+
+
+def make_image(path, size, chunks=(), seed=0):
+    """A sparse raw image of size bytes with random data in the given (offset, length) chunks."""
+    import random
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, length in chunks:
+            f.seek(off)
+            f.write(rnd.randbytes(length))
+    return str(path)
+
+
+def sha256_file(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
