@@ -188,7 +188,6 @@ class NbdBackend:
         try:
             h.connect_uri(self.address)
         except self._nbd.Error as e:
-            h.close()
             raise OSError(_nbd_errno(e), "cannot connect to %s: %s" % (self.address, e)) from None
         with self._lock:
             self._handles.append(h)
