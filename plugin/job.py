@@ -1,0 +1,795 @@
+"""The job engine: QEMU's job state machine, one thread per job.
+
+A job (mirror, stream) is a subclass of :class:`Job` that implements
+``run()``; this module does everything else the way QEMU's ``job.c`` and
+``blockjob.c`` do: the states and their transitions, which verb is allowed
+in which state, the order of the QMP events, pausing, cancelling, rate
+limiting, the error policy (through :mod:`plugin.policy`) and the
+completion sequence (waiting, pending, finalize, concluded, dismiss).
+
+Threads and locks
+-----------------
+``run()`` executes in the job's own thread.  Verbs (``user_pause()``,
+``user_cancel()``, ...) are called from the control server's thread.  Two
+locks keep this simple:
+
+* ``_cond`` (a Condition) guards every field and is what the job thread
+  waits on when it is paused or sleeping.  State changes and their events
+  happen under it, so events come out in state order.
+* ``_lifecycle`` (an RLock) serialises the verbs with the completion
+  sequence, as QEMU's main loop does: a verb never sees a job half way
+  through finalization.  ``run()`` never holds it.
+
+Lock order: ``_lifecycle`` before ``_cond``; the registry's lock is never
+held while a job lock is taken, except ``_cond`` in ``JobRegistry.add``.
+
+Naming: every "device" field in QMP data (events, BlockJobInfo) is the job
+id, as in QEMU.  ``Job.device`` is the disk the job works on; the registry
+allows one active job per device.
+
+See docs/jobs.md for the state table, the verb table and the event order.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import threading
+import time
+
+from plugin import policy
+from plugin.qmp_commands import QMPError
+
+log = logging.getLogger(__name__)
+
+# QEMU's JobSTT: state -> states it may move to.
+TRANSITIONS = {
+    "undefined": frozenset({"created"}),
+    "created": frozenset({"running", "aborting", "null"}),
+    "running": frozenset({"paused", "ready", "waiting", "aborting"}),
+    "paused": frozenset({"running"}),
+    "ready": frozenset({"standby", "waiting", "aborting"}),
+    "standby": frozenset({"ready"}),
+    "waiting": frozenset({"pending", "aborting"}),
+    "pending": frozenset({"aborting", "concluded"}),
+    "aborting": frozenset({"aborting", "concluded"}),
+    "concluded": frozenset({"null"}),
+    "null": frozenset(),
+}
+
+STATES = tuple(TRANSITIONS)
+
+# QEMU's JobVerbTable: verb -> states in which it is accepted.
+_LIVE = frozenset({"created", "running", "paused", "ready", "standby"})
+VERBS = {
+    "cancel": _LIVE | {"waiting", "pending"},
+    "pause": _LIVE,
+    "resume": _LIVE,
+    "set-speed": _LIVE,
+    "complete": frozenset({"ready", "standby"}),
+    "finalize": frozenset({"pending"}),
+    "dismiss": frozenset({"concluded"}),
+    "change": _LIVE,
+}
+
+# Rate limiter: a job may run ahead of its speed by this much time's worth
+# of bytes (QEMU's BLOCK_JOB_SLICE_TIME), so small requests are not delayed.
+RATE_LIMIT_SLICE = 0.1
+
+_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
+
+
+def error_text(exc: BaseException) -> str:
+    """The text a job error shows in events and queries (strerror for OSError)."""
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
+
+
+def refused_verb_error(job_id: str, status: str, verb: str) -> QMPError:
+    """QEMU's error for a verb the current state does not accept."""
+    return QMPError(f"Job '{job_id}' in state '{status}' cannot accept command verb '{verb}'")
+
+
+class Job:
+    """Base class of a block job: the state machine around a ``run()``.
+
+    Subclass API (everything else is internal or for the command layer):
+
+    Override
+      ``run()``                 the work, in the job thread.  Return to
+                                succeed; raise to fail (an OSError's errno
+                                becomes the strerror text of the error).
+                                Must return soon after ``cancelled`` turns
+                                True; it sees that from pause_point(),
+                                sleep() and throttle().
+      ``prepare()``             after success, before commit (mirror pivots
+                                here); raising turns success into failure.
+      ``commit()`` / ``abort()`` exactly one of them, after success / failure
+                                or cancel.
+      ``clean()``               always, last.
+      ``complete_requested()``  the ``complete`` verb was accepted (the job
+                                is ready); raise QMPError to refuse it.
+                                Afterwards ``should_complete`` is True.
+      ``change(**opts)``        block-job-change with the options named in
+                                ``changeable_options`` (underscore names,
+                                e.g. ``copy_mode``); raise QMPError to refuse.
+      ``soft_cancel_when_ready`` class flag: if True, a non-forced cancel
+                                while ready only sets ``cancel_requested``
+                                (the job finishes normally, e.g. mirror
+                                without pivot); otherwise every cancel is
+                                forced, as QEMU does for jobs without a
+                                .cancel callback.
+
+    Call from run()
+      ``pause_point()``, ``sleep(seconds)``, ``throttle(nbytes)``,
+      ``set_progress(offset, total)``, ``advance_progress(nbytes)``,
+      ``transition_to_ready()``, ``report_io_error(operation, errno, policy)``,
+      and read ``cancelled``, ``cancel_requested``, ``should_complete``,
+      ``is_ready``, ``speed``.  ``kick()`` may be called from any thread to
+      wake a sleeping job early (e.g. new dirty data).
+
+    prepare/commit/abort/clean run in the job thread when finalization is
+    automatic, otherwise in the thread of the verb that triggered it
+    (job-finalize, a cancel); they must not call pause_point() or sleep().
+    """
+
+    soft_cancel_when_ready = False
+    changeable_options: frozenset = frozenset()
+
+    # BLOCK_JOB_ERROR events for errors that are ignored repeat at most this
+    # often per operation (persistent faults must not flood clients); the
+    # first one is always emitted, and "stop"/"report" are never held back.
+    ERROR_EVENT_INTERVAL = 1.0
+
+    def __init__(self, job_id: str, job_type: str, bus, device: str | None = None,
+                 speed: int = 0, auto_finalize: bool = True, auto_dismiss: bool = True):
+        if speed < 0:
+            raise QMPError("Parameter 'speed' expects a non-negative value")
+        self.id = job_id
+        self.type = job_type
+        self.device = device
+        self.auto_finalize = auto_finalize
+        self.auto_dismiss = auto_dismiss
+        self._bus = bus
+        self._lifecycle = threading.RLock()
+        self._cond = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self._status = "undefined"
+        self._busy = False
+        self._pause_count = 0
+        self._user_paused = False
+        self._cancel_requested = False
+        self._force_cancel = False
+        self._should_complete = False
+        self._deferred = False          # run() has returned
+        self._error: str | None = None
+        self._io_status = "ok"
+        self._speed = speed
+        self._offset = 0
+        self._total = 0
+        self._kicks = 0
+        self._rl_debt = 0.0             # bytes done beyond what speed allowed so far
+        self._rl_last = time.monotonic()
+        self._error_events: dict = {}   # operation -> (last emit time, suppressed count)
+        self._on_null: list = []
+
+    # ------------------------------------------------------------------
+    # Hooks for subclasses
+
+    def run(self) -> None:
+        """The job's work; see the class docstring."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Called once after a successful run, before commit()."""
+
+    def commit(self) -> None:
+        """Called after success (after prepare())."""
+
+    def abort(self) -> None:
+        """Called after failure or cancellation."""
+
+    def clean(self) -> None:
+        """Called last in every case."""
+
+    def complete_requested(self) -> None:
+        """The complete verb was accepted; raise QMPError to refuse it."""
+
+    def change(self, **opts) -> None:
+        """Apply block-job-change options listed in ``changeable_options``."""
+
+    # ------------------------------------------------------------------
+    # State, read from any thread
+
+    @property
+    def status(self) -> str:
+        with self._cond:
+            return self._status
+
+    @property
+    def is_ready(self) -> bool:
+        """True in ready and standby (QEMU's job_is_ready)."""
+        with self._cond:
+            return self._status in ("ready", "standby")
+
+    @property
+    def cancelled(self) -> bool:
+        """The job must stop as soon as possible (QEMU's job_is_cancelled)."""
+        with self._cond:
+            return self._force_cancel
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Any cancel was accepted, soft ones included."""
+        with self._cond:
+            return self._cancel_requested
+
+    @property
+    def should_complete(self) -> bool:
+        """The complete verb was accepted."""
+        with self._cond:
+            return self._should_complete
+
+    @property
+    def user_paused(self) -> bool:
+        """Paused by a pause verb or by an error with action stop."""
+        with self._cond:
+            return self._user_paused
+
+    @property
+    def speed(self) -> int:
+        with self._cond:
+            return self._speed
+
+    @property
+    def io_status(self) -> str:
+        with self._cond:
+            return self._io_status
+
+    @property
+    def error(self) -> str | None:
+        with self._cond:
+            return self._error
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(offset, total) in bytes."""
+        with self._cond:
+            return self._offset, self._total
+
+    def block_info(self) -> dict:
+        """QEMU's BlockJobInfo for query-block-jobs."""
+        with self._cond:
+            info = {
+                "type": self.type,
+                "device": self.id,
+                "len": self._total,
+                "offset": self._offset,
+                "busy": self._busy,
+                "paused": self._pause_count > 0,
+                "speed": self._speed,
+                "io-status": self._io_status,
+                "ready": self._status in ("ready", "standby"),
+                "status": self._status,
+                "auto-finalize": self.auto_finalize,
+                "auto-dismiss": self.auto_dismiss,
+            }
+            if self._error is not None:
+                info["error"] = self._error
+            return info
+
+    def job_info(self) -> dict:
+        """QEMU's JobInfo for query-jobs."""
+        with self._cond:
+            info = {
+                "id": self.id,
+                "type": self.type,
+                "status": self._status,
+                "current-progress": self._offset,
+                "total-progress": self._total,
+            }
+            if self._error is not None:
+                info["error"] = self._error
+            return info
+
+    # ------------------------------------------------------------------
+    # Helpers for run()
+
+    def pause_point(self) -> bool:
+        """Block here while a pause is requested; return ``cancelled``.
+
+        Moves to paused (or standby when ready) for the duration of the
+        pause and back afterwards, as QEMU's job_pause_point.  Call it from
+        the job thread only, between units of work.
+        """
+        with self._cond:
+            if self._pause_count > 0 and not self._force_cancel:
+                resume_to = self._status
+                self._transition("standby" if resume_to == "ready" else "paused")
+                self._busy = False
+                while self._pause_count > 0 and not self._force_cancel:
+                    self._cond.wait()
+                self._busy = True
+                self._transition(resume_to)
+            return self._force_cancel
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``, then pass a pause point; return ``cancelled``.
+
+        Returns early when the job is cancelled, paused (after the pause
+        ends), or kicked (set-speed, complete, resume, ``kick()``): callers
+        that need the full delay loop on their own condition.
+        """
+        with self._cond:
+            if self._force_cancel:
+                return True
+            kicks = self._kicks
+            deadline = time.monotonic() + seconds
+            self._busy = False
+            while (self._kicks == kicks and not self._force_cancel
+                   and self._pause_count == 0):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            self._busy = True
+        return self.pause_point()
+
+    def throttle(self, nbytes: int) -> bool:
+        """Account ``nbytes`` of work against ``speed``; sleep as needed.
+
+        Returns ``cancelled``.  With speed 0 it never sleeps.  A speed change
+        (set-speed) takes effect immediately, even during the sleep.
+        """
+        with self._cond:
+            self._rate_limit_settle()
+            if self._speed:
+                self._rl_debt += nbytes
+        while True:
+            with self._cond:
+                self._rate_limit_settle()
+                speed = self._speed
+                allowance = speed * RATE_LIMIT_SLICE
+                delay = (self._rl_debt - allowance) / speed if speed else 0.0
+            if delay <= 0:
+                return self.cancelled
+            if self.sleep(delay):
+                return True
+
+    def kick(self) -> None:
+        """Wake the job from sleep() early; callable from any thread."""
+        with self._cond:
+            self._kick_locked()
+
+    def set_progress(self, offset: int | None = None, total: int | None = None) -> None:
+        """Set the progress counters (bytes); None leaves one unchanged."""
+        with self._cond:
+            if offset is not None:
+                self._offset = offset
+            if total is not None:
+                self._total = total
+
+    def advance_progress(self, nbytes: int) -> None:
+        """Add ``nbytes`` to the progress offset (thread-safe)."""
+        with self._cond:
+            self._offset += nbytes
+
+    def transition_to_ready(self) -> None:
+        """running -> ready, then BLOCK_JOB_READY (a no-op if already ready)."""
+        with self._cond:
+            if self._status in ("ready", "standby"):
+                return
+            self._transition("ready")
+            self._emit("BLOCK_JOB_READY", {
+                "type": self.type, "device": self.id, "len": self._total,
+                "offset": self._offset, "speed": self._speed})
+
+    def report_io_error(self, operation: str, error_errno: int, on_error: str) -> str:
+        """Apply the error policy to a failed request; return the action.
+
+        Emits BLOCK_JOB_ERROR {device, operation, action}.  For "stop": the
+        job becomes user-paused and its io-status "failed" or "nospace" (the
+        first error wins until resume).  Called from the job thread, a
+        "stop" blocks here until the job is resumed or cancelled (check
+        ``cancelled`` before retrying); from another thread it returns at
+        once and the job pauses at its next pause point.
+
+        The caller acts on the answer: "report" -> fail (raise), "ignore" ->
+        retry later (with some back-off), "stop" -> retry.
+        """
+        action = policy.error_action(on_error, operation, error_errno)
+        with self._cond:
+            self._emit_error_event(operation, action)
+            if action == "stop":
+                if not self._user_paused:
+                    self._user_paused = True
+                    self._pause_count += 1
+                    self._kick_locked()
+                if self._io_status == "ok":
+                    self._io_status = policy.io_status_for(error_errno)
+        log.info("Job I/O error id=%s operation=%s errno=%s policy=%s action=%s",
+                 self.id, operation, errno.errorcode.get(error_errno, error_errno),
+                 on_error, action)
+        if action == "stop" and threading.current_thread() is self._thread:
+            self.pause_point()
+        return action
+
+    # ------------------------------------------------------------------
+    # Lifecycle: start and the verbs (called by the command layer)
+
+    def start(self) -> None:
+        """created -> running, and start the job thread (QEMU's job_start)."""
+        with self._lifecycle, self._cond:
+            if self._status != "created" or self._thread is not None:
+                raise RuntimeError(f"job {self.id} cannot start in state {self._status}")
+            self._busy = True
+            self._transition("running")
+            self._thread = threading.Thread(target=self._thread_main,
+                                            name=f"job-{self.id}", daemon=True)
+            self._thread.start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the job thread to end; True if it has (or never started)."""
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def user_pause(self) -> None:
+        """The pause verb (QEMU's job_user_pause)."""
+        with self._lifecycle, self._cond:
+            self._apply_verb("pause")
+            if self._user_paused:
+                raise QMPError("Job is already paused")
+            self._user_paused = True
+            self._pause_count += 1
+            self._kick_locked()
+
+    def user_resume(self) -> None:
+        """The resume verb; also resets io-status to ok."""
+        with self._lifecycle, self._cond:
+            if not self._user_paused or self._pause_count <= 0:
+                raise QMPError("Can't resume a job that was not paused")
+            self._apply_verb("resume")
+            self._user_resume_locked()
+            self._kick_locked()
+
+    def user_set_speed(self, speed: int) -> None:
+        """The set-speed verb; 0 means unlimited."""
+        with self._lifecycle, self._cond:
+            self._apply_verb("set-speed")
+            if speed < 0:
+                raise QMPError("Parameter 'speed' expects a non-negative value")
+            old = self._speed
+            self._rate_limit_settle()
+            self._speed = speed
+            if speed == 0 or speed > old:
+                self._kick_locked()
+
+    def user_complete(self) -> None:
+        """The complete verb (only in ready/standby)."""
+        with self._lifecycle:
+            with self._cond:
+                self._apply_verb("complete")
+                if self._cancel_requested:
+                    raise QMPError(f"The active block job '{self.id}' cannot be completed")
+            self.complete_requested()
+            with self._cond:
+                self._should_complete = True
+                self._kick_locked()
+
+    def user_cancel(self, force: bool = False) -> None:
+        """The cancel verb (QEMU's job_user_cancel)."""
+        with self._lifecycle:
+            with self._cond:
+                self._apply_verb("cancel")
+            self._cancel(force)
+
+    def user_finalize(self) -> None:
+        """The finalize verb: run prepare/commit (or abort) now, in this thread."""
+        with self._lifecycle:
+            with self._cond:
+                self._apply_verb("finalize")
+            self._do_finalize()
+
+    def user_dismiss(self) -> None:
+        """The dismiss verb: concluded -> null; the registry forgets the job."""
+        with self._lifecycle:
+            with self._cond:
+                self._apply_verb("dismiss")
+            self._do_dismiss()
+
+    def user_change(self, **opts) -> None:
+        """block-job-change: check the verb and the options, then ``change()``."""
+        with self._lifecycle:
+            with self._cond:
+                self._apply_verb("change")
+            if not self.changeable_options:
+                raise QMPError("Job type does not support change")
+            for name in opts:
+                if name not in self.changeable_options:
+                    raise QMPError(f"Job type '{self.type}' does not support changing "
+                                   f"'{name.replace('_', '-')}'")
+            self.change(**opts)
+
+    def shutdown(self) -> None:
+        """Force-cancel whatever the state (dismiss if concluded); for cleanup."""
+        with self._lifecycle:
+            self._cancel(True)
+
+    # ------------------------------------------------------------------
+    # Internals
+
+    def _emit(self, name: str, data: dict) -> None:
+        # Called with _cond held so that events leave in state order.
+        log.debug("Job event id=%s event=%s data=%s", self.id, name, data)
+        self._bus.emit(name, data)
+
+    def _transition(self, new: str) -> None:
+        old = self._status
+        if new not in TRANSITIONS[old]:
+            raise RuntimeError(f"job {self.id}: illegal transition {old} -> {new}")
+        self._status = new
+        if new != old:
+            log.info("Job status change id=%s from=%s to=%s", self.id, old, new)
+            self._emit("JOB_STATUS_CHANGE", {"id": self.id, "status": new})
+
+    def _apply_verb(self, verb: str) -> None:
+        if self._status not in VERBS[verb]:
+            raise refused_verb_error(self.id, self._status, verb)
+
+    def _mark_created(self) -> None:
+        with self._cond:
+            self._transition("created")
+
+    def _kick_locked(self) -> None:
+        self._kicks += 1
+        self._cond.notify_all()
+
+    def _user_resume_locked(self) -> None:
+        # QEMU's block_job_user_resume: a user resume clears the error state.
+        self._io_status = "ok"
+        self._user_paused = False
+        self._pause_count -= 1
+
+    def _rate_limit_settle(self) -> None:
+        # Pay off the debt for the time elapsed at the current speed.
+        now = time.monotonic()
+        if self._speed:
+            self._rl_debt = max(0.0, self._rl_debt - (now - self._rl_last) * self._speed)
+        else:
+            self._rl_debt = 0.0
+        self._rl_last = now
+
+    def _emit_error_event(self, operation: str, action: str) -> None:
+        now = time.monotonic()
+        if action == "ignore":
+            last, suppressed = self._error_events.get(operation, (None, 0))
+            if last is not None and now - last < self.ERROR_EVENT_INTERVAL:
+                self._error_events[operation] = (last, suppressed + 1)
+                return
+            if suppressed:
+                log.info("Job error events coalesced id=%s operation=%s count=%d",
+                         self.id, operation, suppressed)
+            self._error_events[operation] = (now, 0)
+        self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": operation,
+                                       "action": action})
+
+    def _thread_main(self) -> None:
+        failure = None
+        try:
+            # As in QEMU, a job paused before it started pauses right here.
+            if not self.pause_point():
+                self.run()
+        except Exception as exc:  # any failure of run() ends the job with an error
+            log.warning("Job failed id=%s type=%s error=%s", self.id, self.type,
+                        error_text(exc), exc_info=not isinstance(exc, OSError))
+            failure = exc
+        try:
+            with self._lifecycle:
+                with self._cond:
+                    self._deferred = True
+                    self._busy = False
+                    if failure is not None and self._error is None:
+                        self._error = error_text(failure)
+                self._completed()
+        except Exception:
+            log.exception("Job completion failed id=%s", self.id)
+
+    def _update_rc_locked(self) -> bool:
+        """QEMU's job_update_rc: a forced cancel is an error; errors abort."""
+        if self._error is None and self._force_cancel:
+            self._error = os.strerror(errno.ECANCELED)
+        if self._error is not None:
+            self._transition("aborting")
+            return True
+        return False
+
+    def _completed(self) -> None:
+        """run() is over (or never ran): go to aborting or waiting/pending."""
+        with self._cond:
+            failed = self._update_rc_locked()
+            if not failed:
+                self._transition("waiting")
+                self._transition("pending")
+                if not self.auto_finalize:
+                    self._emit("BLOCK_JOB_PENDING", {"type": self.type, "id": self.id})
+        if failed:
+            self._finalize_single()
+        elif self.auto_finalize:
+            self._do_finalize()
+
+    def _do_finalize(self) -> None:
+        with self._cond:
+            ok = self._error is None
+        if ok:
+            try:
+                self.prepare()
+            except Exception as exc:
+                log.warning("Job prepare failed id=%s error=%s", self.id, error_text(exc),
+                            exc_info=not isinstance(exc, OSError))
+                with self._cond:
+                    self._error = error_text(exc)
+        self._finalize_single()
+
+    def _finalize_single(self) -> None:
+        with self._cond:
+            failed = self._update_rc_locked()
+        self._call_hook(self.abort if failed else self.commit)
+        self._call_hook(self.clean)
+        with self._cond:
+            started = self._thread is not None
+            if started:
+                data = {"type": self.type, "device": self.id, "len": self._total,
+                        "offset": self._offset, "speed": self._speed}
+                if self._force_cancel:
+                    self._emit("BLOCK_JOB_CANCELLED", data)
+                else:
+                    if self._error is not None:
+                        data["error"] = self._error
+                    self._emit("BLOCK_JOB_COMPLETED", data)
+            self._transition("concluded")
+        if self.auto_dismiss or not started:
+            self._do_dismiss()
+
+    def _call_hook(self, hook) -> None:
+        # commit/abort/clean cannot fail the job any more (as in QEMU).
+        try:
+            hook()
+        except Exception:
+            log.exception("Job hook failed id=%s hook=%s", self.id, hook.__name__)
+
+    def _do_dismiss(self) -> None:
+        with self._cond:
+            self._busy = False
+            self._deferred = True
+            self._transition("null")
+            callbacks, self._on_null = self._on_null, []
+        for callback in callbacks:
+            callback(self)
+
+    def _cancel(self, force: bool) -> None:
+        """QEMU's job_cancel; _lifecycle is held."""
+        with self._cond:
+            status = self._status
+            if status == "null":
+                return
+            if status != "concluded":
+                if not (self.soft_cancel_when_ready and status in ("ready", "standby")):
+                    force = True
+                if self._user_paused:
+                    self._user_resume_locked()
+                # A soft cancel after run() returned has nothing left to stop.
+                if force or not self._deferred:
+                    self._cancel_requested = True
+                    self._force_cancel = self._force_cancel or force
+                started = self._thread is not None
+                deferred = self._deferred
+                self._kick_locked()
+        if status == "concluded":
+            self._do_dismiss()
+        elif not started:
+            self._completed()
+        elif deferred and self.cancelled:
+            # Waiting for job-finalize: abort it now.
+            self._finalize_single()
+        log.info("Job cancel requested id=%s force=%s", self.id, force)
+
+
+class JobRegistry:
+    """All jobs of this process by id, newest first (as QEMU lists them).
+
+    Enforces unique, well-formed ids and at most one active (not yet
+    concluded) job per device.  Jobs leave the registry when they reach
+    null (dismissed).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._jobs: list[Job] = []
+
+    def add(self, job: Job) -> None:
+        """Register a new job and move it to created (JOB_STATUS_CHANGE).
+
+        Raises QMPError with QEMU's texts for a bad or duplicate id or a
+        busy device; nothing is emitted then.  Call ``job.start()`` next.
+        """
+        if not isinstance(job.id, str) or not _ID_RE.match(job.id):
+            raise QMPError(f"Invalid job ID '{job.id}'")
+        with self._lock:
+            if job.device is not None:
+                busy = self._active_on(job.device)
+                if busy is not None:
+                    raise QMPError(f"Node '{job.device}' is busy: block device is in use "
+                                   f"by block job: {busy.type}")
+            if any(other.id == job.id for other in self._jobs):
+                raise QMPError(f"Job ID '{job.id}' already in use")
+            job._mark_created()
+            job._on_null.append(self._remove)
+            self._jobs.insert(0, job)
+        log.info("Job created id=%s type=%s device=%s", job.id, job.type, job.device)
+
+    def _active_on(self, device: str) -> Job | None:
+        for job in self._jobs:
+            if job.device == device and job.status not in ("concluded", "null"):
+                return job
+        return None
+
+    def _remove(self, job: Job) -> None:
+        with self._lock:
+            if job in self._jobs:
+                self._jobs.remove(job)
+
+    def jobs(self) -> list[Job]:
+        """A snapshot of the registered jobs, newest first."""
+        with self._lock:
+            return list(self._jobs)
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            for job in self._jobs:
+                if job.id == job_id:
+                    return job
+        return None
+
+    def find(self, job_id: str) -> Job:
+        """The job for job-* commands; QMPError "Job not found" otherwise."""
+        job = self.get(job_id)
+        if job is None:
+            raise QMPError("Job not found")
+        return job
+
+    def find_block_job(self, job_id: str) -> Job:
+        """The job for block-job-* commands; DeviceNotActive otherwise."""
+        job = self.get(job_id)
+        if job is None:
+            raise QMPError(f"Block job '{job_id}' not found", "DeviceNotActive")
+        return job
+
+    def active_job(self, device: str) -> Job | None:
+        """The job (not yet concluded) working on ``device``, if any."""
+        with self._lock:
+            return self._active_on(device)
+
+    def stop_all(self, timeout: float = 10.0) -> bool:
+        """Force-cancel every job and join the threads (nbdkit cleanup).
+
+        Returns True if every job thread ended within ``timeout`` seconds.
+        """
+        jobs = self.jobs()
+        for job in jobs:
+            try:
+                job.shutdown()
+            except Exception:
+                log.exception("Job shutdown failed id=%s", job.id)
+        deadline = time.monotonic() + timeout
+        stopped = True
+        for job in jobs:
+            if not job.join(max(0.0, deadline - time.monotonic())):
+                log.warning("Job thread did not stop id=%s", job.id)
+                stopped = False
+        return stopped
