@@ -68,12 +68,20 @@ class Subscription:
                     self._cond.wait(remaining)
             return self._queue.popleft()
 
-    def drain(self) -> list[dict]:
-        """All queued events, oldest first, without waiting."""
+    def drain(self, limit: int | None = None) -> list[dict]:
+        """Queued events (at most ``limit``), oldest first, without waiting."""
         with self._cond:
-            events = list(self._queue)
-            self._queue.clear()
+            if limit is None or limit >= len(self._queue):
+                events = list(self._queue)
+                self._queue.clear()
+            else:
+                events = [self._queue.popleft() for _ in range(limit)]
             return events
+
+    def pending(self) -> int:
+        """Number of queued events."""
+        with self._cond:
+            return len(self._queue)
 
     def _close(self) -> None:
         with self._cond:
