@@ -301,12 +301,18 @@ class Job:
     def pause_point(self) -> bool:
         """Block here while a pause is requested; return ``cancelled``.
 
-        Moves to paused (or standby when ready) for the duration of the
-        pause and back afterwards, as QEMU's job_pause_point.  Call it from
-        the job thread only, between units of work.
+        In the job thread this moves to paused (or standby when ready) for
+        the duration of the pause and back afterwards, as QEMU's
+        job_pause_point; call it between units of work.  A subclass's
+        worker threads may call it too: they just wait, the status is the
+        job thread's business.
         """
         with self._cond:
             if self._pause_count > 0 and not self._force_cancel:
+                if threading.current_thread() is not self._thread:
+                    while self._pause_count > 0 and not self._force_cancel:
+                        self._cond.wait()
+                    return self._force_cancel
                 resume_to = self._status
                 self._transition("standby" if resume_to == "ready" else "paused")
                 self._busy = False
@@ -321,28 +327,33 @@ class Job:
 
         Returns early when the job is cancelled, paused (after the pause
         ends), or kicked (set-speed, complete, resume, ``kick()``): callers
-        that need the full delay loop on their own condition.
+        that need the full delay loop on their own condition.  Any thread of
+        the job may call it.
         """
+        in_job_thread = threading.current_thread() is self._thread
         with self._cond:
             if self._force_cancel:
                 return True
             kicks = self._kicks
             deadline = time.monotonic() + seconds
-            self._busy = False
+            if in_job_thread:
+                self._busy = False
             while (self._kicks == kicks and not self._force_cancel
                    and self._pause_count == 0):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            self._busy = True
+            if in_job_thread:
+                self._busy = True
         return self.pause_point()
 
     def throttle(self, nbytes: int) -> bool:
         """Account ``nbytes`` of work against ``speed``; sleep as needed.
 
         Returns ``cancelled``.  With speed 0 it never sleeps.  A speed change
-        (set-speed) takes effect immediately, even during the sleep.
+        (set-speed) takes effect immediately, even during the sleep.  Worker
+        threads of one job share its budget.
         """
         with self._cond:
             self._rate_limit_settle()

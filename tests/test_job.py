@@ -841,3 +841,56 @@ def test_stop_all_stops_a_job_stopped_on_error(registry, start, events):
     events.until_status("paused")
     assert registry.stop_all(timeout=TIMEOUT)
     assert job.status == "null"
+
+
+# ----------------------------------------------------------------------
+# Worker threads of one job
+
+
+class WorkerJob(Job):
+    """run() copies with two worker threads that share the job's helpers."""
+
+    def __init__(self, job_id, bus, **kwargs):
+        super().__init__(job_id, "mirror", bus, **kwargs)
+        self.done = threading.Event()
+        self.worker_errors = []
+
+    def _worker(self):
+        try:
+            while not self.done.is_set():
+                if self.pause_point() or self.throttle(1024):
+                    return
+                self.advance_progress(1024)
+                self.sleep(0.001)
+        except Exception as exc:    # surfaced by the test
+            self.worker_errors.append(exc)
+
+    def run(self):
+        workers = [threading.Thread(target=self._worker) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        while not self.done.is_set():
+            if self.sleep(0.005):
+                break
+        self.done.set()
+        for worker in workers:
+            worker.join()
+
+
+def test_worker_threads_wait_at_pause_points_without_changing_state(start, events):
+    job = start(WorkerJob)
+    events.until_status("running")
+    job.user_pause()
+    events.until_status("paused")
+    time.sleep(0.02)    # a worker may finish the chunk it was copying
+    offset = job.progress[0]
+    time.sleep(0.05)
+    assert job.progress[0] == offset
+    assert job.status == "paused"
+    job.user_resume()
+    events.until_status("running")
+    wait_for(lambda: job.progress[0] > offset)
+    job.done.set()
+    assert summary(events.until_status("null")) == [
+        "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+    assert job.worker_errors == []
