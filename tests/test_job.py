@@ -549,7 +549,7 @@ def test_stop_while_ready_moves_to_standby(start, events):
     assert job.io_status == "ok"
 
 
-def test_non_forced_cancel_resets_io_status_of_stopped_job(start, events):
+def test_cancel_resets_io_status_of_stopped_job(start, events):
     job = start(faults={1: [errno.EIO]}, on_error="stop", auto_dismiss=False)
     events.until_status("paused")
     job.user_cancel(force=True)
