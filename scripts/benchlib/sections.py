@@ -1,0 +1,12 @@
+"""The named benchmark sections, in the order `scripts/bench` runs them.
+
+A section is a module with TITLE (one line) and run(bench), which declares its
+tables with bench.group(...) and adds one sample per run to each row.  To add a
+benchmark, write such a module and list it here.
+"""
+
+from benchlib import overlay
+
+SECTIONS = {
+    "overlay": overlay,
+}
