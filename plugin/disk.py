@@ -1,19 +1,107 @@
 """The served disk: what NBD clients read and write.
 
-Today it is the overlay store; jobs add themselves as write listeners (mirror's
-dirty bitmap) and are told about every completed change of the disk's content.
-A listener runs after the change completed, so a job that copies a range and
-then sees the range dirtied will copy it again.
+The disk forwards requests to its store: the overlay (OverlayStore) or, after a
+mirror pivot, the mirror target (BackendStore).  Around that it offers what
+jobs need:
+
+- listeners: fn(kind, offset, length, buf) runs after every completed write
+  ("write", with the client's buffer), zero or trim, in the client's thread;
+  the mirror's dirty bitmap and its write-blocking mode are listeners.  A
+  listener runs after the change completed, so a job that copies a range and
+  then sees it dirtied copies it again.
+- a gate: every request passes it; quiesce() closes it and waits for the
+  requests in progress, so a job can copy the last dirty bytes and pivot while
+  no request runs.  hold()/release() close it for the operator (QMP stop/cont).
 """
 
+import contextlib
 import logging
 import threading
 
 log = logging.getLogger(__name__)
 
+EXTENT_DATA = 0
+EXTENT_HOLE_ZERO = 3
+
+
+class Gate:
+    """Requests share the gate; close() excludes them until reopened."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._active = 0
+        self._closed = 0
+
+    def enter(self):
+        with self._cond:
+            while self._closed:
+                self._cond.wait()
+            self._active += 1
+
+    def leave(self):
+        with self._cond:
+            self._active -= 1
+            if self._closed and not self._active:
+                self._cond.notify_all()
+
+    def close(self):
+        """Stop new requests and wait for those in progress."""
+        with self._cond:
+            self._closed += 1
+            while self._active:
+                self._cond.wait()
+
+    def open(self):
+        with self._cond:
+            self._closed -= 1
+            self._cond.notify_all()
+
+
+class BackendStore:
+    """A plain backend (the mirror target after a pivot) with the store's interface."""
+
+    cluster_size = 65536
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.size = backend.size()
+        self.base = None
+
+    def read(self, buf, offset):
+        self.backend.readinto(buf, offset)
+
+    def write(self, buf, offset, fua=False):
+        self.backend.write(buf, offset, fua)
+
+    def zero(self, offset, length, may_trim=False, fast=False, fua=False):
+        if fast and not may_trim:
+            import errno
+            raise OSError(errno.ENOTSUP, "fast zero needs trim on a pivoted disk")
+        self.backend.zero(offset, length, may_trim, fua)
+
+    def trim(self, offset, length, fua=False):
+        self.backend.zero(offset, length, True, fua)
+
+    def flush(self):
+        self.backend.flush()
+
+    def cache(self, offset, length):
+        pass
+
+    def extents(self, offset, length, req_one=False):
+        result = [(o, n, EXTENT_HOLE_ZERO if zero else EXTENT_DATA)
+                  for o, n, zero in self.backend.extents(offset, length)]
+        return result[:1] if req_one else result
+
+    def allocation(self):
+        return {}
+
+    def close(self):
+        self.backend.close()
+
 
 class Disk:
-    """The disk named `device`, backed by an OverlayStore."""
+    """The disk named `device`."""
 
     def __init__(self, store, device):
         self.store = store
@@ -21,11 +109,13 @@ class Disk:
         self.size = store.size
         self._listeners = ()
         self._lock = threading.Lock()
+        self._gate = Gate()
+        self._held = False
 
     # -- listeners (jobs) -------------------------------------------------
 
     def add_listener(self, fn):
-        """Call fn(offset, length) after every completed write, zero or trim."""
+        """Call fn(kind, offset, length, buf) after every completed change."""
         with self._lock:
             self._listeners = self._listeners + (fn,)
 
@@ -33,38 +123,100 @@ class Disk:
         with self._lock:
             self._listeners = tuple(f for f in self._listeners if f is not fn)
 
-    def _changed(self, offset, length):
-        for fn in self._listeners:
-            fn(offset, length)
+    # -- quiesce, hold, pivot --------------------------------------------
+
+    @contextlib.contextmanager
+    def quiesce(self):
+        """No request runs inside this block."""
+        self._gate.close()
+        try:
+            yield
+        finally:
+            self._gate.open()
+
+    def hold(self):
+        """QMP stop: hold client requests until release(); True if it was running."""
+        with self._lock:
+            if self._held:
+                return False
+            self._held = True
+        self._gate.close()
+        return True
+
+    def release(self):
+        with self._lock:
+            if not self._held:
+                return False
+            self._held = False
+        self._gate.open()
+        return True
+
+    @property
+    def held(self):
+        return self._held
+
+    def pivot(self, new_store):
+        """Serve new_store from now on (call inside quiesce()); returns the old store."""
+        old, self.store = self.store, new_store
+        log.info("Disk pivot device=%s to=%s", self.device, type(new_store).__name__)
+        return old
 
     # -- NBD requests -----------------------------------------------------
 
     def read(self, buf, offset):
-        self.store.read(buf, offset)
+        self._gate.enter()
+        try:
+            self.store.read(buf, offset)
+        finally:
+            self._gate.leave()
 
     def write(self, buf, offset, fua=False):
-        self.store.write(buf, offset, fua)
-        if self._listeners:
-            self._changed(offset, len(buf))
+        self._gate.enter()
+        try:
+            self.store.write(buf, offset, fua)
+            for fn in self._listeners:
+                fn("write", offset, len(buf), buf)
+        finally:
+            self._gate.leave()
 
     def zero(self, offset, length, may_trim=False, fast=False, fua=False):
-        self.store.zero(offset, length, may_trim, fast, fua)
-        if self._listeners:
-            self._changed(offset, length)
+        self._gate.enter()
+        try:
+            self.store.zero(offset, length, may_trim, fast, fua)
+            for fn in self._listeners:
+                fn("zero", offset, length, None)
+        finally:
+            self._gate.leave()
 
     def trim(self, offset, length, fua=False):
-        self.store.trim(offset, length, fua)
-        if self._listeners:
-            self._changed(offset, length)
+        self._gate.enter()
+        try:
+            self.store.trim(offset, length, fua)
+            for fn in self._listeners:
+                fn("trim", offset, length, None)
+        finally:
+            self._gate.leave()
 
     def flush(self):
-        self.store.flush()
+        self._gate.enter()
+        try:
+            self.store.flush()
+        finally:
+            self._gate.leave()
 
     def extents(self, offset, length, req_one=False):
-        return self.store.extents(offset, length, req_one)
+        self._gate.enter()
+        try:
+            return self.store.extents(offset, length, req_one)
+        finally:
+            self._gate.leave()
 
     def cache(self, offset, length):
-        self.store.cache(offset, length)
+        self._gate.enter()
+        try:
+            self.store.cache(offset, length)
+        finally:
+            self._gate.leave()
 
     def close(self):
         self.store.close()

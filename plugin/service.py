@@ -9,8 +9,14 @@ import logging
 import os
 
 from plugin import backends, statedir
+from plugin.block_commands import register_block_commands
 from plugin.config import Config, ConfigError
-from plugin.disk import Disk
+from plugin.control import ControlServer
+from plugin.disk import BackendStore, Disk
+from plugin.events import EventBus
+from plugin.job import JobRegistry
+from plugin.job_commands import register_job_commands
+from plugin.qmp_commands import CommandRegistry, register_builtin_commands
 from plugin.store import OverlayStore
 
 log = logging.getLogger(__name__)
@@ -23,6 +29,9 @@ class Service:
         self.config = Config()
         self.state = None
         self.disk = None
+        self.bus = EventBus()
+        self.jobs = JobRegistry()
+        self.control = None
 
     def configure(self, key, value):
         self.config.set(key, value)
@@ -48,16 +57,59 @@ class Service:
             if base:
                 base.close()
             raise ConfigError(str(e)) from None
-        store = OverlayStore(self.state, base)
+        active = self.state.active
+        if active:
+            # A mirror pivoted to its target: serve the target, not the overlay.
+            if base:
+                base.close()
+            try:
+                store = BackendStore(backends.open_backend(active["target"], readonly=False))
+            except OSError as e:
+                raise ConfigError("pivoted disk %s: %s" % (active["target"], e.strerror or e)) \
+                    from None
+        else:
+            store = OverlayStore(self.state, base)
         self.disk = Disk(store, cfg.device)
-        log.info("serving device=%s size=%d overlay=%s base=%r",
-                 cfg.device, store.size, cfg.overlay, base_address)
+        log.info("serving device=%s size=%d overlay=%s base=%r active=%r",
+                 cfg.device, store.size, cfg.overlay, base_address, active)
+
+    def base_address(self):
+        return None if self.state.active else self.state.base
+
+    def active_target(self):
+        return (self.state.active or {}).get("target")
+
+    def io_status(self):
+        return "ok"
+
+    def resume_io(self):
+        """cont: retry requests held by werror=stop (see plugin/disk.py)."""
+
+    def pivot_to(self, address):
+        """Serve the mirror target from now on; called inside disk.quiesce()."""
+        new = BackendStore(backends.open_backend(address, readonly=False))
+        self.state.update(active={"target": address})
+        old = self.disk.pivot(new)
+        old.close()
 
     def start(self):
-        """after_fork: start background threads."""
+        """after_fork: start background threads (the control server)."""
+        registry = CommandRegistry()
+        register_builtin_commands(registry)
+        register_job_commands(registry, self.jobs)
+        register_block_commands(registry, self)
+        path = self.config.control or self.state.file("control.sock")
+        self.control = ControlServer(path, registry, self.bus)
+        self.control.start()
+        log.info("control server listening path=%s", path)
 
     def stop(self):
         """cleanup: stop and join threads, make the disk durable, close files."""
+        if not self.jobs.stop_all():
+            log.error("some jobs did not stop in time")
+        if self.control is not None:
+            self.control.stop()
+            self.control = None
         if self.disk is not None:
             try:
                 self.disk.flush()

@@ -42,19 +42,27 @@ class RangeLock:
         self._cond = threading.Condition()
         self._held = []
 
+    def acquire(self, first, end):
+        """Wait until no held range overlaps [first, end), then hold it; returns a token."""
+        token = (first, end, object())
+        with self._cond:
+            while any(f < end and first < e for f, e, _ in self._held):
+                self._cond.wait()
+            self._held.append(token)
+        return token
+
+    def release(self, token):
+        with self._cond:
+            self._held.remove(token)
+            self._cond.notify_all()
+
     @contextlib.contextmanager
     def hold(self, first, end):
-        with self._cond:
-            while any(f < end and first < e for f, e in self._held):
-                self._cond.wait()
-            entry = (first, end)
-            self._held.append(entry)
+        token = self.acquire(first, end)
         try:
             yield
         finally:
-            with self._cond:
-                self._held.remove(entry)
-                self._cond.notify_all()
+            self.release(token)
 
 
 class OverlayStore:

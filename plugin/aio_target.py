@@ -1,0 +1,214 @@
+"""Asynchronous writes to a mirror target, many requests in flight.
+
+The mirror thread submits writes and zeroes tagged with what they cover, then
+collects completions with wait().  Only the mirror thread calls these
+methods, so an NBD target is one libnbd handle driven by aio_* calls and
+poll() (no completion callbacks: nothing runs inside libnbd's locks).  A raw
+file target uses a small thread pool of pwrite()s (they release the GIL).
+
+A failed request comes back from wait() with its errno; the caller decides
+what it means (the job's error policy).  A target whose connection died is
+reopened by reconnect(), so a restarted target server lets the job go on.
+"""
+
+import concurrent.futures
+import errno
+import logging
+import os
+
+from plugin import backends
+
+log = logging.getLogger(__name__)
+
+MAX_ZERO = 1 << 30        # NBD requests carry a 32-bit length
+
+
+def open_target(address, size_hint=None):
+    if backends.is_nbd_uri(address):
+        return NbdTarget(address)
+    return FileTarget(address)
+
+
+class FileTarget:
+    """A raw file or block device, written by a few threads."""
+
+    def __init__(self, path, workers=4):
+        self.address = path
+        self._backend = backends.FileBackend(path, readonly=False)
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="mirror-io")
+        self._pending = {}
+
+    def size(self):
+        return self._backend.size()
+
+    def extents(self, offset, length):
+        return self._backend.extents(offset, length)
+
+    def in_flight(self):
+        return len(self._pending)
+
+    def submit_write(self, buf, offset, tag):
+        fut = self._pool.submit(self._backend.write, buf, offset)
+        self._pending[fut] = tag
+
+    def submit_zero(self, offset, length, tag):
+        fut = self._pool.submit(self._backend.zero, offset, length, True)
+        self._pending[fut] = tag
+
+    def wait(self, timeout):
+        """Completions so far (waiting up to timeout for one): [(tag, errno or 0)]."""
+        if not self._pending:
+            return []
+        done, _ = concurrent.futures.wait(self._pending, timeout,
+                                          concurrent.futures.FIRST_COMPLETED)
+        result = []
+        for fut in done:
+            tag = self._pending.pop(fut)
+            exc = fut.exception()
+            result.append((tag, _errno_of(exc) if exc else 0))
+        return result
+
+    def flush(self):
+        self._backend.flush()
+
+    def reconnect(self):
+        """Files do not disconnect."""
+
+    def close(self):
+        self._pool.shutdown(wait=True)
+        self._backend.close()
+
+
+class NbdTarget:
+    """An NBD export through one libnbd handle, asynchronously."""
+
+    def __init__(self, uri):
+        import nbd
+        self._nbd = nbd
+        self.address = uri
+        self._pending = {}           # cookie -> (tag, buffer kept alive)
+        self._h = None
+        self._connect()
+
+    def _connect(self):
+        nbd = self._nbd
+        h = nbd.NBD()
+        h.set_handle_name("mirror-target")
+        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        try:
+            h.connect_uri(self.address)
+        except nbd.Error as e:
+            raise OSError(backends._nbd_errno(e),
+                          "cannot connect to %s: %s" % (self.address, e)) from None
+        if h.is_read_only():
+            raise OSError(errno.EROFS, "target %s is read-only" % self.address)
+        self._h = h
+        self._size = h.get_size()
+        self._can_zero = bool(h.can_zero())
+        log.info("Mirror target connected uri=%s size=%d", self.address, self._size)
+
+    def size(self):
+        return self._size
+
+    def extents(self, offset, length):
+        # A short-lived synchronous view through the pool-less backend code.
+        b = backends.NbdBackend.__new__(backends.NbdBackend)
+        b._nbd, b.address, b._size = self._nbd, self.address, self._size
+        b._extents_ok = bool(self._h.can_meta_context(self._nbd.CONTEXT_BASE_ALLOCATION))
+        b._call = lambda fn: self._guard(lambda: fn(self._h))
+        return backends.NbdBackend.extents(b, offset, length)
+
+    def _guard(self, fn):
+        try:
+            return fn()
+        except self._nbd.Error as e:
+            raise OSError(backends._nbd_errno(e), str(e)) from None
+
+    def in_flight(self):
+        return len(self._pending)
+
+    def submit_write(self, buf, offset, tag):
+        abuf = self._nbd.Buffer.from_buffer(buf)
+        try:
+            cookie = self._h.aio_pwrite(abuf, offset)
+        except self._nbd.Error as e:
+            self._failed_submit(tag, e)
+            return
+        self._pending[cookie] = (tag, abuf)
+
+    def submit_zero(self, offset, length, tag):
+        if not self._can_zero:
+            self.submit_write(bytearray(length), offset, tag)
+            return
+        try:
+            cookie = self._h.aio_zero(length, offset)
+        except self._nbd.Error as e:
+            self._failed_submit(tag, e)
+            return
+        self._pending[cookie] = (tag, None)
+
+    def _failed_submit(self, tag, e):
+        # A dead connection refuses new commands: report it as a completion.
+        self._pending[("failed", id(tag), len(self._pending))] = (tag, backends._nbd_errno(e))
+
+    def wait(self, timeout):
+        """Completions so far (polling up to timeout for one): [(tag, errno or 0)]."""
+        result = self._collect()
+        if result or not self._pending:
+            return result
+        try:
+            if not self._h.aio_is_dead():
+                self._h.poll(int(timeout * 1000))
+        except self._nbd.Error as e:
+            log.warning("Mirror target poll failed uri=%s error=%s", self.address, e)
+        return self._collect()
+
+    def _collect(self):
+        result = []
+        dead = self._h.aio_is_dead()
+        for cookie in list(self._pending):
+            tag, extra = self._pending[cookie]
+            if isinstance(cookie, tuple):
+                del self._pending[cookie]
+                result.append((tag, extra))
+                continue
+            try:
+                done = self._h.aio_command_completed(cookie)
+            except self._nbd.Error as e:
+                del self._pending[cookie]
+                result.append((tag, backends._nbd_errno(e) or errno.EIO))
+                continue
+            if done:
+                del self._pending[cookie]
+                result.append((tag, 0))
+            elif dead:
+                del self._pending[cookie]
+                result.append((tag, errno.ENOTCONN))
+        return result
+
+    def flush(self):
+        self._guard(lambda: self._h.flush())
+
+    def reconnect(self):
+        """Open a new connection if the old one died; raises OSError if it cannot."""
+        if self._h is not None and not self._h.aio_is_dead() and not self._h.aio_is_closed():
+            return
+        log.info("Mirror target reconnecting uri=%s", self.address)
+        self._pending.clear()
+        self._h = None
+        self._connect()
+
+    def close(self):
+        """Drop the connection; requests still in flight are abandoned."""
+        if self._h is not None:
+            try:
+                if not self._h.aio_is_dead() and not self._h.aio_in_flight():
+                    self._h.shutdown()
+            except self._nbd.Error:
+                pass
+            self._h = None          # libnbd closes the handle when it is collected
+        self._pending.clear()
+
+
+def _errno_of(exc):
+    return exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO

@@ -1,0 +1,84 @@
+"""Dirty bitmap: which parts of the disk changed since a job last copied them.
+
+One byte per granule (granularity is a power of two, 512 B to 64 MiB), so runs
+are found with bytearray.find at C speed.  Thread safe: client write threads
+mark, the job thread takes runs and clears them.
+"""
+
+import threading
+
+_CLEAN = b"\x00"
+_DIRTY = b"\x01"
+
+
+class DirtyBitmap:
+    def __init__(self, size, granularity):
+        if granularity < 512 or granularity & (granularity - 1):
+            raise ValueError("granularity must be a power of 2, at least 512")
+        self.size = size
+        self.granularity = granularity
+        self._shift = granularity.bit_length() - 1
+        self._bits = bytearray((size + granularity - 1) >> self._shift)
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def _span(self, offset, length):
+        first = offset >> self._shift
+        end = min((offset + length + self.granularity - 1) >> self._shift, len(self._bits))
+        return first, end
+
+    def mark(self, offset, length):
+        """Mark every granule that [offset, offset+length) touches dirty.
+
+        Returns True if the bitmap was clean before (the job may be idle).
+        """
+        if length <= 0:
+            return False
+        first, end = self._span(offset, length)
+        with self._lock:
+            bits = self._bits
+            was_clean = self._count == 0
+            before = bits.count(_DIRTY, first, end)
+            bits[first:end] = _DIRTY * (end - first)
+            self._count += (end - first) - before
+        return was_clean
+
+    def mark_all(self):
+        self.mark(0, self.size)
+
+    def clear(self, offset, length):
+        """Clear the granules [offset, offset+length) covers (offset granule aligned)."""
+        first, end = self._span(offset, length)
+        with self._lock:
+            bits = self._bits
+            self._count -= bits.count(_DIRTY, first, end)
+            bits[first:end] = _CLEAN * (end - first)
+
+    def take(self, start, max_length):
+        """Find the next dirty run at or after start (wrapping), clear it and return it.
+
+        Returns (offset, length) of at most max_length bytes, granule aligned
+        (the last granule is cut at the disk size), or None when clean.
+        """
+        with self._lock:
+            if not self._count:
+                return None
+            bits = self._bits
+            i = bits.find(_DIRTY, start >> self._shift)
+            if i < 0:
+                i = bits.find(_DIRTY)
+            max_granules = max(1, max_length >> self._shift)
+            end = bits.find(_CLEAN, i, i + max_granules)
+            if end < 0:
+                end = min(i + max_granules, len(bits))
+            bits[i:end] = _CLEAN * (end - i)
+            self._count -= end - i
+        offset = i << self._shift
+        return offset, min(end << self._shift, self.size) - offset
+
+    def dirty_bytes(self):
+        with self._lock:
+            return min(self._count << self._shift, self.size)
+
+    def is_clean(self):
+        return self._count == 0

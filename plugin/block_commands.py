@@ -1,0 +1,108 @@
+"""QMP commands about the served disk: drive-mirror, block-stream, query-block, stop/cont.
+
+Handlers check the arguments QEMU's way, build the job and start it; the job
+engine (plugin/job.py) and the jobs do the rest.  Arguments keep QEMU's
+spelling (job-id, buf-size), so handlers take **args.
+"""
+
+import logging
+
+from plugin import policy
+from plugin.mirror import MirrorJob
+from plugin.qmp_commands import QMPError
+
+log = logging.getLogger(__name__)
+
+_POLICY = list(policy.POLICIES)
+
+
+def _power_of_two(n):
+    return n > 0 and not n & (n - 1)
+
+
+def register_block_commands(registry, service):
+    """Register the disk's commands; `service` gives disk, jobs, bus, pivot_to()."""
+
+    def find_device(device):
+        if device != service.disk.device:
+            raise QMPError("Cannot find device='%s' nor node-name='%s'" % (device, device))
+        return service.disk
+
+    def drive_mirror(**args):
+        disk = find_device(args["device"])
+        if args.get("mode", "existing") != "existing":
+            raise QMPError("Only mode 'existing' is supported: create the target first")
+        granularity = args.get("granularity", 0)
+        if granularity and not (512 <= granularity <= 64 << 20):
+            raise QMPError("Parameter 'granularity' expects a value in range [512B, 64MB]")
+        if granularity and not _power_of_two(granularity):
+            raise QMPError("Parameter 'granularity' expects a power of 2")
+        buf_size = args.get("buf-size", 0)
+        if buf_size < 0:
+            raise QMPError("Parameter 'buf-size' expects a positive value")
+        speed = args.get("speed", 0)
+        if speed < 0:
+            raise QMPError("Parameter 'speed' expects a non-negative value")
+        job_id = args.get("job-id", disk.device)
+        busy = service.jobs.active_job(disk.device)
+        if busy is not None:
+            raise QMPError("Node '%s' is busy: block device is in use by block job: %s"
+                           % (disk.device, busy.type))
+        try:
+            job = MirrorJob(
+                job_id, service.bus, disk, args["target"], sync=args["sync"],
+                granularity=granularity or None, buf_size=buf_size or None, speed=speed,
+                on_source_error=args.get("on-source-error", "report"),
+                on_target_error=args.get("on-target-error", "report"),
+                copy_mode=args.get("copy-mode", "background"),
+                auto_finalize=args.get("auto-finalize", True),
+                auto_dismiss=args.get("auto-dismiss", True),
+                pivot=service.pivot_to)
+        except OSError as e:
+            raise QMPError("Could not open '%s': %s" % (args["target"], e.strerror or e)) from None
+        try:
+            service.jobs.add(job)
+        except QMPError:
+            job.clean()
+            raise
+        job.start()
+
+    registry.register("drive-mirror", drive_mirror, {
+        "device": "str", "target": "str", "sync": ["full", "top", "none"],
+        "*job-id": "str", "*mode": ["existing", "absolute-paths"], "*format": ["raw"],
+        "*speed": "int", "*granularity": "int", "*buf-size": "int",
+        "*on-source-error": _POLICY, "*on-target-error": _POLICY,
+        "*copy-mode": ["background", "write-blocking"],
+        "*auto-finalize": "bool", "*auto-dismiss": "bool", "*unmap": "bool",
+    })
+
+    def query_block():
+        disk = service.disk
+        info = {
+            "device": disk.device,
+            "size": disk.size,
+            "base": service.base_address(),
+            "active": service.active_target(),
+            "overlay": service.config.overlay,
+            "allocation": disk.store.allocation(),
+            "io-status": service.io_status(),
+            "held": disk.held,
+        }
+        return [info]
+
+    registry.register("query-block", query_block)
+
+    def stop():
+        service.disk.hold()
+
+    def cont():
+        service.disk.release()
+        service.resume_io()
+
+    def query_status():
+        held = service.disk.held
+        return {"running": not held, "status": "paused" if held else "running"}
+
+    registry.register("stop", stop)
+    registry.register("cont", cont)
+    registry.register("query-status", query_status)
