@@ -85,6 +85,18 @@ class Service:
     def resume_io(self):
         """cont: retry requests held by werror=stop (see plugin/disk.py)."""
 
+    def drop_base(self):
+        """The overlay stands alone (a stream finished): forget the base, durably.
+
+        The map is committed first, so it never points at a base that is gone.
+        """
+        store = self.disk.store
+        store.flush()
+        self.state.update(base=None)
+        old, store.base = store.base, None
+        if old is not None:
+            old.close()
+
     def pivot_to(self, address):
         """Serve the mirror target from now on; called inside disk.quiesce()."""
         new = BackendStore(backends.open_backend(address, readonly=False))
