@@ -84,6 +84,11 @@ def machine_info():
     }
 
 
+def load_average():
+    """1-minute load average: other work on the machine shows up in the numbers."""
+    return round(os.getloadavg()[0], 2)
+
+
 def _terminate(signum, frame):
     # Turn SIGTERM/SIGHUP into an exception so the cleanup in main() runs.
     raise KeyboardInterrupt
@@ -107,6 +112,7 @@ def main(argv=None):
     folder = tempfile.mkdtemp(prefix="bench-", dir=args.tmpdir)
     bench = Bench(folder, args.runs, size, args.quick)
     t0 = time.monotonic()
+    load_start = load_average()
     try:
         bench.progress("folder=%s runs=%d size=%s%s" % (
             folder, args.runs, human_size(size), " quick" if args.quick else ""))
@@ -126,12 +132,14 @@ def main(argv=None):
         shutil.rmtree(folder, ignore_errors=True)
 
     elapsed = time.monotonic() - t0
+    load_end = load_average()
     machine = machine_info()
     print("date: %s  machine: %d cores, %s  commit: %s" % (
         started.strftime("%Y-%m-%d %H:%M %Z"), os.cpu_count(),
         machine["cpu_model"] or platform.machine(), machine["commit"]))
-    print("runs: %d (median shown)  size: %s%s  elapsed: %.0fs" % (
-        args.runs, human_size(size), "  QUICK (smoke run)" if args.quick else "", elapsed))
+    print("runs: %d (median shown)  size: %s%s  elapsed: %.0fs  load average: %s at start, %s at end" % (
+        args.runs, human_size(size), "  QUICK (smoke run)" if args.quick else "", elapsed,
+        load_start, load_end))
     for g in bench.groups:
         print()
         print(render(g))
@@ -145,6 +153,7 @@ def main(argv=None):
     result = {
         "date": started.isoformat(timespec="seconds"),
         "elapsed_s": round(elapsed, 1),
+        "load_average": {"start": load_start, "end": load_end},
         "machine": machine,
         "settings": {"sections": names, "runs": args.runs, "size": size, "quick": args.quick},
         "groups": [g.to_json() for g in bench.groups],

@@ -66,10 +66,18 @@ class Group:
         return next((r for r in self.rows.values() if r.anchor), None)
 
     def ratio(self, row):
+        """The row relative to the anchor: the median of the per-run ratios.
+
+        Sample i of every row comes from the same run, measured next to each
+        other, so dividing within a run cancels the load drifts of a shared
+        machine that a ratio of medians would keep.
+        """
         anchor = self.anchor
-        if anchor is None or not anchor.median or row.median is None:
+        if anchor is None or not anchor.samples or not row.samples:
             return None
-        return row.median / anchor.median
+        if len(anchor.samples) == len(row.samples) and all(anchor.samples):
+            return statistics.median(s / a for s, a in zip(row.samples, anchor.samples))
+        return row.median / anchor.median if anchor.median else None
 
     def rate(self, row):
         """MiB/s for the median sample (the unit is seconds when data_bytes is set)."""
