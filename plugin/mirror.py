@@ -52,7 +52,7 @@ IDLE_WAIT = 0.5
 class _Op:
     """One copy of [offset, offset+length) in flight, perhaps several target requests."""
 
-    __slots__ = ("offset", "length", "token", "remaining", "error")
+    __slots__ = ("offset", "length", "token", "remaining", "error", "first", "end")
 
     def __init__(self, offset, length, token):
         self.offset, self.length, self.token = offset, length, token
@@ -87,6 +87,7 @@ class MirrorJob(Job):
         self._ranges = RangeLock()
         self._through = None          # synchronous target connection for write-blocking
         self._zero_queue = []         # (offset, length) to zero on the target first
+        self._ops = set()             # copies in flight
         self._copied = 0
         self._in_flight_bytes = 0
         self._retry_at = 0.0
@@ -217,7 +218,8 @@ class MirrorJob(Job):
                 n = min(length, MAX_ZERO)
                 if n < length:
                     self._zero_queue.append((off + n, length - n))
-                self._start_op(off, n, zero=True)
+                if not self._start_op(off, n, zero=True):
+                    break
                 continue
             run = self.bitmap.take(pos, self.chunk)
             if run is None:
@@ -233,7 +235,17 @@ class MirrorJob(Job):
     def _start_op(self, offset, length, zero=False, on_error=None):
         """Read the source and submit target requests for one range; False on a read error."""
         g = self.granularity
-        op = _Op(offset, length, self._ranges.acquire(offset // g, (offset + length + g - 1) // g))
+        first, end = offset // g, (offset + length + g - 1) // g
+        if any(o.first < end and first < o.end for o in self._ops):
+            # A copy of these granules is in flight: a second one could land
+            # before it on the target.  Retry once it has completed.
+            if zero:
+                self._zero_queue.append((offset, length))
+            else:
+                self.bitmap.mark(offset, length)
+            return False
+        op = _Op(offset, length, self._ranges.acquire(first, end))
+        op.first, op.end = first, end
         store = self.disk.store
         requests = []
         try:
@@ -256,6 +268,10 @@ class MirrorJob(Job):
             (on_error or self._handle_error)("read", e.errno or errno.EIO)
             return False
         op.remaining = len(requests)
+        if not requests:
+            self._ranges.release(op.token)
+            return True
+        self._ops.add(op)
         self._in_flight_bytes += length
         for o, n, buf in requests:
             if buf is None:
@@ -272,6 +288,7 @@ class MirrorJob(Job):
             if op.remaining:
                 continue
             self._ranges.release(op.token)
+            self._ops.discard(op)
             self._in_flight_bytes -= op.length
             if op.error:
                 self.bitmap.mark(op.offset, op.length)
@@ -324,13 +341,15 @@ class MirrorJob(Job):
                 while self.target.in_flight() < self.max_in_flight:
                     if self._zero_queue:
                         off, n = self._zero_queue.pop()
-                        self._start_op(off, n, zero=True, on_error=_fail)
+                        if not self._start_op(off, n, zero=True, on_error=_fail):
+                            break
                         continue
                     run = self.bitmap.take(pos, self.chunk)
                     if run is None:
                         break
                     pos = run[0] + run[1]
-                    self._start_op(*run, on_error=_fail)
+                    if not self._start_op(*run, on_error=_fail):
+                        break
                 self._reap(self.target.wait(1.0), on_error=_fail)
             self._update_progress()
             self.target.flush()
