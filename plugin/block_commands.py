@@ -10,6 +10,7 @@ import logging
 from plugin import policy
 from plugin.mirror import MirrorJob
 from plugin.qmp_commands import QMPError
+from plugin.stream import StreamJob
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,35 @@ def register_block_commands(registry, service):
         "*on-source-error": _POLICY, "*on-target-error": _POLICY,
         "*copy-mode": ["background", "write-blocking"],
         "*auto-finalize": "bool", "*auto-dismiss": "bool", "*unmap": "bool",
+    })
+
+    def block_stream(**args):
+        disk = find_device(args["device"])
+        if service.active_target() is not None:
+            raise QMPError("Device '%s' has no backing file: a mirror pivoted it to %s"
+                           % (disk.device, service.active_target()))
+        base = service.base_address()
+        if base is None:
+            raise QMPError("Device '%s' has no backing file" % disk.device)
+        # The chain has one backing image: 'base' may only name it (and streams it all).
+        if "base" in args and args["base"] != base:
+            raise QMPError("Can't find '%s' in the backing chain" % args["base"])
+        busy = service.jobs.active_job(disk.device)
+        if busy is not None:
+            raise QMPError("Node '%s' is busy: block device is in use by block job: %s"
+                           % (disk.device, busy.type))
+        job = StreamJob(
+            args.get("job-id", disk.device), service.bus, disk,
+            on_error=args.get("on-error", "report"), speed=args.get("speed", 0),
+            auto_finalize=args.get("auto-finalize", True),
+            auto_dismiss=args.get("auto-dismiss", True),
+            drop_base=service.drop_base)
+        service.jobs.add(job)
+        job.start()
+
+    registry.register("block-stream", block_stream, {
+        "device": "str", "*job-id": "str", "*base": "str", "*speed": "int",
+        "*on-error": _POLICY, "*auto-finalize": "bool", "*auto-dismiss": "bool",
     })
 
     def query_block():

@@ -1,0 +1,156 @@
+"""The stream job (block-stream): copy the base into the overlay, then drop the base.
+
+As QEMU's block/stream.c, streaming is copy-on-read of the whole disk while
+clients keep using it.  The job walks the disk from start to end in chunks:
+
+- runs of clusters the overlay holds already (DATA or ZERO) are skipped by
+  looking at the cluster map alone: they count as progress but cost nothing,
+  not even against the speed limit;
+- a chunk with absent clusters goes to ``OverlayStore.populate()``, which
+  copies the base's bytes in under the store's range lock and leaves every
+  cluster that the overlay holds by then alone.  A client write, even a
+  partial-cluster one racing the copy of the same cluster, therefore always
+  wins over the older base data: it either lands first (the stream then skips
+  the cluster) or waits for the copy and is applied on top of it.
+
+When the walk is done every cluster is held by the overlay.  ``prepare()``
+then quiesces the disk (no client request may be reading the base at that
+moment) and drops the base durably (``Service.drop_base``): the overlay
+flushes, then the state directory forgets the base, so a restart needs none.
+
+Progress is QEMU's: ``len`` is the disk size, ``offset`` the bytes processed,
+skipped clusters included.
+
+Errors (of a populate: reading the base, or writing the overlay) go through
+``Job.report_io_error`` as operation "read", as QEMU reports every stream
+error (its copy-on-read is a read):
+
+- report: the job ends with the error where it stopped; the base stays;
+- ignore: the chunk is left absent, the job backs off a little and carries
+  on to the end, then fails with the first such error (offset == len) and
+  keeps the base: the overlay is not standalone.  A later stream copies what
+  is missing;
+- stop (and enospc/auto for ENOSPC): the job pauses with io-status
+  failed/nospace; after resume the same chunk is tried again.
+"""
+
+import errno
+import logging
+import os
+
+from plugin.clustermap import ABSENT
+from plugin.job import Job
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+CHUNK = 1 * MiB
+BACKOFF_FIRST = 0.01
+BACKOFF_MAX = 0.5
+
+
+class StreamJob(Job):
+    """block-stream on `disk`, whose store is an OverlayStore with a base.
+
+    `drop_base()` is called from prepare(), with the disk quiesced, once
+    every cluster is in the overlay (Service.drop_base in the plugin).
+    """
+
+    changeable_options = frozenset({"on_error"})
+
+    def __init__(self, job_id, bus, disk, on_error="report", speed=0, auto_finalize=True,
+                 auto_dismiss=True, drop_base=None, chunk=CHUNK):
+        super().__init__(job_id, "stream", bus, device=disk.device, speed=speed,
+                         auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
+        self.disk = disk
+        self.store = disk.store
+        self.on_error = on_error
+        cs = self.store.cluster_size
+        self.chunk_clusters = max(1, chunk // cs)
+        self._drop_base = drop_base
+        self._first_ignored = None    # OSError: the job fails with it at the end
+        self._backoff = 0.0
+        self._copied = 0
+        self.set_progress(0, self.store.size)
+
+    def change(self, on_error=None):
+        if on_error is not None:
+            self.on_error = on_error
+        log.info("Stream changed id=%s on_error=%s", self.id, self.on_error)
+
+    # -- the job thread ----------------------------------------------------
+
+    def run(self):
+        store = self.store
+        cs, size, nclusters = store.cluster_size, store.size, store.nclusters
+        log.info("Stream started id=%s size=%d chunk=%d on_error=%s", self.id, size,
+                 self.chunk_clusters * cs, self.on_error)
+        cluster = 0
+        while cluster < nclusters:
+            if self.pause_point():
+                return
+            end = min(cluster + self.chunk_clusters, nclusters)
+            if store.map.get(cluster) != ABSENT:
+                # Held by the overlay: it never becomes absent again, so no lock is needed.
+                end = store.map.run_end(cluster, nclusters)
+                self._processed(end)
+                cluster = end
+                continue
+            start, stop = cluster * cs, min(end * cs, size)
+            copied = 0
+            try:
+                copied = store.populate(start, stop - start)
+            except OSError as e:
+                if not self._handle_error(e, start, stop - start):
+                    continue          # stopped and resumed: the same chunk again
+            else:
+                self._backoff = 0.0
+                self._copied += copied
+            self._processed(end)
+            cluster = end
+            if copied and self.throttle(copied):
+                return
+        if self._first_ignored is not None:
+            raise self._first_ignored
+        log.info("Stream copied id=%s bytes=%d", self.id, self._copied)
+
+    def _processed(self, end_cluster):
+        self.set_progress(min(end_cluster * self.store.cluster_size, self.store.size))
+
+    def _handle_error(self, exc, offset, length):
+        """Apply on-error to a failed chunk; True to move on, False to retry it.
+
+        Raises for "report".  After "stop" the job has been paused and
+        resumed (or cancelled) inside report_io_error.
+        """
+        err = exc.errno or errno.EIO
+        log.warning("Stream chunk failed id=%s offset=%d length=%d error=%s",
+                    self.id, offset, length, exc)
+        action = self.report_io_error("read", err, self.on_error)
+        if action == "report":
+            raise OSError(err, os.strerror(err))
+        if action == "stop":
+            return False
+        if self._first_ignored is None:
+            self._first_ignored = OSError(err, os.strerror(err))
+        # A base that fails every read must not be hammered: back off a little.
+        self._backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, self._backoff * 2))
+        self.sleep(self._backoff)
+        return True
+
+    # -- completion --------------------------------------------------------
+
+    def prepare(self):
+        """Drop the base: every cluster is in the overlay now.
+
+        The disk is quiesced so that no client read that saw an absent
+        cluster before the stream copied it is still reading the base.
+        """
+        absent = self.store.map.count(ABSENT)
+        if absent:
+            # Never forget a base that still holds data of the disk.
+            raise OSError(errno.EIO, "%d clusters still absent" % absent)
+        if self._drop_base is not None:
+            with self.disk.quiesce():
+                self._drop_base()
+        log.info("Stream finished id=%s base dropped", self.id)
