@@ -195,8 +195,39 @@ def _add_wait_options(parser, default_until):
 
 
 def parse_args(argv):
-    """Parse argv (without the program name); raises UsageError."""
-    return build_parser().parse_args(argv)
+    """Parse and check argv (without the program name); raises UsageError.
+
+    Every usage error is found here, before connecting, so a bad command
+    line exits 2 whether or not the server runs.
+    """
+    args = build_parser().parse_args(argv)
+    if args.command == "set-policy" and not _policy_options(args):
+        raise UsageError("set-policy: give at least one of --on-source-error, --on-target-error, "
+                         "--on-error, --copy-mode")
+    if args.command == "qmp":
+        args.qmp_arguments = _json_object(args.qmp_args)
+    return args
+
+
+def _policy_options(args):
+    options = {}
+    _put(options, "on-source-error", args.on_source_error)
+    _put(options, "on-target-error", args.on_target_error)
+    _put(options, "on-error", args.on_error)
+    _put(options, "copy-mode", args.copy_mode)
+    return options
+
+
+def _json_object(text):
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"qmp: JSON-ARGS is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise UsageError("qmp: JSON-ARGS must be a JSON object")
+    return value
 
 
 def socket_path(args, environ=os.environ):
@@ -258,15 +289,7 @@ def cmd_set_speed(client, args):
 
 
 def cmd_set_policy(client, args):
-    arguments = {"id": args.job}
-    _put(arguments, "on-source-error", args.on_source_error)
-    _put(arguments, "on-target-error", args.on_target_error)
-    _put(arguments, "on-error", args.on_error)
-    _put(arguments, "copy-mode", args.copy_mode)
-    if len(arguments) == 1:
-        raise UsageError("set-policy: give at least one of --on-source-error, --on-target-error, "
-                         "--on-error, --copy-mode")
-    client.execute("block-job-change", arguments)
+    client.execute("block-job-change", dict(id=args.job, **_policy_options(args)))
     return EXIT_OK
 
 
@@ -294,15 +317,7 @@ def cmd_wait(client, args):
 
 
 def cmd_qmp(client, args):
-    arguments = None
-    if args.qmp_args is not None:
-        try:
-            arguments = json.loads(args.qmp_args)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"qmp: JSON-ARGS is not valid JSON: {e}") from None
-        if not isinstance(arguments, dict):
-            raise UsageError("qmp: JSON-ARGS must be a JSON object")
-    _print_json(client.execute(args.qmp_command, arguments))
+    _print_json(client.execute(args.qmp_command, args.qmp_arguments))
     return EXIT_OK
 
 
@@ -356,9 +371,6 @@ def run(argv):
     try:
         with qmp_client.QMPClient(path, timeout=REPLY_TIMEOUT) as client:
             return args.func(client, args)
-    except UsageError as e:
-        _error(str(e))
-        return EXIT_USAGE
     except qmp_client.QMPError as e:
         _error(e.desc)
         return EXIT_FAILED

@@ -234,6 +234,7 @@ class QMPClient:
 
     def _send(self, message):
         data = json.dumps(message).encode("utf-8") + b"\n"
+        log.debug("Send message=%s", data.decode("utf-8").rstrip())
         try:
             self._sock.sendall(data)
         except OSError as e:
@@ -258,7 +259,9 @@ class QMPClient:
                 raise ConnectionLost("connection closed by server")
             self._decoder.feed(data)
             self._incoming.extend(self._decoder.values())
-        return self._incoming.popleft()
+        message = self._incoming.popleft()
+        log.debug("Receive message=%s", json.dumps(message))
+        return message
 
     @staticmethod
     def _deadline(timeout):

@@ -106,3 +106,25 @@ def test_unknown_command_is_usage_error():
 def test_usage_error_names_the_subcommand_help():
     with pytest.raises(UsageError, match=r"see 'jobctl pause --help'"):
         parse_args(["pause"])
+
+
+def test_set_policy_needs_an_option():
+    with pytest.raises(UsageError, match="set-policy: give at least one of"):
+        parse_args(["set-policy", "j"])
+
+
+def test_set_policy_choices():
+    args = parse_args(["set-policy", "j", "--on-error", "stop", "--copy-mode", "background"])
+    assert (args.on_error, args.copy_mode) == ("stop", "background")
+
+
+def test_qmp_args_are_parsed_as_a_json_object():
+    assert parse_args(["qmp", "x", '{"a": [1]}']).qmp_arguments == {"a": [1]}
+    assert parse_args(["qmp", "x"]).qmp_arguments is None
+
+
+@pytest.mark.parametrize("text, message", [("[1]", "must be a JSON object"),
+                                           ("{nope", "not valid JSON")])
+def test_qmp_args_must_be_a_json_object(text, message):
+    with pytest.raises(UsageError, match=message):
+        parse_args(["qmp", "x", text])

@@ -81,18 +81,20 @@ def main():
     register_builtin_commands(registry)
     register_job_commands(registry, jobs)
 
-    def start_job(id, total=1 << 20, steps=10, delay=0.05, ready=False, speed=0,
+    def start_job(id, total=1 << 20, steps=10, delay=0.05, ready=False, speed=0, paused=False,
                   **options):
         job = StepJob(id, bus, total, steps, delay, ready, options.get("fail-at"),
                       options.get("on-error", "report"), speed=speed,
                       auto_finalize=options.get("auto-finalize", True),
                       auto_dismiss=options.get("auto-dismiss", True))
         jobs.add(job)
+        if paused:
+            job.user_pause()        # so a test can attach before anything happens
         job.start()
 
     registry.register("x-test-job", start_job, {
         "id": "str", "*total": "int", "*steps": "int", "*delay": "number", "*ready": "bool",
-        "*speed": "int", "*fail-at": "number", "*on-error": "str",
+        "*speed": "int", "*paused": "bool", "*fail-at": "number", "*on-error": "str",
         "*auto-finalize": "bool", "*auto-dismiss": "bool"})
     registry.register("x-test-emit", lambda name, data=None: bus.emit(name, data),
                       {"name": "str", "*data": "dict"})
@@ -358,8 +360,8 @@ def test_set_policy_changes_a_running_job(server):
               "write-blocking") == ""
 
 
-def test_set_policy_without_options_is_usage_error(server):
-    result = jobctl(server, "set-policy", "j")
+def test_usage_error_exits_2_without_connecting(tmp_path):
+    result = jobctl(None, "--socket", tmp_path / "absent.sock", "set-policy", "j")
     assert result.returncode == 2
     assert result.stderr.startswith("jobctl: error: set-policy: give at least one of")
 
@@ -507,13 +509,23 @@ def test_wait_until_ready_prints_progress_and_summary(server):
 
 
 def test_wait_done_for_a_completed_job(server):
-    start_job(server, steps=5, delay=0.02)
+    # Kept after concluding, so jobctl finds it however late it starts.
+    start_job(server, steps=5, delay=0.02, auto_dismiss=False)
     result = jobctl(server, "wait", "j")
     assert (result.returncode, result.stdout.splitlines()[-1]) == (0, "job 'j' completed")
 
 
+def test_wait_sees_completion_of_an_auto_dismissed_job(server, background):
+    start_job(server, steps=5, delay=0.02, paused=True)
+    waiter = background(server, "wait", "j")
+    assert waiter.line().startswith("j: ")     # watching before the job can end
+    ok(server, "resume", "j")
+    code, out, _ = waiter.finish()
+    assert (code, out.splitlines()[-1]) == (0, "job 'j' completed")
+
+
 def test_wait_reports_a_failed_job(server):
-    start_job(server, steps=20, delay=0.02, fail_at=0.5)
+    start_job(server, steps=20, delay=0.02, fail_at=0.5, auto_dismiss=False)
     result = jobctl(server, "wait", "j")
     assert result.returncode == 1
     assert result.stderr == "jobctl: error: job 'j' failed: Input/output error\n"
