@@ -5,8 +5,9 @@ tables with bench.group(...) and adds one sample per run to each row.  To add a
 benchmark, write such a module and list it here.
 """
 
-from benchlib import overlay
+from benchlib import overlay, stream
 
 SECTIONS = {
     "overlay": overlay,
+    "stream": stream,
 }
