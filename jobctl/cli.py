@@ -124,7 +124,6 @@ def build_parser():
     for name, qmp_command, help_text in (
         ("pause", "block-job-pause", "pause a job"),
         ("resume", "block-job-resume", "resume a paused job (also resets io-status)"),
-        ("complete", "block-job-complete", "complete a ready mirror (pivot to the target)"),
     ):
         p = command(name, help_text)
         p.add_argument("job", metavar="JOB")
@@ -138,9 +137,15 @@ def build_parser():
         p.add_argument("job", metavar="JOB")
         p.set_defaults(func=cmd_verb, qmp_command=qmp_command, id_key="id")
 
+    p = command("complete", "complete a ready mirror (pivot to the target)")
+    p.add_argument("job", metavar="JOB")
+    _add_end_wait_options(p)
+    p.set_defaults(func=cmd_complete)
+
     p = command("cancel", "cancel a job (a ready mirror finishes its copy first unless --force)")
     p.add_argument("job", metavar="JOB")
     p.add_argument("--force", action="store_true", help="cancel at once, even a ready mirror")
+    _add_end_wait_options(p)
     p.set_defaults(func=cmd_cancel)
 
     p = command("set-speed", "change a job's speed limit")
@@ -192,6 +197,14 @@ def _add_wait_options(parser, default_until):
     parser.add_argument("--timeout", type=_seconds, metavar="SECONDS",
                         help="with --wait: give up after this long")
     parser.set_defaults(default_until=default_until)
+
+
+def _add_end_wait_options(parser):
+    # Waiting on the same connection sees the end even of a job that is
+    # dismissed at once (auto-dismiss), which a later `jobctl wait` cannot.
+    parser.add_argument("--wait", action="store_true", help="then wait until the job has ended")
+    parser.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                        help="with --wait: give up after this long")
 
 
 def parse_args(argv):
@@ -275,11 +288,20 @@ def cmd_verb(client, args):
     return EXIT_OK
 
 
+def cmd_complete(client, args):
+    client.execute("block-job-complete", {"device": args.job})
+    if args.wait:
+        return _wait(client, args.job, "done", args.timeout)
+    return EXIT_OK
+
+
 def cmd_cancel(client, args):
     arguments = {"device": args.job}
     if args.force:
         arguments["force"] = True
     client.execute("block-job-cancel", arguments)
+    if args.wait:
+        return _wait(client, args.job, "done", args.timeout, cancel_ok=True)
     return EXIT_OK
 
 
@@ -331,8 +353,9 @@ def _started(client, args):
     return _wait(client, job_id, args.until or args.default_until, args.timeout)
 
 
-def _wait(client, job_id, until, timeout):
-    waiter = JobWaiter(client, job_id, until=until, timeout=timeout, display=make_display())
+def _wait(client, job_id, until, timeout, cancel_ok=False):
+    waiter = JobWaiter(client, job_id, until=until, timeout=timeout, display=make_display(),
+                       cancel_ok=cancel_ok)
     print(waiter.run())
     return EXIT_OK
 

@@ -7,6 +7,8 @@ on a short interval and re-polls as soon as an event about the job arrives.
 """
 
 import collections
+import errno
+import os
 import sys
 import time
 
@@ -18,6 +20,8 @@ POLL_INTERVAL = 0.5
 # event that says how it ended (a reply can overtake an event on the wire).
 MISSING_GRACE = 1.0
 RATE_WINDOW = 5.0
+# The error text of a cancelled job in query-jobs (QEMU uses strerror(ECANCELED)).
+CANCELLED_ERROR = os.strerror(errno.ECANCELED)
 
 
 class JobEnded(Exception):
@@ -134,11 +138,12 @@ class JobWaiter:
 
     until="ready": return once the job is ready (a mirror in sync), or has
     completed successfully. until="done": return once the job completed.
+    cancel_ok: a cancelled job counts as reaching the goal (for `cancel --wait`).
     run() returns a one-line summary; raises JobEnded or WaitTimedOut.
     """
 
     def __init__(self, client, job_id, until="done", timeout=None, display=None,
-                 poll_interval=POLL_INTERVAL, clock=time.monotonic):
+                 poll_interval=POLL_INTERVAL, clock=time.monotonic, cancel_ok=False):
         if until not in ("ready", "done"):
             raise ValueError(f"until must be 'ready' or 'done', not {until!r}")
         self.client = client
@@ -148,6 +153,7 @@ class JobWaiter:
         self.display = display
         self.poll_interval = poll_interval
         self.clock = clock
+        self.cancel_ok = cancel_ok
         self.meter = RateMeter()
         self.record = None          # latest query result for the job
         self.seen = False           # the job showed up in a query at least once
@@ -227,7 +233,7 @@ class JobWaiter:
         """Return a success summary, raise if the job cannot reach the goal, else None."""
         job = f"job '{self.job_id}'"
         if self.cancelled:
-            raise JobEnded(f"{job} was cancelled")
+            return self._cancelled()
         if self.completed is not None:
             error = self.completed.get("error")
             if error:
@@ -239,6 +245,8 @@ class JobWaiter:
         if record is not None and self.missing_since is None:
             if record["status"] in joblib.FINAL_STATES:
                 # Concluded before we were watching: the query says how it ended.
+                if record["error"] == CANCELLED_ERROR:
+                    return self._cancelled()
                 if record["error"]:
                     raise JobEnded(f"{job} failed: {record['error']}")
                 return f"{job} completed"
@@ -248,6 +256,12 @@ class JobWaiter:
                 raise JobEnded(f"no job '{self.job_id}'")
             raise JobEnded(f"{job} disappeared without reporting how it ended")
         return None
+
+    def _cancelled(self):
+        message = f"job '{self.job_id}' was cancelled"
+        if self.cancel_ok:
+            return message
+        raise JobEnded(message)
 
     @staticmethod
     def _is_ready(record):

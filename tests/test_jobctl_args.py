@@ -128,3 +128,9 @@ def test_qmp_args_are_parsed_as_a_json_object():
 def test_qmp_args_must_be_a_json_object(text, message):
     with pytest.raises(UsageError, match=message):
         parse_args(["qmp", "x", text])
+
+
+def test_complete_and_cancel_can_wait():
+    args = parse_args(["complete", "j", "--wait", "--timeout", "9"])
+    assert args.wait and args.timeout == 9
+    assert parse_args(["cancel", "j", "--wait"]).wait

@@ -348,6 +348,26 @@ def test_complete_a_ready_job_then_wait_done(server):
     assert ok(server, "wait", "j").splitlines()[-1] == "job 'j' completed"
 
 
+def test_complete_wait_sees_an_auto_dismissed_job_end(server):
+    start_job(server, steps=2, delay=0, ready=True)
+    poll_until(status_is(server, "ready"))
+    result = jobctl(server, "complete", "j", "--wait")
+    assert (result.returncode, result.stdout.splitlines()[-1]) == (0, "job 'j' completed")
+
+
+def test_cancel_wait_of_a_running_job_succeeds(server):
+    start_job(server, steps=200, delay=0.05)
+    result = jobctl(server, "cancel", "j", "--wait")
+    assert (result.returncode, result.stdout.splitlines()[-1]) == (0, "job 'j' was cancelled")
+
+
+def test_soft_cancel_wait_of_a_ready_job_completes(server):
+    start_job(server, steps=1, delay=0, ready=True)
+    poll_until(status_is(server, "ready"))
+    result = jobctl(server, "cancel", "j", "--wait")
+    assert (result.returncode, result.stdout.splitlines()[-1]) == (0, "job 'j' completed")
+
+
 def test_set_speed_accepts_size_suffixes(server):
     start_job(server, steps=200, delay=0.05)
     ok(server, "set-speed", "j", "10M")

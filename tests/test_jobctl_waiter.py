@@ -158,3 +158,15 @@ def test_rate_meter_restarts_when_progress_goes_backwards():
     meter.add(0.0, 100)
     meter.add(1.0, 50)
     assert meter.rate() is None
+
+
+def test_query_error_operation_canceled_means_cancelled():
+    with pytest.raises(JobEnded, match="job 'j' was cancelled"):
+        wait([([job("concluded", error="Operation canceled")], [])])
+
+
+def test_cancel_ok_turns_cancellation_into_success():
+    clock = FakeClock()
+    steps = [([job()], [event("BLOCK_JOB_CANCELLED", device="j")])]
+    waiter = JobWaiter(FakeServer(clock, steps), "j", cancel_ok=True, clock=clock)
+    assert waiter.run() == "job 'j' was cancelled"
