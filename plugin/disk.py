@@ -12,16 +12,27 @@ jobs need:
 - a gate: every request passes it; quiesce() closes it and waits for the
   requests in progress, so a job can copy the last dirty bytes and pivot while
   no request runs.  hold()/release() close it for the operator (QMP stop/cont).
+- guest-facing error policy (werror for writes, rerror for reads): every
+  failure of the disk's own storage emits BLOCK_IO_ERROR; with action "stop"
+  the failing request is held (outside the gate) until QMP cont, then
+  retried, so nothing acknowledged is lost and the client never sees the error.
 """
 
 import contextlib
+import errno
 import logging
+import os
 import threading
+
+from plugin import policy
 
 log = logging.getLogger(__name__)
 
 EXTENT_DATA = 0
 EXTENT_HOLE_ZERO = 3
+
+# Errors that are answers, not storage failures: never held, never reported.
+_NOT_FAILURES = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL, errno.ERANGE})
 
 
 class Gate:
@@ -75,7 +86,6 @@ class BackendStore:
 
     def zero(self, offset, length, may_trim=False, fast=False, fua=False):
         if fast and not may_trim:
-            import errno
             raise OSError(errno.ENOTSUP, "fast zero needs trim on a pivoted disk")
         self.backend.zero(offset, length, may_trim, fua)
 
@@ -103,14 +113,20 @@ class BackendStore:
 class Disk:
     """The disk named `device`."""
 
-    def __init__(self, store, device):
+    def __init__(self, store, device, bus=None, werror="report", rerror="report"):
         self.store = store
         self.device = device
         self.size = store.size
+        self.bus = bus
+        self.werror = werror
+        self.rerror = rerror
         self._listeners = ()
         self._lock = threading.Lock()
         self._gate = Gate()
         self._held = False
+        self._io_cond = threading.Condition()
+        self._io_status = "ok"
+        self._io_generation = 0       # bumped by resume_io(): held requests retry
 
     # -- listeners (jobs) -------------------------------------------------
 
@@ -161,19 +177,75 @@ class Disk:
         log.info("Disk pivot device=%s to=%s", self.device, type(new_store).__name__)
         return old
 
+    # -- guest-facing errors ----------------------------------------------
+
+    @property
+    def io_status(self):
+        return self._io_status
+
+    def _io_error(self, operation, e):
+        """A request failed on the disk's own storage: report it, or hold it until cont.
+
+        Returns when the request should be retried; raises the error for the client.
+        """
+        err = e.errno or errno.EIO
+        if err in _NOT_FAILURES:
+            raise e
+        rule = self.werror if operation == "write" else self.rerror
+        action = policy.error_action(rule, operation, err)
+        if action != "stop":
+            self._emit_io_error(operation, action, err)
+            raise e
+        with self._io_cond:
+            if self._io_status == "ok":
+                self._io_status = policy.io_status_for(err)
+            generation = self._io_generation
+            self._emit_io_error(operation, action, err)
+        log.warning("I/O error, request held device=%s operation=%s error=%s",
+                    self.device, operation, os.strerror(err))
+        self._gate.leave()            # a held request must not block quiesce or stop
+        try:
+            with self._io_cond:
+                while self._io_generation == generation:
+                    self._io_cond.wait()
+        finally:
+            self._gate.enter()
+
+    def _emit_io_error(self, operation, action, err):
+        if self.bus is not None:
+            self.bus.emit("BLOCK_IO_ERROR", {
+                "device": self.device, "node-name": self.device, "operation": operation,
+                "action": action, "nospace": err == errno.ENOSPC, "reason": os.strerror(err)})
+
+    def resume_io(self):
+        """QMP cont: io-status back to ok, held requests retry."""
+        with self._io_cond:
+            self._io_status = "ok"
+            self._io_generation += 1
+            self._io_cond.notify_all()
+
     # -- NBD requests -----------------------------------------------------
 
     def read(self, buf, offset):
         self._gate.enter()
         try:
-            self.store.read(buf, offset)
+            while True:
+                try:
+                    return self.store.read(buf, offset)
+                except OSError as e:
+                    self._io_error("read", e)
         finally:
             self._gate.leave()
 
     def write(self, buf, offset, fua=False):
         self._gate.enter()
         try:
-            self.store.write(buf, offset, fua)
+            while True:
+                try:
+                    self.store.write(buf, offset, fua)
+                    break
+                except OSError as e:
+                    self._io_error("write", e)
             for fn in self._listeners:
                 fn("write", offset, len(buf), buf)
         finally:
@@ -182,7 +254,12 @@ class Disk:
     def zero(self, offset, length, may_trim=False, fast=False, fua=False):
         self._gate.enter()
         try:
-            self.store.zero(offset, length, may_trim, fast, fua)
+            while True:
+                try:
+                    self.store.zero(offset, length, may_trim, fast, fua)
+                    break
+                except OSError as e:
+                    self._io_error("write", e)
             for fn in self._listeners:
                 fn("zero", offset, length, None)
         finally:
@@ -191,7 +268,12 @@ class Disk:
     def trim(self, offset, length, fua=False):
         self._gate.enter()
         try:
-            self.store.trim(offset, length, fua)
+            while True:
+                try:
+                    self.store.trim(offset, length, fua)
+                    break
+                except OSError as e:
+                    self._io_error("write", e)
             for fn in self._listeners:
                 fn("trim", offset, length, None)
         finally:
@@ -200,14 +282,22 @@ class Disk:
     def flush(self):
         self._gate.enter()
         try:
-            self.store.flush()
+            while True:
+                try:
+                    return self.store.flush()
+                except OSError as e:
+                    self._io_error("write", e)
         finally:
             self._gate.leave()
 
     def extents(self, offset, length, req_one=False):
         self._gate.enter()
         try:
-            return self.store.extents(offset, length, req_one)
+            while True:
+                try:
+                    return self.store.extents(offset, length, req_one)
+                except OSError as e:
+                    self._io_error("read", e)
         finally:
             self._gate.leave()
 

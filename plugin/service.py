@@ -69,7 +69,7 @@ class Service:
                     from None
         else:
             store = OverlayStore(self.state, base)
-        self.disk = Disk(store, cfg.device)
+        self.disk = Disk(store, cfg.device, self.bus, werror=cfg.werror, rerror=cfg.rerror)
         log.info("serving device=%s size=%d overlay=%s base=%r active=%r",
                  cfg.device, store.size, cfg.overlay, base_address, active)
 
@@ -80,10 +80,11 @@ class Service:
         return (self.state.active or {}).get("target")
 
     def io_status(self):
-        return "ok"
+        return self.disk.io_status
 
     def resume_io(self):
-        """cont: retry requests held by werror=stop (see plugin/disk.py)."""
+        """cont: retry requests held by werror/rerror=stop (see plugin/disk.py)."""
+        self.disk.resume_io()
 
     def drop_base(self):
         """The overlay stands alone (a stream finished): forget the base, durably.
