@@ -28,10 +28,11 @@ class ClusterMap:
     def __init__(self, path, nclusters):
         self.nclusters = nclusters
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # A short file means the tail was never committed: those clusters stay
+        # absent (bytearray starts as zeros).
         self._map = bytearray(nclusters)
-        n = os.preadv(self._fd, [self._map], 0) if nclusters else 0
-        # A short file means the tail was never committed: those clusters are absent.
-        self._map[n:] = bytes(nclusters - n)
+        if nclusters:
+            os.preadv(self._fd, [self._map], 0)
         if os.fstat(self._fd).st_size != nclusters:
             os.ftruncate(self._fd, nclusters)
         self._dirty = set()
