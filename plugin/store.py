@@ -81,6 +81,7 @@ class OverlayStore:
         self.map = clustermap.ClusterMap(state.file(statedir.MAP), self.nclusters)
         self._ranges = RangeLock()
         self._zeros = bytes(cs)
+        self._base_size = base.size() if base is not None else 0
 
     # -- helpers ---------------------------------------------------------
 
@@ -139,6 +140,11 @@ class OverlayStore:
         states = self.map.states(first, end)
         if states.count(DATA) == len(states):
             pread_all(self._fd, buf, offset)
+            return
+        base = self.base
+        if (base is not None and states.count(ABSENT) == len(states)
+                and offset + length <= self._base_size):
+            base.readinto(buf, offset)
             return
         view = memoryview(buf)
         cs = self.cluster_size
