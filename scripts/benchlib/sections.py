@@ -5,9 +5,10 @@ tables with bench.group(...) and adds one sample per run to each row.  To add a
 benchmark, write such a module and list it here.
 """
 
-from benchlib import overlay, stream
+from benchlib import mirror, overlay, stream
 
 SECTIONS = {
     "overlay": overlay,
     "stream": stream,
+    "mirror": mirror,
 }

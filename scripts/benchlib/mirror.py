@@ -1,0 +1,204 @@
+"""Section "mirror": drive-mirror of a random disk to an nbdkit file target, ours vs QEMU's.
+
+One random base of --size bytes (made once, page-cached).  Each run mirrors it
+(sync=full) to a fresh sparse raw file served by `nbdkit file`:
+
+- overlay: our plugin with an empty overlay on the base, `drive-mirror` over its
+  control socket, until BLOCK_JOB_READY (the target was flushed before READY);
+- qemu:    qemu-storage-daemon with a fresh qcow2 overlay on the same base,
+  `blockdev-mirror` to an NBD client node on the same kind of target, until
+  BLOCK_JOB_READY (the anchor);
+- nbdcopy: `nbdcopy base.img TARGET` (includes its final flush): the lower bound.
+
+Then the latency a client write sees: 4 KiB synchronous writes at random
+offsets through libnbd, median and 99th percentile, with no job and with a
+background mirror in READY (every write is then copied to the target).
+
+Rows are interleaved and rotated per run, after one untimed warm-up round.
+"""
+
+import os
+import random
+import shutil
+import statistics
+import time
+
+from jobctl.qmp_client import QMPClient
+
+from benchlib.bench import REPO, human_size
+from benchlib.overlay import make_base, rotated
+from benchlib.results import Goal
+
+TITLE = "drive-mirror to an nbdkit file target: overlay plugin vs qemu-storage-daemon"
+SECTION = "mirror"
+PLUGIN = os.path.join(REPO, "plugin", "overlaydisk.py")
+READY_GOAL = Goal(0.8)
+LATENCY_GOAL = Goal(1.1)
+TIMEOUT = 600.0
+LATENCY_WRITES = 2000
+
+
+def run(bench):
+    ready = bench.group(SECTION, "ready", "mirror of a %s random disk until BLOCK_JOB_READY"
+                        % human_size(bench.size), "s", bench.size)
+    ready.row("qemu", "qemu-storage-daemon blockdev-mirror, qcow2 overlay on base", anchor=True)
+    ready.row("overlay", "overlay plugin drive-mirror, empty overlay on base", goal=READY_GOAL)
+    ready.row("nbdcopy", "nbdcopy base.img to the target (lower bound)")
+    base = make_base(bench)
+    for i in range(bench.runs + 1):
+        bench.progress("mirror: %s" % ("warm-up round" if i == 0 else
+                                       "run %d/%d" % (i, bench.runs)))
+        for key in rotated(["qemu", "overlay", "nbdcopy"], i):
+            seconds = {"qemu": _qemu, "overlay": _ours, "nbdcopy": _nbdcopy}[key](bench, base)
+            if i > 0:
+                ready.add(key, seconds)
+    latency_benchmark(bench, base)
+
+
+def _target(bench):
+    path = bench.path("target.img")
+    with open(path, "wb") as f:
+        f.truncate(bench.size)
+    return path, bench.servers.nbdkit("target", "file", path)
+
+
+def _finish(bench, target, path):
+    bench.servers.stop(target)
+    os.unlink(path)
+
+
+def _wait_socket(path, server):
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        if server.proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("%s: no control socket %s%s" % (server.name, path,
+                                                                server.log_tail()))
+        time.sleep(0.01)
+
+
+def _until_ready(qmp, command, args):
+    os.sync()
+    start = time.perf_counter()
+    qmp.execute(command, args)
+    while True:
+        event = qmp.next_event(TIMEOUT)
+        if event is None:
+            raise RuntimeError("%s: no BLOCK_JOB_READY within %ss" % (command, TIMEOUT))
+        if event["event"] == "BLOCK_JOB_READY":
+            return time.perf_counter() - start
+        if event["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+            raise RuntimeError("%s ended early: %s" % (command, event))
+
+
+def _cancel(qmp, device):
+    qmp.execute("block-job-cancel", {"device": device, "force": True})
+    while True:
+        event = qmp.next_event(TIMEOUT)
+        if event is None or event["event"] in ("BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"):
+            return
+
+
+def _start_ours(bench, base, name):
+    state = bench.path("state-" + name)
+    control = bench.path(name + "-ctl.sock")
+    server = bench.servers.nbdkit(name, "python", PLUGIN, "overlay=" + state, "base=" + base,
+                                  "control=" + control)
+    _wait_socket(control, server)
+    return server, state, control
+
+
+def _ours(bench, base):
+    path, target = _target(bench)
+    server, state, control = _start_ours(bench, base, "overlay-mirror")
+    try:
+        with QMPClient(control, timeout=TIMEOUT) as qmp:
+            seconds = _until_ready(qmp, "drive-mirror", {"device": "disk0", "target": target.uri,
+                                                        "sync": "full"})
+            _cancel(qmp, "disk0")
+        return seconds
+    finally:
+        bench.servers.stop(server)
+        shutil.rmtree(state, ignore_errors=True)
+        _finish(bench, target, path)
+
+
+def _qemu(bench, base):
+    path, target = _target(bench)
+    image = bench.path("mirror.qcow2")
+    bench.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", image])
+    control = bench.path("qsd-mirror.sock")
+    argv = ["qemu-storage-daemon",
+            "--blockdev", "driver=qcow2,node-name=src,file.driver=file,file.filename=" + image,
+            "--blockdev", "driver=raw,node-name=tgt,file.driver=nbd,file.server.type=unix,"
+                          "file.server.path=" + target.sock,
+            "--chardev", "socket,id=mon,path=%s,server=on,wait=off" % control,
+            "--monitor", "chardev=mon"]
+    server = bench.servers.start("qsd-mirror", lambda sock: argv, ready=False)
+    try:
+        _wait_socket(control, server)
+        with QMPClient(control, timeout=TIMEOUT) as qmp:
+            seconds = _until_ready(qmp, "blockdev-mirror", {"job-id": "bench", "device": "src",
+                                                           "target": "tgt", "sync": "full"})
+            _cancel(qmp, "bench")
+        return seconds
+    finally:
+        bench.servers.stop(server)
+        os.unlink(image)
+        _finish(bench, target, path)
+
+
+def _nbdcopy(bench, base):
+    path, target = _target(bench)
+    try:
+        return bench.timed(["nbdcopy", base, target.uri])
+    finally:
+        _finish(bench, target, path)
+
+
+def _write_latencies(uri, size, count, seed):
+    """Seconds each of `count` synchronous 4 KiB writes at random offsets took."""
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    rnd = random.Random(seed)
+    data = rnd.randbytes(4096)
+    times = []
+    for _ in range(count):
+        offset = rnd.randrange(0, size // 4096) * 4096
+        start = time.perf_counter()
+        h.pwrite(data, offset)
+        times.append(time.perf_counter() - start)
+    h.shutdown()
+    return times
+
+
+def latency_benchmark(bench, base):
+    count = 200 if bench.quick else LATENCY_WRITES
+    group = bench.group(SECTION, "latency", "client 4 KiB write latency (median of %d writes)"
+                        % count, "us")
+    group.row("idle", "overlay plugin, no job", anchor=True)
+    group.row("ready", "overlay plugin, background mirror in READY", goal=LATENCY_GOAL)
+    p99 = bench.group(SECTION, "latency-p99", "client 4 KiB write latency (99th percentile)",
+                      "us")
+    p99.row("idle", "overlay plugin, no job", anchor=True)
+    p99.row("ready", "overlay plugin, background mirror in READY")
+    for i in range(bench.runs):
+        bench.progress("mirror latency: run %d/%d" % (i + 1, bench.runs))
+        for key in rotated(["idle", "ready"], i):
+            server, state, control = _start_ours(bench, base, "overlay-latency")
+            path, target = _target(bench) if key == "ready" else (None, None)
+            try:
+                with QMPClient(control, timeout=TIMEOUT) as qmp:
+                    if key == "ready":
+                        _until_ready(qmp, "drive-mirror", {"device": "disk0",
+                                                           "target": target.uri, "sync": "full"})
+                    times = _write_latencies(server.uri, bench.size, count, seed=i)
+                    if key == "ready":
+                        _cancel(qmp, "disk0")
+                group.add(key, statistics.median(times) * 1e6)
+                p99.add(key, sorted(times)[int(len(times) * 0.99) - 1] * 1e6)
+            finally:
+                bench.servers.stop(server)
+                shutil.rmtree(state, ignore_errors=True)
+                if target is not None:
+                    _finish(bench, target, path)
