@@ -310,10 +310,16 @@ def test_pause_shows_paused_and_resume_goes_on(disk):
 
 @pytest.fixture
 def faulty_target_disk(servers, tmp_path, connect):
-    """A Disk whose target fails every request while the file `fault` exists."""
+    """A Disk whose target fails every write and zero while the file `fault` exists.
+
+    Only writes: a failed block-status query of the target at the mirror's
+    start fails the job whatever its policy, so it would hide the policies.
+    """
     fault = tmp_path / "fault"
-    d = Disk(servers, tmp_path, connect, target_filters=["error"],
-             target_args=["error=EIO", "error-rate=100%", "error-file=%s" % fault])
+    args = []
+    for op in ("pwrite", "zero"):
+        args += ["error-%s=EIO" % op, "error-%s-rate=100%%" % op, "error-%s-file=%s" % (op, fault)]
+    d = Disk(servers, tmp_path, connect, target_filters=["error"], target_args=args)
     d.fault = fault
     yield d
     d.close()
@@ -340,6 +346,33 @@ def test_set_policy_ignore_keeps_a_mirror_going_through_target_errors(
     disk.ok("wait", "disk0", "--until", "ready", "--timeout", "20")
     disk.ok("cancel", "disk0", "--wait", "--timeout", "20")
     assert disk.target_bytes() == disk.disk_bytes()
+
+
+def test_mirror_wait_exits_1_when_the_target_fails_with_policy_report(faulty_target_disk):
+    disk = faulty_target_disk
+    disk.fault.touch()
+    result = disk.run("mirror", "disk0", disk.target.uri, "--wait", "--timeout", "20")
+    assert (result.returncode, result.stderr) == (
+        1, "jobctl: error: job 'disk0' failed: Input/output error\n")
+    assert disk.qmp.execute("query-block-jobs") == []
+
+
+def test_mirror_stopped_by_its_policy_is_waited_on_and_resume_makes_it_ready(
+        faulty_target_disk, background):
+    disk = faulty_target_disk
+    disk.fault.touch()
+    disk.mirror("--on-target-error", "stop")
+    record = disk.wait_status("paused")
+    assert (record["io-status"], record["error"]) == ("failed", None)
+    row = disk.ok("status").splitlines()[1].split()
+    assert (row[3], row[-2]) == ("paused", "failed")
+    waiter = background(disk, "wait", "disk0", "--until", "ready", "--timeout", "20")
+    assert waiter.line().startswith("disk0: paused")  # not taken for a failure
+    disk.fault.unlink()
+    disk.ok("resume", "disk0")
+    code, out, err = waiter.finish()
+    assert (code, last_line(out)) == (0, "job 'disk0' is ready"), err
+    assert disk.record()["io-status"] == "ok"
 
 
 def test_set_policy_copy_mode_write_blocking_is_in_force(disk):
