@@ -1,0 +1,122 @@
+"""Unit tests of the cluster map, the bitmap and the store's range lock (pure Python)."""
+
+import threading
+
+from plugin.bitmap import DirtyBitmap
+from plugin.clustermap import ABSENT, DATA, ZERO, ClusterMap
+from plugin.store import RangeLock
+
+
+def reopen(path, n):
+    m = ClusterMap(str(path), n)
+    return m
+
+
+def test_commit_persists_states(tmp_path):
+    m = ClusterMap(str(tmp_path / "map"), 10000)
+    m.set(5, 9000, DATA)
+    m.set(9000, 9500, ZERO)
+    m.commit(lambda: None)
+    m.close()
+    m = reopen(tmp_path / "map", 10000)
+    assert m.states(0, 10000) == bytes(5) + b"\x01" * 8995 + b"\x02" * 500 + bytes(500)
+
+
+def test_uncommitted_changes_are_not_on_disk(tmp_path):
+    m = ClusterMap(str(tmp_path / "map"), 100)
+    m.set(0, 10, DATA)
+    m.close()
+    assert reopen(tmp_path / "map", 100).count(DATA) == 0
+
+
+def test_a_change_made_while_the_data_syncs_is_not_claimed_by_that_commit(tmp_path):
+    """The durability rule: the map written names only data written before the sync."""
+    m = ClusterMap(str(tmp_path / "map"), 100)
+    m.set(0, 1, DATA)
+
+    def sync_data():
+        m.set(50, 51, DATA)            # a write completing during the data sync
+
+    m.commit(sync_data)
+    on_disk = reopen(tmp_path / "map", 100)
+    assert on_disk.get(0) == DATA and on_disk.get(50) == ABSENT
+    m.commit(lambda: None)             # the next commit takes it
+    assert reopen(tmp_path / "map", 100).get(50) == DATA
+
+
+def test_a_failed_data_sync_keeps_the_pages_dirty(tmp_path):
+    m = ClusterMap(str(tmp_path / "map"), 100)
+    m.set(3, 4, DATA)
+
+    def failing():
+        raise OSError(5, "EIO")
+
+    try:
+        m.commit(failing)
+    except OSError:
+        pass
+    assert reopen(tmp_path / "map", 100).get(3) == ABSENT
+    m.commit(lambda: None)
+    assert reopen(tmp_path / "map", 100).get(3) == DATA
+
+
+def test_run_end_finds_the_end_of_equal_states(tmp_path):
+    m = ClusterMap(str(tmp_path / "map"), 100)
+    m.set(10, 20, DATA)
+    m.set(20, 25, ZERO)
+    assert m.run_end(0, 100) == 10
+    assert m.run_end(10, 100) == 20
+    assert m.run_end(20, 100) == 25
+    assert m.run_end(12, 15) == 15
+
+
+def test_short_map_file_means_absent_tail(tmp_path):
+    m = ClusterMap(str(tmp_path / "map"), 10)
+    m.set(0, 10, DATA)
+    m.commit(lambda: None)
+    m.close()
+    m = reopen(tmp_path / "map", 20)
+    assert m.states(0, 20) == b"\x01" * 10 + bytes(10)
+
+
+def test_bitmap_take_returns_aligned_runs_and_clears_them():
+    b = DirtyBitmap(1 << 20, 4096)
+    assert b.mark(5000, 10) is True             # was clean
+    assert b.mark(100000, 1) is False
+    assert b.dirty_bytes() == 8192
+    assert b.take(0, 1 << 20) == (4096, 4096)
+    assert b.take(0, 1 << 20) == (98304, 4096)
+    assert b.take(0, 1 << 20) is None and b.is_clean()
+
+
+def test_bitmap_take_wraps_and_respects_max_length():
+    b = DirtyBitmap(64 * 1024, 1024)
+    b.mark(0, 64 * 1024)
+    assert b.take(60 * 1024, 8192) == (60 * 1024, 4096)
+    assert b.take(64 * 1024, 8192) == (0, 8192)
+
+
+def test_bitmap_last_granule_is_cut_at_the_disk_size():
+    b = DirtyBitmap(10000, 4096)
+    b.mark(9999, 1)
+    assert b.take(0, 1 << 20) == (8192, 10000 - 8192)
+
+
+def test_range_lock_excludes_overlaps_only():
+    lock = RangeLock()
+    t = lock.acquire(0, 10)
+    other = lock.acquire(10, 20)                # no overlap: no wait
+    got = threading.Event()
+
+    def overlapping():
+        token = lock.acquire(5, 6)
+        got.set()
+        lock.release(token)
+
+    th = threading.Thread(target=overlapping)
+    th.start()
+    assert not got.wait(0.2)
+    lock.release(t)
+    assert got.wait(5)
+    th.join()
+    lock.release(other)
