@@ -7,14 +7,17 @@ poll() (no completion callbacks: nothing runs inside libnbd's locks).  A raw
 file target uses a small thread pool of pwrite()s (they release the GIL).
 
 A failed request comes back from wait() with its errno; the caller decides
-what it means (the job's error policy).  A target whose connection died is
-reopened by reconnect(), so a restarted target server lets the job go on.
+what it means (the job's error policy).  Nothing is ever dropped: a request
+that could not even be sent (the connection is dead or gone) comes back as a
+failed completion too, and so do requests still pending on a connection that
+reconnect() replaces.  A target whose connection died is reopened by
+reconnect(), so a restarted target server lets the job go on; errors seen on
+a dead connection are reported as ENOTCONN, whatever libnbd's own text says.
 """
 
 import concurrent.futures
 import errno
 import logging
-import os
 
 from plugin import backends
 
@@ -72,7 +75,8 @@ class FileTarget:
         self._backend.flush()
 
     def reconnect(self):
-        """Files do not disconnect."""
+        """Files do not disconnect: never a new connection (False)."""
+        return False
 
     def close(self):
         self._pool.shutdown(wait=True)
@@ -87,6 +91,7 @@ class NbdTarget:
         self._nbd = nbd
         self.address = uri
         self._pending = {}           # cookie -> (tag, buffer kept alive)
+        self._failed = []            # [(tag, errno)] that wait() returns next
         self._h = None
         self._connect()
 
@@ -118,38 +123,51 @@ class NbdTarget:
         b._call = lambda fn: self._guard(lambda: fn(self._h))
         return backends.NbdBackend.extents(b, offset, length)
 
+    def _connected(self):
+        return self._h is not None and not self._h.aio_is_dead() and not self._h.aio_is_closed()
+
+    def _errno(self, e):
+        # A dead connection refuses commands with EINVAL-like errors: say what happened.
+        if not self._connected():
+            return errno.ENOTCONN
+        return backends._nbd_errno(e)
+
     def _guard(self, fn):
+        if self._h is None:
+            raise OSError(errno.ENOTCONN, "not connected to %s" % self.address)
         try:
             return fn()
         except self._nbd.Error as e:
-            raise OSError(backends._nbd_errno(e), str(e)) from None
+            raise OSError(self._errno(e), str(e)) from None
 
     def in_flight(self):
-        return len(self._pending)
+        return len(self._pending) + len(self._failed)
 
     def submit_write(self, buf, offset, tag):
+        if self._h is None:
+            self._failed.append((tag, errno.ENOTCONN))
+            return
         abuf = self._nbd.Buffer.from_buffer(buf)
         try:
             cookie = self._h.aio_pwrite(abuf, offset)
         except self._nbd.Error as e:
-            self._failed_submit(tag, e)
+            self._failed.append((tag, self._errno(e)))
             return
         self._pending[cookie] = (tag, abuf)
 
     def submit_zero(self, offset, length, tag):
+        if self._h is None:
+            self._failed.append((tag, errno.ENOTCONN))
+            return
         if not self._can_zero:
             self.submit_write(bytearray(length), offset, tag)
             return
         try:
             cookie = self._h.aio_zero(length, offset)
         except self._nbd.Error as e:
-            self._failed_submit(tag, e)
+            self._failed.append((tag, self._errno(e)))
             return
         self._pending[cookie] = (tag, None)
-
-    def _failed_submit(self, tag, e):
-        # A dead connection refuses new commands: report it as a completion.
-        self._pending[("failed", id(tag), len(self._pending))] = (tag, backends._nbd_errno(e))
 
     def wait(self, timeout):
         """Completions so far (polling up to timeout for one): [(tag, errno or 0)]."""
@@ -157,26 +175,25 @@ class NbdTarget:
         if result or not self._pending:
             return result
         try:
-            if not self._h.aio_is_dead():
+            if self._connected():
                 self._h.poll(int(timeout * 1000))
         except self._nbd.Error as e:
             log.warning("Mirror target poll failed uri=%s error=%s", self.address, e)
         return self._collect()
 
     def _collect(self):
-        result = []
-        dead = self._h.aio_is_dead()
+        result, self._failed = self._failed, []
+        if not self._pending:
+            return result
+        dead = not self._connected()
         for cookie in list(self._pending):
-            tag, extra = self._pending[cookie]
-            if isinstance(cookie, tuple):
-                del self._pending[cookie]
-                result.append((tag, extra))
-                continue
+            tag, _ = self._pending[cookie]
             try:
                 done = self._h.aio_command_completed(cookie)
             except self._nbd.Error as e:
                 del self._pending[cookie]
-                result.append((tag, backends._nbd_errno(e) or errno.EIO))
+                result.append((tag, self._errno(e) if dead else
+                               backends._nbd_errno(e) or errno.EIO))
                 continue
             if done:
                 del self._pending[cookie]
@@ -190,13 +207,24 @@ class NbdTarget:
         self._guard(lambda: self._h.flush())
 
     def reconnect(self):
-        """Open a new connection if the old one died; raises OSError if it cannot."""
-        if self._h is not None and not self._h.aio_is_dead() and not self._h.aio_is_closed():
-            return
-        log.info("Mirror target reconnecting uri=%s", self.address)
-        self._pending.clear()
-        self._h = None
+        """Open a new connection if the old one died.
+
+        Returns True if a new connection was made (writes acknowledged on
+        the old one but not flushed may be lost: the caller copies them
+        again), False if the connection is fine.  Requests still pending on
+        a dead connection come back from wait() as ENOTCONN.  Raises OSError
+        if the server cannot be reached (call again later).
+        """
+        if self._connected():
+            return False
+        if self._h is not None:
+            log.info("Mirror target connection lost uri=%s pending=%d", self.address,
+                     len(self._pending))
+            self._failed += [(tag, errno.ENOTCONN) for tag, _ in self._pending.values()]
+            self._pending.clear()
+            self._h = None           # libnbd closes the handle when it is collected
         self._connect()
+        return True
 
     def close(self):
         """Drop the connection; requests still in flight are abandoned."""
@@ -208,6 +236,7 @@ class NbdTarget:
                 pass
             self._h = None          # libnbd closes the handle when it is collected
         self._pending.clear()
+        self._failed.clear()
 
 
 def _errno_of(exc):

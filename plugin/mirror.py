@@ -21,18 +21,29 @@ load.  Background copies and write-throughs of overlapping ranges exclude each
 other with a range lock, so an older background copy never lands after a newer
 write-through.
 
-Every I/O error goes through Job.report_io_error (the one decision point):
-report ends the job, ignore re-marks the range dirty and backs off, stop
-pauses the job; after resume the range is retried.
+Errors (see docs/errors.md): a failed read of the source or write, zero or
+flush of the target is recorded; the job then lets every request still in
+flight finish, and applies the policy once per operation through
+Job.report_io_error (the one decision point): report ends the job, ignore
+hands the failed ranges to a RetrySchedule (plugin/backoff.py: per-range and
+job-wide back-off), stop pauses the job (Job.report_io_error blocks until
+resume or cancel) and retries the ranges at once.  After a write error a
+dead target connection is reopened; copies acknowledged on it since the last
+flush are copied again, since a restarted server may have lost them.
+Errors in the final copy of prepare() end the job (the disk is quiesced
+then: pausing would hold every client).
 """
 
+import collections
 import errno
 import logging
 import os
+import threading
 import time
 
 from plugin import backends
 from plugin.aio_target import MAX_ZERO, open_target
+from plugin.backoff import RetrySchedule
 from plugin.bitmap import DirtyBitmap
 from plugin.clustermap import ABSENT
 from plugin.job import Job
@@ -44,9 +55,10 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 DEFAULT_BUF_SIZE = 16 * MiB
 MAX_CHUNK = 1 * MiB
-BACKOFF_FIRST = 0.05
-BACKOFF_MAX = 5.0
 IDLE_WAIT = 0.5
+# While ready, flush the target this often (if something was copied), so that
+# a lost target connection costs a re-copy of at most this much work.
+READY_FLUSH_INTERVAL = 1.0
 
 
 class _Op:
@@ -58,6 +70,11 @@ class _Op:
         self.offset, self.length, self.token = offset, length, token
         self.remaining = 0
         self.error = 0
+
+
+# One failed request: operation "read" (source) or "write" (target); a flush
+# has length 0 (no range to copy again).
+_Failure = collections.namedtuple("_Failure", "operation errno offset length")
 
 
 class MirrorJob(Job):
@@ -84,14 +101,21 @@ class MirrorJob(Job):
             self.target.close()
             raise QMPError("Source and target image have different sizes")
         self.bitmap = DirtyBitmap(disk.size, self.granularity)
+        # Copied but not yet flushed on the target: copied again if the
+        # target connection is lost or a flush fails.
+        self._unflushed = DirtyBitmap(disk.size, self.granularity)
+        self._unflushed_lock = threading.Lock()
+        self._last_flush = 0.0
+        self._retries = RetrySchedule(self.chunk)
+        self._failures = []           # _Failure records not yet handled
         self._ranges = RangeLock()
         self._through = None          # synchronous target connection for write-blocking
+        self._through_lock = threading.Lock()
         self._zero_queue = []         # (offset, length) to zero on the target first
         self._ops = set()             # copies in flight
         self._copied = 0
+        self._unpaid = 0              # bytes copied but not yet paid to the rate limiter
         self._in_flight_bytes = 0
-        self._retry_at = 0.0
-        self._backoff = 0.0
         self._fatal = None
         self._listening = False
         self.set_progress(0, 0)
@@ -122,6 +146,7 @@ class MirrorJob(Job):
                 log.warning("Mirror write-through failed id=%s offset=%d length=%d error=%s",
                             self.id, offset, length, e)
                 self.bitmap.mark(offset, length)
+                self._drop_through()
                 self._client_side_error(e.errno or errno.EIO)
                 self.kick()
                 return
@@ -132,14 +157,29 @@ class MirrorJob(Job):
         g = self.granularity
         token = self._ranges.acquire(offset // g, (offset + length + g - 1) // g)
         try:
-            if self._through is None:
-                self._through = backends.open_backend(self.target_address, readonly=False)
+            through = self._through_backend()
             if kind == "write":
-                self._through.write(buf, offset)
+                through.write(buf, offset)
             else:
-                self._through.zero(offset, length, may_trim=(kind == "trim"))
+                through.zero(offset, length, may_trim=(kind == "trim"))
         finally:
             self._ranges.release(token)
+        # Marked after the write completed: a flush that starts later covers it.
+        with self._unflushed_lock:
+            self._unflushed.mark(offset, length)
+
+    def _through_backend(self):
+        with self._through_lock:
+            if self._through is None:
+                self._through = backends.open_backend(self.target_address, readonly=False)
+            return self._through
+
+    def _drop_through(self):
+        """Forget the write-through connection (it failed); the next write reopens it."""
+        with self._through_lock:
+            through, self._through = self._through, None
+        if through is not None:
+            through.close()
 
     def _client_side_error(self, err):
         action = self.report_io_error("write", err, self.on_target_error)
@@ -158,18 +198,31 @@ class MirrorJob(Job):
                 raise self._fatal
             if self.pause_point():
                 return
+            for off, n in self._retries.due():
+                self.bitmap.mark(off, n)
             self._update_progress()
             pos = self._issue_some(pos)
             if self.cancelled:
                 return
-            if self.target.in_flight():
+            if self.target.in_flight() and not self._failures:
                 self._reap(self.target.wait(0.1))
+            if self._failures:
+                if self._handle_failures():
+                    return
                 continue
-            delay = self._retry_at - time.monotonic()
-            if delay > 0:
-                self.sleep(delay)
+            if self.target.in_flight():
                 continue
+            now = time.monotonic()
             if self._zero_queue or not self.bitmap.is_clean():
+                # Nothing could start: the retry gate is closed.
+                self.sleep(max(0.01, self._retries.gate - now))
+                continue
+            if self._retries:
+                self.sleep(max(0.01, self._retries.next_due() - now))
+                continue
+            if not self._retries.gate_open():
+                # A flush failed a moment ago: do not retry it at once.
+                self.sleep(max(0.01, self._retries.gate - now))
                 continue
             if not self.is_ready:
                 if not self._flush_target():
@@ -177,7 +230,14 @@ class MirrorJob(Job):
                 self._update_progress()
                 self.transition_to_ready()
             if self.should_complete or self.cancel_requested:
-                return
+                # A last flush finds a target lost while idle before prepare() does.
+                if self._flush_target():
+                    return
+                continue
+            if (not self._unflushed.is_clean()
+                    and now - self._last_flush >= READY_FLUSH_INTERVAL):
+                self._flush_target()
+                continue
             self.sleep(IDLE_WAIT)
 
     def _initial_dirty(self):
@@ -203,15 +263,20 @@ class MirrorJob(Job):
                     self._zero_queue.append((off, length))
                 pos = off + length
 
-    def _update_progress(self):
-        remaining = self.bitmap.dirty_bytes() + self._in_flight_bytes
-        remaining += sum(n for _, n in self._zero_queue)
+    def _update_progress(self, pending=0):
+        remaining = self.bitmap.dirty_bytes() + self._in_flight_bytes + pending
+        remaining += sum(n for _, n in self._zero_queue) + self._retries.waiting_bytes
         self.set_progress(self._copied, self._copied + remaining)
 
     def _issue_some(self, pos):
-        """Start copies until buf-size is in flight or nothing is dirty; returns the cursor."""
-        while self.target.in_flight() < self.max_in_flight:
-            if self._retry_at > time.monotonic():
+        """Start copies until buf-size is in flight or nothing is dirty; returns the cursor.
+
+        With a speed limit, one copy at a time: the target is only driven
+        while the job thread polls it, so a copy must not sit unsent while
+        the rate limiter sleeps.  The copy is paid for before the next one.
+        """
+        while self.target.in_flight() < self.max_in_flight and not self._failures:
+            if not self._retries.gate_open():
                 break
             if self._zero_queue:
                 off, length = self._zero_queue.pop()
@@ -221,6 +286,12 @@ class MirrorJob(Job):
                 if not self._start_op(off, n, zero=True):
                     break
                 continue
+            if self.speed or self._unpaid:
+                if self.target.in_flight():
+                    break
+                unpaid, self._unpaid = self._unpaid, 0
+                if unpaid and self.throttle(unpaid):
+                    break
             run = self.bitmap.take(pos, self.chunk)
             if run is None:
                 break
@@ -228,12 +299,17 @@ class MirrorJob(Job):
             pos = off + n
             if not self._start_op(off, n):
                 break
-            if self.throttle(n):
+            if self.speed:
+                self._unpaid = n
                 break
         return pos
 
-    def _start_op(self, offset, length, zero=False, on_error=None):
-        """Read the source and submit target requests for one range; False on a read error."""
+    def _start_op(self, offset, length, zero=False):
+        """Read the source and submit target requests for one range.
+
+        False if nothing was started: a copy of the same granules is in
+        flight, or the read failed (recorded in _failures).
+        """
         g = self.granularity
         first, end = offset // g, (offset + length + g - 1) // g
         if any(o.first < end and first < o.end for o in self._ops):
@@ -264,8 +340,9 @@ class MirrorJob(Job):
                         pos = o + n
         except OSError as e:
             self._ranges.release(op.token)
-            self.bitmap.mark(offset, length)
-            (on_error or self._handle_error)("read", e.errno or errno.EIO)
+            log.warning("Mirror read failed id=%s offset=%d length=%d error=%s",
+                        self.id, offset, length, e)
+            self._failures.append(_Failure("read", e.errno or errno.EIO, offset, length))
             return False
         op.remaining = len(requests)
         if not requests:
@@ -280,7 +357,7 @@ class MirrorJob(Job):
                 self.target.submit_write(buf, o, op)
         return True
 
-    def _reap(self, completions, on_error=None):
+    def _reap(self, completions):
         for op, err in completions:
             if err and not op.error:
                 op.error = err
@@ -291,72 +368,165 @@ class MirrorJob(Job):
             self._ops.discard(op)
             self._in_flight_bytes -= op.length
             if op.error:
-                self.bitmap.mark(op.offset, op.length)
-                (on_error or self._handle_error)("write", op.error)
+                log.warning("Mirror write failed id=%s offset=%d length=%d errno=%s",
+                            self.id, op.offset, op.length,
+                            errno.errorcode.get(op.error, op.error))
+                self._failures.append(_Failure("write", op.error, op.offset, op.length))
             else:
                 self._copied += op.length
-                self._backoff = 0.0
+                self._retries.succeeded(op.offset, op.length)
+                with self._unflushed_lock:
+                    self._unflushed.mark(op.offset, op.length)
+        if completions:
+            self._update_progress()
 
-    def _flush_target(self):
-        try:
-            self.target.flush()
+    def _drain(self):
+        """Wait for every request in flight; False if cancelled first."""
+        while self.target.in_flight():
+            if self.cancelled:
+                return False
+            self._reap(self.target.wait(0.1))
+        return True
+
+    def _handle_failures(self):
+        """Apply the policies to the recorded failures; True if the job was cancelled.
+
+        Requests in flight finish first, so that one incident (a target
+        going away fails every request at once) is decided once per
+        operation, and a stop pauses a job with nothing in flight.
+        """
+        if not self._drain():
             return True
-        except OSError as e:
-            self._handle_error("write", e.errno or errno.EIO)
-            return False
+        failures, self._failures = self._failures, []
+        for operation in ("read", "write"):
+            group = [f for f in failures if f.operation == operation]
+            if not group:
+                continue
+            err = group[0].errno
+            policy = self.on_source_error if operation == "read" else self.on_target_error
+            ranges = [(f.offset, f.length) for f in group if f.length]
+            self._update_progress(pending=sum(n for _, n in ranges))
+            action = self.report_io_error(operation, err, policy)
+            if self.cancelled:
+                return True
+            if action == "report":
+                raise OSError(err, os.strerror(err))
+            if operation == "write":
+                self._recover_target()
+            if action == "ignore":
+                for off, n in ranges:
+                    self._retries.defer(off, n)
+                self._retries.failed_batch()
+            else:
+                # stop: report_io_error returned on resume; retry at once.
+                for off, n in ranges:
+                    self.bitmap.mark(off, n)
+        return False
 
-    def _handle_error(self, operation, err):
-        """Apply the policy for a failed read (source) or write (target)."""
-        policy = self.on_source_error if operation == "read" else self.on_target_error
-        action = self.report_io_error(operation, err, policy)
-        if action == "report":
-            raise OSError(err, os.strerror(err))
-        if action == "ignore":
-            # Persistent faults must not spin: back off, up to BACKOFF_MAX.
-            self._backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, self._backoff * 2))
-            self._retry_at = time.monotonic() + self._backoff
-        if operation == "write":
-            self._reconnect_target()
-
-    def _reconnect_target(self):
+    def _recover_target(self):
+        """After a write error: reopen a dead target connection."""
         try:
-            self.target.reconnect()
+            if self.target.reconnect():
+                self._drop_through()
+                self._copy_unflushed_again()
         except OSError as e:
             log.warning("Mirror target reconnect failed id=%s error=%s", self.id, e)
+
+    def _copy_unflushed_again(self):
+        with self._unflushed_lock:
+            lost, self._unflushed = self._unflushed, DirtyBitmap(self.disk.size,
+                                                                 self.granularity)
+        self._copy_again(lost)
+
+    def _copy_again(self, lost):
+        """Mark every range of the bitmap `lost` dirty again (its copies may be lost)."""
+        count = 0
+        run = lost.take(0, self.disk.size)
+        while run is not None:
+            self.bitmap.mark(*run)
+            count += run[1]
+            run = lost.take(0, self.disk.size)
+        if count:
+            self._copied -= min(self._copied, count)
+            log.info("Mirror copies again what the target may have lost id=%s bytes=%d",
+                     self.id, count)
+
+    def _flush_target(self):
+        """Flush the target (nothing in flight); False if it failed (recorded in _failures).
+
+        On success every copy made so far is durable on the target.  After a
+        failed flush nothing written since the last good one can be trusted
+        (the target may have dropped it), so it is all copied again.
+        """
+        with self._unflushed_lock:
+            covered, self._unflushed = self._unflushed, DirtyBitmap(self.disk.size,
+                                                                    self.granularity)
+        try:
+            self.target.flush()
+            with self._through_lock:
+                through = self._through
+            if through is not None:
+                through.flush()
+        except OSError as e:
+            log.warning("Mirror target flush failed id=%s error=%s", self.id, e)
+            self._copy_again(covered)
+            self._failures.append(_Failure("write", e.errno or errno.EIO, 0, 0))
+            return False
+        self._last_flush = time.monotonic()
+        return True
 
     # -- completion --------------------------------------------------------
 
     def prepare(self):
         """Final sync with no client request running; pivot on complete.
 
-        Any error here fails the job (no pivot): the disk is quiesced, so
-        pausing or retrying would hold the clients' I/O.
+        Any error here fails the job (no pivot), with BLOCK_JOB_ERROR action
+        report whatever the policy: the disk is quiesced, so pausing or
+        retrying would hold the clients' I/O.
         """
-        while self.target.in_flight():
-            self._reap(self.target.wait(1.0), on_error=_fail)
+        self._drain_or_fail()
         with self.disk.quiesce():
             self._stop_listening()
+            for off, n in self._retries.drain():
+                self.bitmap.mark(off, n)
             pos = 0
             while self._zero_queue or not self.bitmap.is_clean() or self.target.in_flight():
                 while self.target.in_flight() < self.max_in_flight:
                     if self._zero_queue:
                         off, n = self._zero_queue.pop()
-                        if not self._start_op(off, n, zero=True, on_error=_fail):
+                        if not self._start_op(off, n, zero=True):
                             break
                         continue
                     run = self.bitmap.take(pos, self.chunk)
                     if run is None:
                         break
                     pos = run[0] + run[1]
-                    if not self._start_op(*run, on_error=_fail):
+                    if not self._start_op(*run):
                         break
-                self._reap(self.target.wait(1.0), on_error=_fail)
+                self._raise_failures()
+                self._reap(self.target.wait(1.0))
+                self._raise_failures()
             self._update_progress()
-            self.target.flush()
+            if not self._flush_target():
+                self._raise_failures()
             if self.should_complete and self._pivot is not None:
                 self._pivot(self.target_address)
         log.info("Mirror finished id=%s pivot=%s copied=%d", self.id, self.should_complete,
                  self._copied)
+
+    def _drain_or_fail(self):
+        while self.target.in_flight():
+            self._reap(self.target.wait(1.0))
+        self._raise_failures()
+
+    def _raise_failures(self):
+        """In prepare(): any failure ends the job, whatever the policy says."""
+        if self._failures:
+            failure = self._failures[0]
+            self._failures = []
+            # Still one BLOCK_JOB_ERROR per error: its action is what happens.
+            self.report_io_error(failure.operation, failure.errno, "report")
+            raise OSError(failure.errno, os.strerror(failure.errno))
 
     def _stop_listening(self):
         if self._listening:
@@ -369,10 +539,4 @@ class MirrorJob(Job):
     def clean(self):
         self._stop_listening()
         self.target.close()
-        if self._through is not None:
-            self._through.close()
-            self._through = None
-
-
-def _fail(operation, err):
-    raise OSError(err, os.strerror(err))
+        self._drop_through()

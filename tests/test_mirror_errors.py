@@ -1,0 +1,633 @@
+"""The mirror's error policies (SPEC 4) against failing, restarting and stalled targets.
+
+Ports the intent of QEMU's iotests 041 (TestReadErrors, TestWriteErrors: report, ignore
+and stop for reads of the source and writes to the target), 248 (ENOSPC on the target,
+the enospc policy, resume once space appears) and 229 (force cancel of a job paused on an
+error).  Faults come from real tools: nbdkit's error filter (switched on and off at run
+time through its error-file), its delay and pause filters, and qemu-nbd over QEMU's
+blkdebug driver for one error at one exact offset.  Each test asserts the events, the
+job's status and io-status, and that the target ends equal to the source.
+"""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from faults import (MiB, FaultSwitch, MirrorRig, PauseControl, bad_sector_server,
+                    blkdebug_server, error_args, flaky_flush_server, injected, restart,
+                    wait_until)
+
+IO_ERROR = "Input/output error"
+
+FAILED_ORDER = ["JOB_STATUS_CHANGE:created", "JOB_STATUS_CHANGE:running", "BLOCK_JOB_ERROR",
+                "JOB_STATUS_CHANGE:aborting", "BLOCK_JOB_COMPLETED",
+                "JOB_STATUS_CHANGE:concluded", "JOB_STATUS_CHANGE:null"]
+COMPLETION = ["JOB_STATUS_CHANGE:waiting", "JOB_STATUS_CHANGE:pending", "BLOCK_JOB_COMPLETED",
+              "JOB_STATUS_CHANGE:concluded", "JOB_STATUS_CHANGE:null"]
+
+
+def error_event(operation, action):
+    return {"device": "disk0", "operation": operation, "action": action}
+
+
+@pytest.fixture
+def rigs(servers, tmp_path, connect):
+    made = []
+
+    def make(**kwargs):
+        rig = MirrorRig(servers, tmp_path, connect, **kwargs)
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        rig.close()
+
+
+@pytest.fixture
+def fault(tmp_path):
+    return FaultSwitch(tmp_path / "fault")
+
+
+def target_fault_rig(rigs, fault, error="EIO", **kwargs):
+    """A rig whose target fails writes and zeroes with `error` while `fault` is on."""
+    return rigs(target_filters=["error"], target_args=error_args(fault, error), **kwargs)
+
+
+def source_fault_rig(rigs, fault, **kwargs):
+    """A rig whose base (served over NBD) fails reads while `fault` is on."""
+    return rigs(base_filters=["error"], base_args=error_args(fault, ops=("pread",)), **kwargs)
+
+
+def complete_and_check(rig, expected=None):
+    """Complete a ready job, wait for it to end, and check the target is the source."""
+    if expected is None:
+        expected = rig.disk_bytes()
+    rig.qmp("block-job-complete", device="disk0")
+    done = rig.qmp.wait_event("BLOCK_JOB_COMPLETED")
+    assert "error" not in done["data"]
+    rig.qmp.wait_status("disk0", "null")
+    assert rig.qmp.execute("query-block")[0]["active"] == rig.target.uri
+    assert rig.target_bytes() == expected
+
+
+def assert_failed_without_pivot(rig, operation, before):
+    done = rig.qmp.wait_event("BLOCK_JOB_COMPLETED")
+    assert done["data"]["error"] == IO_ERROR
+    assert done["data"]["type"] == "mirror" and done["data"]["device"] == "disk0"
+    rig.qmp.wait_status("disk0", "null")
+    assert rig.qmp.names() == FAILED_ORDER
+    assert rig.errors() == [error_event(operation, "report")]
+    assert rig.qmp.execute("query-block")[0]["active"] is None
+    # (the null event goes out just before the job leaves the registry)
+    wait_until(lambda: rig.qmp.execute("query-block-jobs") == [], timeout=5)
+    assert rig.disk_bytes() == before                      # the served disk is untouched
+    rig.h.pwrite(b"still served", MiB)
+    assert rig.h.pread(12, MiB) == b"still served"
+
+
+# --- writes to the target (041 TestWriteErrors) -------------------------------------------
+
+def test_report_on_target_error_ends_the_job_with_the_error_and_no_pivot(rigs, fault):
+    rig = target_fault_rig(rigs, fault)
+    before = rig.disk_bytes()
+    fault.on()
+    rig.mirror()
+    assert_failed_without_pivot(rig, "write", before)
+
+
+def test_ignore_on_target_error_retries_until_the_fault_clears_then_completes(rigs, fault):
+    rig = target_fault_rig(rigs, fault)
+    fault.on()
+    rig.mirror(on_target_error="ignore")
+    first = rig.qmp.wait_event("BLOCK_JOB_ERROR")
+    assert first["data"] == error_event("write", "ignore")
+    info = rig.qmp.job("disk0")
+    assert (info["status"], info["paused"], info["io-status"]) == ("running", False, "ok")
+    time.sleep(0.5)
+    assert not rig.qmp.job("disk0")["ready"]
+    fault.off()
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=10)
+    complete_and_check(rig)
+    assert set(map(str, rig.errors())) == {str(error_event("write", "ignore"))}
+    assert "JOB_STATUS_CHANGE:paused" not in rig.qmp.names()
+
+
+def test_stop_on_target_error_pauses_with_io_status_failed_and_resume_retries(rigs, fault):
+    rig = target_fault_rig(rigs, fault)
+    fault.on()
+    rig.mirror(on_target_error="stop")
+    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "stop")
+    rig.qmp.wait_status("disk0", "paused")
+    info = rig.qmp.job("disk0")
+    assert (info["status"], info["paused"], info["io-status"]) == ("paused", True, "failed")
+    # The disk keeps serving clients while the job is stopped.
+    rig.h.pwrite(b"written while stopped", 3 * MiB + 100)
+    assert rig.h.pread(21, 3 * MiB + 100) == b"written while stopped"
+    rig.qmp.drain()
+    assert len(rig.errors()) == 1                          # stopped: nothing retried
+    fault.off()
+    rig.qmp("block-job-resume", device="disk0")
+    info = rig.qmp.job("disk0")
+    assert (info["paused"], info["io-status"]) == (False, "ok")
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=10)
+    complete_and_check(rig)
+    assert rig.target_bytes()[3 * MiB + 100:3 * MiB + 121] == b"written while stopped"
+    assert rig.qmp.names() == [
+        "JOB_STATUS_CHANGE:created", "JOB_STATUS_CHANGE:running", "BLOCK_JOB_ERROR",
+        "JOB_STATUS_CHANGE:paused", "JOB_STATUS_CHANGE:running", "JOB_STATUS_CHANGE:ready",
+        "BLOCK_JOB_READY"] + COMPLETION
+
+
+def test_stop_on_target_error_after_ready_moves_to_standby(rigs, fault):
+    rig = target_fault_rig(rigs, fault)
+    rig.mirror(on_target_error="stop")
+    rig.qmp.wait_event("BLOCK_JOB_READY")
+    fault.on()
+    rig.h.pwrite(b"new data" * 512, 2 * MiB)              # its copy fails
+    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "stop")
+    rig.qmp.wait_status("disk0", "standby")
+    info = rig.qmp.job("disk0")
+    assert (info["status"], info["paused"], info["io-status"], info["ready"]) == (
+        "standby", True, "failed", True)
+    fault.off()
+    rig.qmp("block-job-resume", device="disk0")
+    rig.qmp.wait_status("disk0", "ready")
+    complete_and_check(rig)
+
+
+def test_ignore_keeps_a_ready_job_ready_and_copies_once_the_fault_clears(rigs, fault):
+    rig = target_fault_rig(rigs, fault)
+    rig.mirror(on_target_error="ignore")
+    rig.qmp.wait_event("BLOCK_JOB_READY")
+    fault.on()
+    rig.h.pwrite(b"late" * 1024, MiB + 512)
+    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "ignore")
+    info = rig.qmp.job("disk0")
+    assert (info["status"], info["io-status"]) == ("ready", "ok")
+    assert info["offset"] < info["len"]                    # the failed copy is still to do
+    fault.off()
+    wait_until(lambda: (lambda i: i["offset"] == i["len"])(rig.qmp.job("disk0")), timeout=10)
+    complete_and_check(rig)
+
+
+@pytest.fixture
+def flush_fault_rig(rigs, servers, tmp_path, fault):
+    """The target's flushes fail while `fault` is on (writes succeed)."""
+    target = tmp_path / "target.img"
+    with open(target, "wb") as f:
+        f.truncate(4 * MiB)
+    return rigs(target_server=flaky_flush_server(servers, target, fault))
+
+
+def test_failed_target_flush_under_report_fails_the_job(flush_fault_rig, fault):
+    rig = flush_fault_rig
+    before = rig.disk_bytes()
+    fault.on()
+    rig.mirror()
+    assert_failed_without_pivot(rig, "write", before)
+
+
+def test_failed_target_flush_under_stop_pauses_and_resume_copies_again(flush_fault_rig, fault):
+    rig = flush_fault_rig
+    fault.on()
+    rig.mirror(on_target_error="stop")
+    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "stop")
+    rig.qmp.wait_status("disk0", "paused")
+    info = rig.qmp.job("disk0")
+    # Nothing written since the last good flush is trusted: all of it is to do again.
+    assert (info["io-status"], info["offset"]) == ("failed", 0)
+    fault.off()
+    rig.qmp("block-job-resume", device="disk0")
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=10)
+    complete_and_check(rig)
+    assert rig.errors() == [error_event("write", "stop")]
+
+
+# --- reads of the source (041 TestReadErrors) ---------------------------------------------
+
+def test_report_on_source_error_ends_the_job_with_the_error(rigs, fault):
+    rig = source_fault_rig(rigs, fault)
+    before = rig.disk_bytes()
+    fault.on()
+    rig.mirror()
+    done = rig.qmp.wait_event("BLOCK_JOB_COMPLETED")
+    assert done["data"]["error"] == IO_ERROR
+    rig.qmp.wait_status("disk0", "null")
+    assert rig.qmp.names() == FAILED_ORDER
+    assert rig.errors() == [error_event("read", "report")]
+    fault.off()
+    assert rig.qmp.execute("query-block")[0]["active"] is None
+    assert rig.disk_bytes() == before
+
+
+def test_ignore_on_source_error_retries_until_the_fault_clears(rigs, fault):
+    rig = source_fault_rig(rigs, fault)
+    expected = rig.disk_bytes()
+    fault.on()
+    rig.mirror(on_source_error="ignore")
+    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("read", "ignore")
+    assert rig.qmp.job("disk0")["paused"] is False
+    time.sleep(0.3)
+    fault.off()
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=10)
+    complete_and_check(rig, expected)
+
+
+def test_stop_on_source_error_pauses_and_resume_retries(rigs, fault):
+    rig = source_fault_rig(rigs, fault)
+    expected = rig.disk_bytes()
+    fault.on()
+    rig.mirror(on_source_error="stop")
+    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("read", "stop")
+    rig.qmp.wait_status("disk0", "paused")
+    info = rig.qmp.job("disk0")
+    assert (info["paused"], info["io-status"]) == (True, "failed")
+    fault.off()
+    rig.qmp("block-job-resume", device="disk0")
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=10)
+    info = rig.qmp.job("disk0")
+    assert (info["paused"], info["io-status"]) == (False, "ok")
+    complete_and_check(rig, expected)
+
+
+# --- one error at one exact offset (blkdebug) ----------------------------------------------
+
+@pytest.fixture
+def blkdebug_target_rig(rigs, servers, tmp_path):
+    def make(offset=MiB + 65536):
+        target = tmp_path / "target.img"
+        with open(target, "wb") as f:
+            f.truncate(4 * MiB)
+        server = blkdebug_server(servers, target, tmp_path, "write_aio", offset)
+        return rigs(target_server=server)
+    return make
+
+
+def test_one_write_error_under_ignore_is_one_event_and_the_copy_completes(blkdebug_target_rig):
+    rig = blkdebug_target_rig()
+    rig.mirror(on_target_error="ignore")
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=10)
+    complete_and_check(rig)
+    assert rig.errors() == [error_event("write", "ignore")]
+
+
+def test_one_write_error_under_stop_pauses_once_and_resume_completes(blkdebug_target_rig):
+    rig = blkdebug_target_rig()
+    rig.mirror(on_target_error="stop")
+    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "stop")
+    rig.qmp.wait_status("disk0", "paused")
+    assert rig.qmp.job("disk0")["io-status"] == "failed"
+    rig.qmp("block-job-resume", device="disk0")
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=10)
+    complete_and_check(rig)
+    assert rig.errors() == [error_event("write", "stop")]
+
+
+def test_one_write_error_under_report_fails_the_job(blkdebug_target_rig):
+    rig = blkdebug_target_rig()
+    before = rig.disk_bytes()
+    rig.mirror()
+    assert_failed_without_pivot(rig, "write", before)
+
+
+@pytest.fixture
+def bad_sector_rig(rigs, servers, tmp_path):
+    """The base is served by nbdkit eval; its first read of one exact offset fails (EIO)."""
+    from conftest import make_image
+    base = make_image(tmp_path / "nbd-base.img", 4 * MiB, [(0, 4 * MiB)], seed=3)
+    rig = rigs(base_server=bad_sector_server(servers, base, tmp_path, 2 * MiB + 4096))
+    rig.expected = Path(base).read_bytes()
+    return rig
+
+
+def test_one_read_error_under_report_fails_the_job(bad_sector_rig):
+    rig = bad_sector_rig
+    rig.mirror()
+    assert rig.qmp.wait_event("BLOCK_JOB_COMPLETED")["data"]["error"] == IO_ERROR
+    rig.qmp.wait_status("disk0", "null")
+    assert rig.qmp.names() == FAILED_ORDER
+    assert rig.errors() == [error_event("read", "report")]
+    assert rig.qmp.execute("query-block")[0]["active"] is None
+    assert rig.disk_bytes() == rig.expected
+
+
+def test_one_read_error_under_ignore_is_one_event_and_the_copy_completes(bad_sector_rig):
+    rig = bad_sector_rig
+    rig.mirror(on_source_error="ignore")
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=10)
+    complete_and_check(rig, rig.expected)
+    assert rig.errors() == [error_event("read", "ignore")]
+    assert "JOB_STATUS_CHANGE:paused" not in rig.qmp.names()
+
+
+def test_one_read_error_under_stop_pauses_once_and_resume_completes(bad_sector_rig):
+    rig = bad_sector_rig
+    rig.mirror(on_source_error="stop")
+    rig.qmp.wait_status("disk0", "paused")
+    assert rig.qmp.job("disk0")["io-status"] == "failed"
+    rig.qmp("block-job-resume", device="disk0")
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=10)
+    complete_and_check(rig, rig.expected)
+    assert rig.errors() == [error_event("read", "stop")]
+
+
+def test_base_server_that_drops_the_connection_on_a_read_error_fails_a_report_job(
+        rigs, servers, tmp_path):
+    # qemu-nbd 7.2 over blkdebug answers a failed structured read by disconnecting.
+    from conftest import make_image
+    base = make_image(tmp_path / "nbd-base.img", 4 * MiB, [(0, 4 * MiB)], seed=3)
+    server = blkdebug_server(servers, base, tmp_path, "read_aio", 2 * MiB + 4096, name="base")
+    rig = rigs(base_server=server)
+    rig.mirror()
+    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("read", "report")
+    done = rig.qmp.wait_event("BLOCK_JOB_COMPLETED")
+    assert done["data"]["error"] == "Transport endpoint is not connected"
+    assert rig.qmp.execute("query-block")[0]["active"] is None
+
+
+# --- ENOSPC (248) and the enospc/auto policies -----------------------------------------------
+
+@pytest.mark.parametrize("policy", ["enospc", "auto"])
+def test_enospc_stops_with_io_status_nospace_and_resume_after_space_appears(rigs, fault,
+                                                                           policy):
+    rig = target_fault_rig(rigs, fault, error="ENOSPC")
+    fault.on()
+    rig.mirror(on_target_error=policy)
+    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "stop")
+    rig.qmp.wait_status("disk0", "paused")
+    info = rig.qmp.job("disk0")
+    assert (info["status"], info["paused"], info["io-status"]) == ("paused", True, "nospace")
+    fault.off()                                            # space appears
+    rig.qmp("block-job-resume", device="disk0")
+    rig.qmp.wait_status("disk0", "running")
+    assert rig.qmp.job("disk0")["io-status"] == "ok"
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=10)
+    complete_and_check(rig)
+
+
+@pytest.mark.parametrize("policy", ["enospc", "auto"])
+def test_enospc_policy_reports_other_errors(rigs, fault, policy):
+    rig = target_fault_rig(rigs, fault, error="EIO")
+    before = rig.disk_bytes()
+    fault.on()
+    rig.mirror(on_target_error=policy)
+    assert_failed_without_pivot(rig, "write", before)
+
+
+def test_stop_policy_on_enospc_shows_nospace(rigs, fault):
+    rig = target_fault_rig(rigs, fault, error="ENOSPC")
+    fault.on()
+    rig.mirror(on_target_error="stop")
+    rig.qmp.wait_status("disk0", "paused")
+    assert rig.qmp.job("disk0")["io-status"] == "nospace"
+
+
+def test_report_on_enospc_carries_the_enospc_text(rigs, fault):
+    rig = target_fault_rig(rigs, fault, error="ENOSPC")
+    fault.on()
+    rig.mirror()
+    done = rig.qmp.wait_event("BLOCK_JOB_COMPLETED")
+    assert done["data"]["error"] == "No space left on device"
+
+
+# --- changing policies (block-job-change, jobctl set-policy) --------------------------------
+
+def test_policy_change_on_a_stopped_job_governs_the_next_error(rigs, fault):
+    rig = target_fault_rig(rigs, fault)
+    fault.on()
+    rig.mirror(on_target_error="stop")
+    rig.qmp.wait_status("disk0", "paused")
+    rig.qmp("block-job-change", id="disk0", on_target_error="ignore")
+    rig.qmp("block-job-resume", device="disk0")
+    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "ignore")
+    time.sleep(0.3)
+    assert rig.qmp.job("disk0")["status"] == "running"
+    rig.qmp("block-job-change", id="disk0", on_target_error="report")
+    assert rig.qmp.wait_event("BLOCK_JOB_ERROR", timeout=10)["data"] == error_event(
+        "write", "report")
+    assert rig.qmp.wait_event("BLOCK_JOB_COMPLETED")["data"]["error"] == IO_ERROR
+    assert rig.qmp.execute("query-block")[0]["active"] is None
+
+
+def test_jobctl_set_policy_changes_a_running_job(rigs, fault):
+    rig = target_fault_rig(rigs, fault)
+    fault.on()
+    rig.mirror(on_target_error="ignore")
+    rig.qmp.wait_event("BLOCK_JOB_ERROR")
+    jobctl = Path(sys.executable).parent / "jobctl"
+    out = subprocess.run([str(jobctl), "--socket", str(rig.ctl_path), "set-policy", "disk0",
+                          "--on-target-error", "stop"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert rig.qmp.wait_event("BLOCK_JOB_ERROR", timeout=10, action="stop")
+    rig.qmp.wait_status("disk0", "paused")
+    fault.off()
+    rig.qmp("block-job-resume", device="disk0")
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=10)
+    complete_and_check(rig)
+
+
+# --- a target that goes away and comes back ---------------------------------------------------
+
+def kill_target_mid_copy(rig):
+    wait_until(lambda: 0 < rig.qmp.job("disk0")["offset"])
+    rig.target.kill9()
+
+
+@pytest.mark.slow
+def test_target_restart_under_ignore_reconnects_and_loses_nothing(rigs, servers, tmp_path):
+    rig = rigs(size=8 * MiB)
+    expected = rig.disk_bytes()
+    rig.mirror(on_target_error="ignore", speed=4 * MiB)
+    kill_target_mid_copy(rig)
+    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "ignore")
+    time.sleep(0.5)                                        # a few failed reconnects
+    rig.target = restart(servers, rig.target, tmp_path)
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=20)
+    complete_and_check(rig, expected)
+    assert "JOB_STATUS_CHANGE:paused" not in rig.qmp.names()
+
+
+@pytest.mark.slow
+def test_target_restart_under_stop_pauses_then_resume_reconnects(rigs, servers, tmp_path):
+    rig = rigs(size=8 * MiB)
+    expected = rig.disk_bytes()
+    rig.mirror(on_target_error="stop", speed=4 * MiB)
+    kill_target_mid_copy(rig)
+    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "stop")
+    rig.qmp.wait_status("disk0", "paused")
+    assert rig.qmp.job("disk0")["io-status"] == "failed"
+    rig.target = restart(servers, rig.target, tmp_path)
+    rig.qmp("block-job-resume", device="disk0")
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=20)
+    complete_and_check(rig, expected)
+    assert rig.errors() == [error_event("write", "stop")]
+
+
+def test_target_lost_while_ready_is_found_and_reconnected_before_completion(rigs, servers,
+                                                                          tmp_path):
+    rig = rigs()
+    rig.mirror(on_target_error="ignore")
+    rig.qmp.wait_event("BLOCK_JOB_READY")
+    rig.target.kill9()
+    rig.target = restart(servers, rig.target, tmp_path)
+    rig.h.pwrite(b"after the restart", 5 * 4096)
+    complete_and_check(rig)
+
+
+def test_resume_while_the_target_is_still_down_stops_again(rigs, servers, tmp_path):
+    rig = rigs()
+    rig.mirror(on_target_error="stop", speed=2 * MiB)
+    kill_target_mid_copy(rig)
+    rig.qmp.wait_status("disk0", "paused")
+    rig.qmp("block-job-resume", device="disk0")
+    rig.qmp.wait_status("disk0", "running")
+    rig.qmp.wait_status("disk0", "paused")
+    assert rig.errors() == [error_event("write", "stop")] * 2
+    rig.target = restart(servers, rig.target, tmp_path)
+    rig.qmp("block-job-resume", device="disk0")
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=20)
+    complete_and_check(rig)
+
+
+# --- cancel of a job paused on an error (229) ---------------------------------------------------
+
+def test_force_cancel_of_a_job_paused_on_error_is_cancelled(rigs, fault):
+    rig = target_fault_rig(rigs, fault)
+    before = rig.disk_bytes()
+    fault.on()
+    rig.mirror(on_source_error="stop", on_target_error="stop")
+    rig.qmp.wait_status("disk0", "paused")
+    from jobctl.qmp_client import QMPError
+    with pytest.raises(QMPError) as e:
+        rig.qmp("block-job-cancel", device="disk0")
+    assert e.value.desc == "The block job for device 'disk0' is currently paused"
+    assert rig.qmp.job("disk0")["status"] == "paused"
+    rig.qmp("block-job-cancel", device="disk0", force=True)
+    rig.qmp.wait_event("BLOCK_JOB_CANCELLED")
+    rig.qmp.wait_status("disk0", "null")
+    names = rig.qmp.names()
+    assert "BLOCK_JOB_COMPLETED" not in names and "BLOCK_JOB_READY" not in names
+    assert rig.qmp.execute("query-block")[0]["active"] is None
+    assert rig.disk_bytes() == before
+
+
+def test_force_cancel_of_a_ready_job_in_standby_on_error_is_cancelled(rigs, fault):
+    rig = target_fault_rig(rigs, fault)
+    rig.mirror(on_target_error="stop")
+    rig.qmp.wait_event("BLOCK_JOB_READY")
+    fault.on()
+    rig.h.pwrite(b"x" * 4096, 0)
+    rig.qmp.wait_status("disk0", "standby")
+    rig.qmp("job-cancel", id="disk0")
+    rig.qmp.wait_event("BLOCK_JOB_CANCELLED")
+    rig.qmp.wait_status("disk0", "null")
+    assert rig.qmp.execute("query-block")[0]["active"] is None
+
+
+# --- persistent faults must not spin ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_persistent_target_fault_under_ignore_backs_off_and_coalesces_events(rigs, fault):
+    rig = target_fault_rig(rigs, fault)
+    fault.on()
+    start = time.monotonic()
+    rig.mirror(on_target_error="ignore")
+    rig.qmp.wait_event("BLOCK_JOB_ERROR", timeout=5)
+    assert time.monotonic() - start < 2                   # the first error is reported at once
+    time.sleep(4)
+    rig.qmp.drain()
+    events = len(rig.errors())
+    attempts = injected(rig.target, "pwrite") + injected(rig.target, "zero")
+    # Without back-off this would be thousands of requests and events.
+    assert 1 <= events <= 6, events
+    assert attempts <= 60, attempts
+    info = rig.qmp.job("disk0")
+    assert (info["status"], info["io-status"], info["ready"]) == ("running", "ok", False)
+    fault.off()
+    # The back-off is bounded (5 s): the job catches up soon after the fault clears.
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=10)
+    complete_and_check(rig)
+
+
+@pytest.mark.slow
+def test_one_bad_source_range_backs_off_while_the_rest_is_copied(rigs, servers, tmp_path):
+    from conftest import make_image
+    size, bad = 8 * MiB, 5 * MiB + 4096
+    base = make_image(tmp_path / "nbd-base.img", size, [(0, size)], seed=5)
+    server = bad_sector_server(servers, base, tmp_path, bad, once=False)
+    rig = rigs(size=size, base_server=server)
+    rig.mirror(on_source_error="ignore")
+    rig.qmp.wait_event("BLOCK_JOB_ERROR")
+    # A client keeps writing elsewhere: its copies succeed, the bad range still backs off.
+    for i in range(40):
+        rig.h.pwrite(b"%04d" % i * 1024, (i % 4) * MiB)
+        time.sleep(0.1)
+    time.sleep(0.3)                                        # the last write is copied
+    info = rig.qmp.job("disk0")
+    assert info["len"] - info["offset"] <= MiB             # all but the bad chunk is copied
+    assert not info["ready"] and info["status"] == "running"
+    attempts = server.log().count("injected bad sector")
+    assert 2 <= attempts <= 12, attempts                   # 50 ms doubling, not every loop
+    rig.qmp.drain()
+    assert 2 <= len(rig.errors()) <= 6
+    server.bad_sector.unlink()                             # the sector is repaired
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=10)
+    expected = rig.disk_bytes()
+    rig.qmp("block-job-cancel", device="disk0")            # point-in-time copy, no pivot
+    rig.qmp.wait_event("BLOCK_JOB_COMPLETED")
+    assert rig.target_bytes() == expected
+
+
+# --- slow and stalled targets -------------------------------------------------------------------
+
+def test_flaky_slow_target_under_ignore_ends_equal(rigs, tmp_path):
+    rig = rigs(size=8 * MiB, target_filters=["error", "delay"],
+               target_args=error_args(rate="50%") + ["delay-write=20ms", "delay-zero=20ms"])
+    rig.mirror(on_target_error="ignore", buf_size=4 * MiB)
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=30)
+    rig.qmp("block-job-cancel", device="disk0")
+    rig.qmp.wait_event("BLOCK_JOB_COMPLETED")
+    assert rig.target_bytes() == rig.disk_bytes()
+    injected_errors = injected(rig.target, "pwrite") + injected(rig.target, "zero")
+    # Random faults: almost always some; every one was reported or coalesced.
+    assert bool(rig.errors()) == (injected_errors > 0)
+    assert all(e == error_event("write", "ignore") for e in rig.errors())
+
+
+def stall_target_mid_copy(rig, control):
+    rig.mirror(on_target_error="stop", speed=2 * MiB)
+    wait_until(lambda: 0 < rig.qmp.job("disk0")["offset"])
+    control.pause()                     # answers once the requests already sent are done
+    time.sleep(0.3)                     # the next copies are sent and get stuck
+    stuck = rig.qmp.job("disk0")["offset"]
+    time.sleep(0.5)
+    info = rig.qmp.job("disk0")
+    assert (info["status"], info["offset"], info["io-status"]) == ("running", stuck, "ok")
+
+
+def test_force_cancel_with_a_stalled_target_is_prompt(rigs, tmp_path):
+    control = PauseControl(tmp_path / "pause.sock")
+    rig = rigs(target_filters=["pause"], target_args=["pause-control=%s" % control.path])
+    stall_target_mid_copy(rig, control)
+    start = time.monotonic()
+    rig.qmp("block-job-cancel", device="disk0", force=True)
+    rig.qmp.wait_event("BLOCK_JOB_CANCELLED", timeout=10)
+    assert time.monotonic() - start < 3
+    control.resume()
+    assert rig.qmp.execute("query-block")[0]["active"] is None
+
+
+def test_stalled_target_that_resumes_lets_the_job_finish(rigs, tmp_path):
+    control = PauseControl(tmp_path / "pause.sock")
+    rig = rigs(target_filters=["pause"], target_args=["pause-control=%s" % control.path])
+    stall_target_mid_copy(rig, control)
+    control.resume()
+    rig.qmp("block-job-set-speed", device="disk0", speed=0)
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=10)
+    complete_and_check(rig)
+    assert rig.errors() == []
