@@ -207,6 +207,39 @@ def test_failed_target_flush_under_stop_pauses_and_resume_copies_again(flush_fau
     assert rig.errors() == [error_event("write", "stop")]
 
 
+def test_write_blocking_client_write_that_fails_on_the_target_is_ignored_then_copied(
+        rigs, fault):
+    rig = target_fault_rig(rigs, fault)
+    rig.mirror(on_target_error="ignore", copy_mode="write-blocking")
+    rig.qmp.wait_event("BLOCK_JOB_READY")
+    fault.on()
+    rig.h.pwrite(b"through" * 1000, 2 * MiB + 7)         # the client's write still succeeds
+    assert rig.h.pread(7, 2 * MiB + 7) == b"through"
+    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "ignore")
+    assert rig.qmp.job("disk0")["status"] == "ready"
+    fault.off()
+    wait_until(lambda: (lambda i: i["offset"] == i["len"])(rig.qmp.job("disk0")), timeout=10)
+    complete_and_check(rig)
+
+
+def test_write_blocking_client_write_that_fails_on_the_target_stops_the_job(rigs, fault):
+    rig = target_fault_rig(rigs, fault)
+    rig.mirror(on_target_error="stop", copy_mode="write-blocking")
+    rig.qmp.wait_event("BLOCK_JOB_READY")
+    fault.on()
+    rig.h.pwrite(b"first" * 1000, MiB)
+    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "stop")
+    rig.qmp.wait_status("disk0", "standby")
+    assert rig.qmp.job("disk0")["io-status"] == "failed"
+    rig.h.pwrite(b"while stopped" * 100, 3 * MiB)         # not written through while stopped
+    rig.qmp.drain()
+    assert len(rig.errors()) == 1
+    fault.off()
+    rig.qmp("block-job-resume", device="disk0")
+    rig.qmp.wait_status("disk0", "ready")
+    complete_and_check(rig)
+
+
 # --- reads of the source (041 TestReadErrors) ---------------------------------------------
 
 def test_report_on_source_error_ends_the_job_with_the_error(rigs, fault):
@@ -466,6 +499,21 @@ def test_target_restart_under_stop_pauses_then_resume_reconnects(rigs, servers, 
     rig.qmp.wait_event("BLOCK_JOB_READY", timeout=20)
     complete_and_check(rig, expected)
     assert rig.errors() == [error_event("write", "stop")]
+
+
+@pytest.mark.slow
+def test_copies_acknowledged_but_not_flushed_by_a_dead_target_are_copied_again(
+        rigs, servers, tmp_path):
+    # nbdkit's cache filter (writeback) holds writes until a flush: kill -9 loses them.
+    rig = rigs(size=8 * MiB, target_filters=["cache"], target_args=["cache=writeback"])
+    expected = rig.disk_bytes()
+    rig.mirror(on_target_error="ignore", speed=4 * MiB)
+    wait_until(lambda: rig.qmp.job("disk0")["offset"] >= 2 * MiB)
+    rig.target.kill9()
+    rig.qmp.wait_event("BLOCK_JOB_ERROR")
+    rig.target = restart(servers, rig.target, tmp_path)
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=20)
+    complete_and_check(rig, expected)
 
 
 def test_target_lost_while_ready_is_found_and_reconnected_before_completion(rigs, servers,
