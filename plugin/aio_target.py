@@ -1,7 +1,8 @@
 """Asynchronous writes to a mirror target, many requests in flight.
 
-The mirror thread submits writes and zeroes tagged with what they cover, then
-collects completions with wait().  Only the mirror thread calls these
+The mirror thread submits writes, zeroes and flushes tagged with what they
+cover, then collects completions with wait(), so that a stalled target never
+blocks the thread (cancel stays prompt).  Only the mirror thread calls these
 methods, so an NBD target is one libnbd handle driven by aio_* calls and
 poll() (no completion callbacks: nothing runs inside libnbd's locks).  A raw
 file target uses a small thread pool of pwrite()s (they release the GIL).
@@ -35,6 +36,9 @@ def open_target(address, size_hint=None):
 class FileTarget:
     """A raw file or block device, written by a few threads."""
 
+    # fdatasync covers writes made through any descriptor of the file.
+    multi_conn = True
+
     def __init__(self, path, workers=4):
         self.address = path
         self._backend = backends.FileBackend(path, readonly=False)
@@ -58,6 +62,11 @@ class FileTarget:
         fut = self._pool.submit(self._backend.zero, offset, length, True)
         self._pending[fut] = tag
 
+    def submit_flush(self, tag):
+        """Flush what completed before this call (fdatasync covers the whole file)."""
+        fut = self._pool.submit(self._backend.flush)
+        self._pending[fut] = tag
+
     def wait(self, timeout):
         """Completions so far (waiting up to timeout for one): [(tag, errno or 0)]."""
         if not self._pending:
@@ -70,9 +79,6 @@ class FileTarget:
             exc = fut.exception()
             result.append((tag, _errno_of(exc) if exc else 0))
         return result
-
-    def flush(self):
-        self._backend.flush()
 
     def reconnect(self):
         """Files do not disconnect: never a new connection (False)."""
@@ -110,6 +116,7 @@ class NbdTarget:
         self._h = h
         self._size = h.get_size()
         self._can_zero = bool(h.can_zero())
+        self.multi_conn = bool(h.can_multi_conn())
         log.info("Mirror target connected uri=%s size=%d", self.address, self._size)
 
     def size(self):
@@ -169,6 +176,18 @@ class NbdTarget:
             return
         self._pending[cookie] = (tag, None)
 
+    def submit_flush(self, tag):
+        """Flush the writes that completed before this call."""
+        if self._h is None:
+            self._failed.append((tag, errno.ENOTCONN))
+            return
+        try:
+            cookie = self._h.aio_flush()
+        except self._nbd.Error as e:
+            self._failed.append((tag, self._errno(e)))
+            return
+        self._pending[cookie] = (tag, None)
+
     def wait(self, timeout):
         """Completions so far (polling up to timeout for one): [(tag, errno or 0)]."""
         result = self._collect()
@@ -202,9 +221,6 @@ class NbdTarget:
                 del self._pending[cookie]
                 result.append((tag, errno.ENOTCONN))
         return result
-
-    def flush(self):
-        self._guard(lambda: self._h.flush())
 
     def reconnect(self):
         """Open a new connection if the old one died.

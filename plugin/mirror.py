@@ -10,7 +10,9 @@ Phases, as QEMU's block/mirror.c:
    source, write or zero the target asynchronously, up to `buf-size` bytes in
    flight.  A write that lands after the read re-marks the run dirty.
 3. Nothing dirty and nothing in flight: flush the target, READY.  Keep copying
-   new writes.
+   new writes (and flush about once a second while there are any).  Flushes
+   are asynchronous like the copies: the job thread only ever waits on the
+   target through wait(), so a stalled target never blocks a cancel.
 4. complete (or a soft cancel): prepare() closes the disk's gate (no client
    request runs), copies what is left, flushes the target, and on complete
    pivots the disk to the target.
@@ -72,6 +74,17 @@ class _Op:
         self.error = 0
 
 
+class _Flush:
+    """A target flush in flight: `covered` holds the copies it makes durable."""
+
+    __slots__ = ("covered", "leaving", "to_ready")
+
+    def __init__(self, leaving, to_ready):
+        self.covered = None
+        self.leaving = leaving
+        self.to_ready = to_ready
+
+
 # One failed request: operation "read" (source) or "write" (target); a flush
 # has length 0 (no range to copy again).
 _Failure = collections.namedtuple("_Failure", "operation errno offset length")
@@ -103,9 +116,11 @@ class MirrorJob(Job):
         self.bitmap = DirtyBitmap(disk.size, self.granularity)
         # Copied but not yet flushed on the target: copied again if the
         # target connection is lost or a flush fails.
-        self._unflushed = DirtyBitmap(disk.size, self.granularity)
+        self._unflushed = DirtyBitmap(disk.size, self.chunk)
         self._unflushed_lock = threading.Lock()
         self._last_flush = 0.0
+        self._copied_since_flush = False
+        self._exit_flushed = False    # a flush succeeded after complete/cancel was asked
         self._retries = RetrySchedule(self.chunk)
         self._failures = []           # _Failure records not yet handled
         self._ranges = RangeLock()
@@ -220,25 +235,37 @@ class MirrorJob(Job):
             if self._retries:
                 self.sleep(max(0.01, self._retries.next_due() - now))
                 continue
-            if not self._retries.gate_open():
-                # A flush failed a moment ago: do not retry it at once.
-                self.sleep(max(0.01, self._retries.gate - now))
+            if self._flush_due(now):
+                if self._retries.gate_open():
+                    self._start_flush()
+                else:           # a flush failed a moment ago: not again at once
+                    self.sleep(max(0.01, self._retries.gate - now))
                 continue
             if not self.is_ready:
-                if not self._flush_target():
-                    continue
                 self._update_progress()
                 self.transition_to_ready()
             if self.should_complete or self.cancel_requested:
-                # A last flush finds a target lost while idle before prepare() does.
-                if self._flush_target():
-                    return
-                continue
-            if (not self._unflushed.is_clean()
-                    and now - self._last_flush >= READY_FLUSH_INTERVAL):
-                self._flush_target()
-                continue
-            self.sleep(IDLE_WAIT)
+                return
+            if self._unflushed.is_clean():
+                self.sleep(IDLE_WAIT)
+            else:
+                self.sleep(max(0.01, self._last_flush + READY_FLUSH_INTERVAL - now))
+
+    def _flush_due(self, now):
+        """Everything is copied: should the target be flushed now?
+
+        Before READY: if anything was copied (READY follows the flush, see
+        _flush_done).  Before leaving for prepare(): one good flush after
+        complete/cancel was asked, which finds a target lost while idle.
+        While ready: about once a second if anything (write-throughs too)
+        was written since, to keep a re-copy after a reconnect small.
+        """
+        if not self.is_ready:
+            return self._copied_since_flush
+        if (self.should_complete or self.cancel_requested) and not self._exit_flushed:
+            return True
+        return (not self._unflushed.is_clean()
+                and now - self._last_flush >= READY_FLUSH_INTERVAL)
 
     def _initial_dirty(self):
         store = self.disk.store
@@ -359,6 +386,9 @@ class MirrorJob(Job):
 
     def _reap(self, completions):
         for op, err in completions:
+            if isinstance(op, _Flush):
+                self._flush_done(op, err)
+                continue
             if err and not op.error:
                 op.error = err
             op.remaining -= 1
@@ -374,6 +404,7 @@ class MirrorJob(Job):
                 self._failures.append(_Failure("write", op.error, op.offset, op.length))
             else:
                 self._copied += op.length
+                self._copied_since_flush = True
                 self._retries.succeeded(op.offset, op.length)
                 with self._unflushed_lock:
                     self._unflushed.mark(op.offset, op.length)
@@ -434,8 +465,7 @@ class MirrorJob(Job):
 
     def _copy_unflushed_again(self):
         with self._unflushed_lock:
-            lost, self._unflushed = self._unflushed, DirtyBitmap(self.disk.size,
-                                                                 self.granularity)
+            lost, self._unflushed = self._unflushed, DirtyBitmap(self.disk.size, self.chunk)
         self._copy_again(lost)
 
     def _copy_again(self, lost):
@@ -451,29 +481,46 @@ class MirrorJob(Job):
             log.info("Mirror copies again what the target may have lost id=%s bytes=%d",
                      self.id, count)
 
-    def _flush_target(self):
-        """Flush the target (nothing in flight); False if it failed (recorded in _failures).
+    def _start_flush(self, final=False):
+        """Flush the target asynchronously; it covers every copy completed so far.
 
-        On success every copy made so far is durable on the target.  After a
-        failed flush nothing written since the last good one can be trusted
-        (the target may have dropped it), so it is all copied again.
+        final: the flush of prepare() (the job state machine is past READY).
         """
+        leaving = self.should_complete or self.cancel_requested
+        flush = _Flush(leaving and not final, not final and not self.is_ready)
         with self._unflushed_lock:
-            covered, self._unflushed = self._unflushed, DirtyBitmap(self.disk.size,
-                                                                    self.granularity)
-        try:
-            self.target.flush()
-            with self._through_lock:
-                through = self._through
-            if through is not None:
+            flush.covered, self._unflushed = self._unflushed, DirtyBitmap(self.disk.size,
+                                                                          self.chunk)
+        self._copied_since_flush = False
+        with self._through_lock:
+            through = self._through
+        if through is not None and not self.target.multi_conn:
+            # Write-throughs went over another connection that this flush
+            # does not cover (the only synchronous flush).
+            try:
                 through.flush()
-        except OSError as e:
-            log.warning("Mirror target flush failed id=%s error=%s", self.id, e)
-            self._copy_again(covered)
-            self._failures.append(_Failure("write", e.errno or errno.EIO, 0, 0))
-            return False
+            except OSError as e:
+                self._flush_done(flush, e.errno or errno.EIO)
+                return
+        self.target.submit_flush(flush)
+
+    def _flush_done(self, flush, err):
+        """A flush completed.  After a failed one nothing written since the last
+        good flush can be trusted (the target may have dropped it): copy it again."""
+        if err:
+            log.warning("Mirror target flush failed id=%s errno=%s", self.id,
+                        errno.errorcode.get(err, err))
+            self._copy_again(flush.covered)
+            self._failures.append(_Failure("write", err, 0, 0))
+            return
         self._last_flush = time.monotonic()
-        return True
+        if flush.leaving:
+            self._exit_flushed = True
+        if flush.to_ready and not self.is_ready:
+            # The copy had converged when this flush started: in sync now,
+            # even if clients have written since (QEMU does the same).
+            self._update_progress()
+            self.transition_to_ready()
 
     # -- completion --------------------------------------------------------
 
@@ -507,8 +554,8 @@ class MirrorJob(Job):
                 self._reap(self.target.wait(1.0))
                 self._raise_failures()
             self._update_progress()
-            if not self._flush_target():
-                self._raise_failures()
+            self._start_flush(final=True)
+            self._drain_or_fail()
             if self.should_complete and self._pivot is not None:
                 self._pivot(self.target_address)
         log.info("Mirror finished id=%s pivot=%s copied=%d", self.id, self.should_complete,

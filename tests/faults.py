@@ -100,9 +100,13 @@ def bad_sector_server(servers, image, tmp_path, offset, once=True):
     return server
 
 
-def flaky_flush_server(servers, image, switch):
-    """nbdkit eval serving raw `image` read-write; flush fails with EIO while `switch` is on."""
+def flaky_flush_server(servers, image, switch, stall=None):
+    """nbdkit eval serving raw `image` read-write; flush fails with EIO while `switch` is
+    on, and hangs while `stall` (another FaultSwitch) is on."""
     img = shlex.quote(str(image))
+    hang = ""
+    if stall is not None:
+        hang = "while [ -e %s ]; do sleep 0.05; done; " % shlex.quote(str(stall.path))
     return servers.nbdkit(
         "eval",
         "get_size=echo %d" % os.path.getsize(image),
@@ -111,8 +115,8 @@ def flaky_flush_server(servers, image, switch):
         "pwrite=exec dd of=%s seek=\"$4\" oflag=seek_bytes conv=notrunc status=none" % img,
         "can_write=exit 0",
         "can_flush=exit 0",
-        "flush=if [ -e %s ]; then echo 'EIO injected flush error' >&2; exit 1; fi"
-        % shlex.quote(str(switch.path)))
+        "flush=%sif [ -e %s ]; then echo 'EIO injected flush error' >&2; exit 1; fi"
+        % (hang, shlex.quote(str(switch.path))))
 
 
 def restart(servers, server, tmp_path):

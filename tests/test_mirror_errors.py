@@ -175,12 +175,17 @@ def test_ignore_keeps_a_ready_job_ready_and_copies_once_the_fault_clears(rigs, f
 
 
 @pytest.fixture
-def flush_fault_rig(rigs, servers, tmp_path, fault):
-    """The target's flushes fail while `fault` is on (writes succeed)."""
+def stall(tmp_path):
+    return FaultSwitch(tmp_path / "stall")
+
+
+@pytest.fixture
+def flush_fault_rig(rigs, servers, tmp_path, fault, stall):
+    """The target's flushes fail while `fault` is on and hang while `stall` is on."""
     target = tmp_path / "target.img"
     with open(target, "wb") as f:
         f.truncate(4 * MiB)
-    return rigs(target_server=flaky_flush_server(servers, target, fault))
+    return rigs(target_server=flaky_flush_server(servers, target, fault, stall))
 
 
 def test_failed_target_flush_under_report_fails_the_job(flush_fault_rig, fault):
@@ -645,6 +650,20 @@ def test_flaky_slow_target_under_ignore_ends_equal(rigs, tmp_path):
     # Random faults: almost always some; every one was reported or coalesced.
     assert bool(rig.errors()) == (injected_errors > 0)
     assert all(e == error_event("write", "ignore") for e in rig.errors())
+
+
+def test_force_cancel_while_the_target_hangs_in_a_flush_is_prompt(flush_fault_rig, stall):
+    rig = flush_fault_rig
+    stall.on()
+    rig.mirror(on_target_error="stop")
+    wait_until(lambda: (lambda i: i["offset"] == i["len"] > 0)(rig.qmp.job("disk0")))
+    time.sleep(0.3)                                        # copied: the flush hangs
+    assert rig.qmp.job("disk0")["status"] == "running"
+    start = time.monotonic()
+    rig.qmp("job-cancel", id="disk0")
+    rig.qmp.wait_event("BLOCK_JOB_CANCELLED", timeout=10)
+    assert time.monotonic() - start < 3
+    stall.off()
 
 
 def stall_target_mid_copy(rig, control):
