@@ -66,12 +66,13 @@ READY_FLUSH_INTERVAL = 1.0
 class _Op:
     """One copy of [offset, offset+length) in flight, perhaps several target requests."""
 
-    __slots__ = ("offset", "length", "token", "remaining", "error", "first", "end")
+    __slots__ = ("offset", "length", "token", "remaining", "error", "first", "end", "buf")
 
     def __init__(self, offset, length, token):
         self.offset, self.length, self.token = offset, length, token
         self.remaining = 0
         self.error = 0
+        self.buf = None
 
 
 class _Flush:
@@ -128,6 +129,7 @@ class MirrorJob(Job):
         self._through_lock = threading.Lock()
         self._zero_queue = []         # (offset, length) to zero on the target first
         self._ops = set()             # copies in flight
+        self._buffers = []            # free copy buffers of `chunk` bytes
         self._copied = 0
         self._unpaid = 0              # bytes copied but not yet paid to the rate limiter
         self._in_flight_bytes = 0
@@ -271,7 +273,7 @@ class MirrorJob(Job):
         store = self.disk.store
         if self.sync == "none":
             return
-        target_zero = all(zero for _, _, zero in self.target.extents(0, self.disk.size))
+        target_zero = self._target_reads_zero()
         if self.sync == "top" and getattr(store, "base", None) is not None:
             cs = store.cluster_size
             c, end = 0, store.nclusters
@@ -289,6 +291,18 @@ class MirrorJob(Job):
                 elif not target_zero:
                     self._zero_queue.append((off, length))
                 pos = off + length
+
+    def _target_reads_zero(self):
+        """True if the target is known to read as zeros (its zero ranges need no copy).
+
+        A failed query only means "not known": the zeroing pass then runs and
+        its errors go through the policy like any other write.
+        """
+        try:
+            return all(zero for _, _, zero in self.target.extents(0, self.disk.size))
+        except OSError as e:
+            log.warning("Mirror target extents failed id=%s error=%s", self.id, e)
+            return False
 
     def _update_progress(self, pending=0):
         remaining = self.bitmap.dirty_bytes() + self._in_flight_bytes + pending
@@ -355,17 +369,20 @@ class MirrorJob(Job):
             if zero:
                 requests.append((offset, length, None))
             else:
+                op.buf = self._take_buffer(length)
+                view = memoryview(op.buf)
                 pos, stop = offset, offset + length
                 while pos < stop:
                     for o, n, kind in store.extents(pos, stop - pos):
                         if kind & 2:
                             requests.append((o, n, None))
                         else:
-                            buf = bytearray(n)
-                            store.read(buf, o)
-                            requests.append((o, n, buf))
+                            piece = view[o - offset:o - offset + n]
+                            store.read(piece, o)
+                            requests.append((o, n, piece))
                         pos = o + n
         except OSError as e:
+            self._give_buffer(op)
             self._ranges.release(op.token)
             log.warning("Mirror read failed id=%s offset=%d length=%d error=%s",
                         self.id, offset, length, e)
@@ -373,6 +390,7 @@ class MirrorJob(Job):
             return False
         op.remaining = len(requests)
         if not requests:
+            self._give_buffer(op)
             self._ranges.release(op.token)
             return True
         self._ops.add(op)
@@ -383,6 +401,18 @@ class MirrorJob(Job):
             else:
                 self.target.submit_write(buf, o, op)
         return True
+
+    def _take_buffer(self, length):
+        """A copy buffer from the pool: reused memory is already mapped and faulted in,
+        which makes a 1 GiB copy several times cheaper than fresh bytearrays."""
+        if length <= self.chunk and self._buffers:
+            return self._buffers.pop()
+        return bytearray(max(length, self.chunk))
+
+    def _give_buffer(self, op):
+        if op.buf is not None and len(op.buf) == self.chunk:
+            self._buffers.append(op.buf)
+        op.buf = None
 
     def _reap(self, completions):
         for op, err in completions:
@@ -396,6 +426,7 @@ class MirrorJob(Job):
                 continue
             self._ranges.release(op.token)
             self._ops.discard(op)
+            self._give_buffer(op)
             self._in_flight_bytes -= op.length
             if op.error:
                 log.warning("Mirror write failed id=%s offset=%d length=%d errno=%s",
