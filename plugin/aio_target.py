@@ -19,6 +19,8 @@ a dead connection are reported as ENOTCONN, whatever libnbd's own text says.
 import concurrent.futures
 import errno
 import logging
+import os
+import socket
 
 from plugin import backends
 
@@ -114,6 +116,7 @@ class NbdTarget:
         if h.is_read_only():
             raise OSError(errno.EROFS, "target %s is read-only" % self.address)
         self._h = h
+        _grow_send_buffer(h.aio_get_fd())
         self._size = h.get_size()
         self._can_zero = bool(h.can_zero())
         self.multi_conn = bool(h.can_multi_conn())
@@ -253,6 +256,30 @@ class NbdTarget:
             self._h = None          # libnbd closes the handle when it is collected
         self._pending.clear()
         self._failed.clear()
+
+
+SEND_BUFFER = 4 << 20
+SO_SNDBUFFORCE = 32
+
+
+def _grow_send_buffer(fd):
+    """Let the kernel take a whole chunk at submit time.
+
+    Our one thread reads the source and drives the connection; with the default
+    ~200 KiB socket buffer the target idles while we read the next chunk.  A
+    larger buffer lets each aio_pwrite hand its data to the kernel at once, so
+    the target works while we read.  SO_SNDBUFFORCE (root) passes wmem_max.
+    """
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        for option in (SO_SNDBUFFORCE, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, SEND_BUFFER)
+                return
+            except OSError:
+                continue
+    finally:
+        sock.close()
 
 
 def _errno_of(exc):
