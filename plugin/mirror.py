@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 DEFAULT_BUF_SIZE = 16 * MiB
 MAX_CHUNK = 1 * MiB
-IDLE_WAIT = 0.5
+# While ready, new writes are copied in batches at least this often.
+READY_COPY_INTERVAL = 0.1
 # While ready, flush the target this often (if something was copied), so that
 # a lost target connection costs a re-copy of at most this much work.
 READY_FLUSH_INTERVAL = 1.0
@@ -167,7 +168,10 @@ class MirrorJob(Job):
                 self._client_side_error(e.errno or errno.EIO)
                 self.kick()
                 return
-        if self.bitmap.mark(offset, length):
+        # Before READY a clean-to-dirty change wakes the job at once; once ready
+        # the job collects writes for up to READY_COPY_INTERVAL, so a busy
+        # client does not wake it (and contend for the GIL) on every write.
+        if self.bitmap.mark(offset, length) and not self.is_ready:
             self.kick()
 
     def _write_through(self, kind, offset, length, buf):
@@ -249,9 +253,10 @@ class MirrorJob(Job):
             if self.should_complete or self.cancel_requested:
                 return
             if self._unflushed.is_clean():
-                self.sleep(IDLE_WAIT)
+                self.sleep(READY_COPY_INTERVAL)
             else:
-                self.sleep(max(0.01, self._last_flush + READY_FLUSH_INTERVAL - now))
+                self.sleep(max(0.01, min(READY_COPY_INTERVAL,
+                                         self._last_flush + READY_FLUSH_INTERVAL - now)))
 
     def _flush_due(self, now):
         """Everything is copied: should the target be flushed now?
