@@ -130,7 +130,7 @@ class NbdTarget:
         b = backends.NbdBackend.__new__(backends.NbdBackend)
         b._nbd, b.address, b._size = self._nbd, self.address, self._size
         b._extents_ok = bool(self._h.can_meta_context(self._nbd.CONTEXT_BASE_ALLOCATION))
-        b._call = lambda fn: self._guard(lambda: fn(self._h))
+        b._call = lambda fn, retry=False: self._guard(lambda: fn(self._h))
         return backends.NbdBackend.extents(b, offset, length)
 
     def _connected(self):

@@ -193,7 +193,14 @@ class NbdBackend:
             self._handles.append(h)
         return h
 
-    def _call(self, fn):
+    def _call(self, fn, retry=False):
+        """Run fn(handle) on a pooled connection; a dead connection is replaced.
+
+        With retry=True (reads, extents: no durability at stake) a command that
+        failed because the connection died runs once more on a new connection,
+        so a restarted NBD server is picked up transparently.  Writes and
+        flushes report the failure; the next call reconnects.
+        """
         try:
             h = self._pool.get_nowait()
         except queue.Empty:
@@ -203,15 +210,32 @@ class NbdBackend:
         try:
             return fn(h)
         except self._nbd.Error as e:
-            raise OSError(_nbd_errno(e), str(e)) from None
+            if not (h.aio_is_dead() or h.aio_is_closed()):
+                raise OSError(_nbd_errno(e), str(e)) from None
+            log.warning("NBD connection lost uri=%s error=%s", self.address, e)
+            self._forget(h)
+            h = None
+            if not retry:
+                raise OSError(_nbd_errno(e), str(e)) from None
+            h = self._connect()
+            try:
+                return fn(h)
+            except self._nbd.Error as e2:
+                raise OSError(_nbd_errno(e2), str(e2)) from None
         finally:
-            self._pool.put(h)
+            if h is not None:
+                self._pool.put(h)
+
+    def _forget(self, h):
+        with self._lock:
+            if h in self._handles:
+                self._handles.remove(h)
 
     def size(self):
         return self._size
 
     def readinto(self, buf, offset):
-        data = self._call(lambda h: h.pread(len(buf), offset))
+        data = self._call(lambda h: h.pread(len(buf), offset), retry=True)
         memoryview(buf)[:] = data
 
     def write(self, buf, offset, fua=False):
@@ -251,7 +275,7 @@ class NbdBackend:
                     return 0
 
                 count = min(end - pos, 1 << 30)
-                self._call(lambda h: h.block_status(count, pos, extent))
+                self._call(lambda h: h.block_status(count, pos, extent), retry=True)
                 if not got:
                     raise OSError(errno.EIO, "server returned no extents at %d" % pos)
                 for i in range(0, len(got), 2):

@@ -675,13 +675,16 @@ class Job:
             log.exception("Job hook failed id=%s hook=%s", self.id, hook.__name__)
 
     def _do_dismiss(self) -> None:
+        # Leave the registry before announcing null, so a query made after the
+        # event never lists the job (QEMU does both in one main-loop step).
+        with self._cond:
+            callbacks, self._on_null = self._on_null, []
+        for callback in callbacks:
+            callback(self)
         with self._cond:
             self._busy = False
             self._deferred = True
             self._transition("null")
-            callbacks, self._on_null = self._on_null, []
-        for callback in callbacks:
-            callback(self)
 
     def _cancel(self, force: bool) -> None:
         """QEMU's job_cancel; _lifecycle is held."""

@@ -112,6 +112,11 @@ class Servers:
         argv += [plugin, *args]
         return self._start(argv, sock, log, wait)
 
+    def restart(self, server, wait=True):
+        """Start the same command again on the same socket (after stop or kill9)."""
+        _, log = self._next("restart")
+        return self._start(server.argv, server.sock, log, wait)
+
     def _start(self, argv, sock, log, wait):
         server = Server(argv, sock, log)
         self.started.append(server)

@@ -276,3 +276,19 @@ def test_overlay_filesystem_full_is_enospc(servers, tmp_path, connect):
         assert srv.stop() == 0
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
+
+
+
+def test_restarted_nbd_base_is_reconnected(servers, tmp_path, base, connect):
+    """A base NBD server that restarts on the same socket costs only a reconnect."""
+    base_srv = servers.nbdkit("file", base, "-r")
+    srv = servers.overlay(tmp_path / "ov", base=base_srv.uri)
+    h = connect(srv.uri)
+    with open(base, "rb") as f:
+        expected = f.read(MiB)
+    assert h.pread(MiB, 0) == expected
+    base_srv.kill9()
+    servers.restart(base_srv)
+    assert h.pread(MiB, 0) == expected
+    rows = parse_map(run("nbdinfo", "--map", srv.uri).stdout)
+    assert type_at(rows, 2 * MiB) == 3
