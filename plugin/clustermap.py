@@ -13,6 +13,8 @@ the data sync; only then are the pages written and the map synced.
 import os
 import threading
 
+from plugin.backends import pwrite_all
+
 ABSENT = 0   # the overlay does not hold the cluster: read the base (or zeros)
 DATA = 1     # data.img holds the cluster
 ZERO = 2     # the cluster reads as zeros, whatever the base holds
@@ -79,7 +81,7 @@ class ClusterMap:
             try:
                 sync_data()
                 for page, content in snapshot:
-                    _pwrite_all(self._fd, content, page * PAGE)
+                    pwrite_all(self._fd, content, page * PAGE)
                 if snapshot:
                     os.fdatasync(self._fd)
             except BaseException:
@@ -92,10 +94,3 @@ class ClusterMap:
             os.close(self._fd)
             self._fd = None
 
-
-def _pwrite_all(fd, data, offset):
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n

@@ -226,26 +226,25 @@ class Disk:
 
     # -- NBD requests -----------------------------------------------------
 
+    def _retrying(self, operation, fn, *args):
+        """fn(*args), retried for as long as the error policy holds the request."""
+        while True:
+            try:
+                return fn(*args)
+            except OSError as e:
+                self._io_error(operation, e)
+
     def read(self, buf, offset):
         self._gate.enter()
         try:
-            while True:
-                try:
-                    return self.store.read(buf, offset)
-                except OSError as e:
-                    self._io_error("read", e)
+            self._retrying("read", self.store.read, buf, offset)
         finally:
             self._gate.leave()
 
     def write(self, buf, offset, fua=False):
         self._gate.enter()
         try:
-            while True:
-                try:
-                    self.store.write(buf, offset, fua)
-                    break
-                except OSError as e:
-                    self._io_error("write", e)
+            self._retrying("write", self.store.write, buf, offset, fua)
             for fn in self._listeners:
                 fn("write", offset, len(buf), buf)
         finally:
@@ -254,12 +253,7 @@ class Disk:
     def zero(self, offset, length, may_trim=False, fast=False, fua=False):
         self._gate.enter()
         try:
-            while True:
-                try:
-                    self.store.zero(offset, length, may_trim, fast, fua)
-                    break
-                except OSError as e:
-                    self._io_error("write", e)
+            self._retrying("write", self.store.zero, offset, length, may_trim, fast, fua)
             for fn in self._listeners:
                 fn("zero", offset, length, None)
         finally:
@@ -268,12 +262,7 @@ class Disk:
     def trim(self, offset, length, fua=False):
         self._gate.enter()
         try:
-            while True:
-                try:
-                    self.store.trim(offset, length, fua)
-                    break
-                except OSError as e:
-                    self._io_error("write", e)
+            self._retrying("write", self.store.trim, offset, length, fua)
             for fn in self._listeners:
                 fn("trim", offset, length, None)
         finally:
@@ -282,22 +271,14 @@ class Disk:
     def flush(self):
         self._gate.enter()
         try:
-            while True:
-                try:
-                    return self.store.flush()
-                except OSError as e:
-                    self._io_error("write", e)
+            self._retrying("write", self.store.flush)
         finally:
             self._gate.leave()
 
     def extents(self, offset, length, req_one=False):
         self._gate.enter()
         try:
-            while True:
-                try:
-                    return self.store.extents(offset, length, req_one)
-                except OSError as e:
-                    self._io_error("read", e)
+            return self._retrying("read", self.store.extents, offset, length, req_one)
         finally:
             self._gate.leave()
 

@@ -27,6 +27,7 @@ from jobctl.qmp_client import QMPClient
 
 from benchlib.bench import REPO, human_size
 from benchlib.overlay import make_base, rotated
+from benchlib.stream import _wait_for
 from benchlib.results import Goal
 
 TITLE = "drive-mirror to an nbdkit file target: overlay plugin vs qemu-storage-daemon"
@@ -67,15 +68,6 @@ def _finish(bench, target, path):
     os.unlink(path)
 
 
-def _wait_socket(path, server):
-    deadline = time.monotonic() + 30
-    while not os.path.exists(path):
-        if server.proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("%s: no control socket %s%s" % (server.name, path,
-                                                                server.log_tail()))
-        time.sleep(0.01)
-
-
 def _until_ready(qmp, command, args):
     os.sync()
     start = time.perf_counter()
@@ -103,7 +95,7 @@ def _start_ours(bench, base, name):
     control = bench.path(name + "-ctl.sock")
     server = bench.servers.nbdkit(name, "python", PLUGIN, "overlay=" + state, "base=" + base,
                                   "control=" + control)
-    _wait_socket(control, server)
+    _wait_for(control, server)
     return server, state, control
 
 
@@ -135,7 +127,7 @@ def _qemu(bench, base):
             "--monitor", "chardev=mon"]
     server = bench.servers.start("qsd-mirror", lambda sock: argv, ready=False)
     try:
-        _wait_socket(control, server)
+        _wait_for(control, server)
         with QMPClient(control, timeout=TIMEOUT) as qmp:
             seconds = _until_ready(qmp, "blockdev-mirror", {"job-id": "bench", "device": "src",
                                                            "target": "tgt", "sync": "full"})
