@@ -44,6 +44,28 @@ def pread(h, buf, offset, flags):
     buf[:] = bytes(len(buf))
 '''
 
+# The least a Python plugin can do per read: one preadv on the base.  Its
+# ratio to the file plugin is the floor that nbdkit's Python glue sets.
+NAIVE_PLUGIN = '''\
+import os
+import nbdkit
+API_VERSION = 2
+fd = None
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+def config(key, value):
+    global fd
+    fd = os.open(value, os.O_RDONLY)
+def open(readonly):
+    return 1
+def get_size(h):
+    return os.fstat(fd).st_size
+def can_multi_conn(h):
+    return True
+def pread(h, buf, offset, flags):
+    os.preadv(fd, [buf], offset)
+'''
+
 
 def run(bench):
     size_text = human_size(bench.size)
@@ -111,14 +133,19 @@ def read_benchmark(bench, group, base):
     group.row("overlay-held", "overlay plugin, data held in overlay", goal=READ_GOAL)
     group.row("qemu", "qemu-nbd, qcow2 overlay on base")
     group.row("cow", "nbdkit cow filter over file")
+    group.row("naive", "naive Python plugin: one preadv per read (the Python floor)")
 
     bench.progress("read: starting servers")
+    naive = bench.path("naive.py")
+    with open(naive, "w") as f:
+        f.write(NAIVE_PLUGIN)
     servers = {
         "file": bench.servers.nbdkit("file", "file", base),
         "overlay": _plugin(bench, "overlay", bench.path("state-empty"), "base=" + base),
         "overlay-held": _plugin(bench, "overlay-held", bench.path("state-held"), "base=" + base),
         "qemu": bench.servers.qemu_nbd("qemu-nbd", _qcow2(bench, base), "qcow2"),
         "cow": _cow(bench, "cow", base)[0],
+        "naive": bench.servers.nbdkit("naive", "python", naive, "file=" + base),
     }
     bench.progress("read: filling the overlay of overlay-held with the base (not timed)")
     bench.run(["nbdcopy", base, servers["overlay-held"].uri])
