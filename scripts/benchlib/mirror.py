@@ -44,22 +44,36 @@ def run(bench):
                         % human_size(bench.size), "s", bench.size)
     ready.row("qemu", "qemu-storage-daemon blockdev-mirror, qcow2 overlay on base", anchor=True)
     ready.row("overlay", "overlay plugin drive-mirror, empty overlay on base", goal=READY_GOAL)
-    ready.row("nbdcopy", "nbdcopy base.img to the target (lower bound)")
+    ready.row("nbdcopy", "nbdcopy --flush base.img to the target (lower bound)")
+    copy = bench.group(SECTION, "copy", "the same, target flushes discarded (the copy engines "
+                       "alone, without the disk's fdatasync)", "s", bench.size)
+    copy.row("qemu", "qemu-storage-daemon blockdev-mirror", anchor=True)
+    copy.row("overlay", "overlay plugin drive-mirror", goal=READY_GOAL)
+    copy.row("nbdcopy", "nbdcopy base.img to the target (lower bound)")
     base = make_base(bench)
+    runners = {"qemu": _qemu, "overlay": _ours, "nbdcopy": _nbdcopy}
     for i in range(bench.runs + 1):
         bench.progress("mirror: %s" % ("warm-up round" if i == 0 else
                                        "run %d/%d" % (i, bench.runs)))
         for key in rotated(["qemu", "overlay", "nbdcopy"], i):
-            seconds = {"qemu": _qemu, "overlay": _ours, "nbdcopy": _nbdcopy}[key](bench, base)
+            seconds = runners[key](bench, base)
             if i > 0:
                 ready.add(key, seconds)
+        for key in rotated(["qemu", "overlay", "nbdcopy"], i):
+            seconds = runners[key](bench, base, discard_flush=True)
+            if i > 0:
+                copy.add(key, seconds)
     latency_benchmark(bench, base)
 
 
-def _target(bench):
+def _target(bench, discard_flush=False):
+    """A fresh sparse raw file served by nbdkit; discard_flush drops its flushes."""
     path = bench.path("target.img")
     with open(path, "wb") as f:
         f.truncate(bench.size)
+    if discard_flush:
+        return path, bench.servers.nbdkit("target", "--filter=fua", "file", path,
+                                          "fuamode=discard")
     return path, bench.servers.nbdkit("target", "file", path)
 
 
@@ -99,8 +113,8 @@ def _start_ours(bench, base, name):
     return server, state, control
 
 
-def _ours(bench, base):
-    path, target = _target(bench)
+def _ours(bench, base, discard_flush=False):
+    path, target = _target(bench, discard_flush)
     server, state, control = _start_ours(bench, base, "overlay-mirror")
     try:
         with QMPClient(control, timeout=TIMEOUT) as qmp:
@@ -114,8 +128,8 @@ def _ours(bench, base):
         _finish(bench, target, path)
 
 
-def _qemu(bench, base):
-    path, target = _target(bench)
+def _qemu(bench, base, discard_flush=False):
+    path, target = _target(bench, discard_flush)
     image = bench.path("mirror.qcow2")
     bench.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", image])
     control = bench.path("qsd-mirror.sock")
@@ -139,10 +153,10 @@ def _qemu(bench, base):
         _finish(bench, target, path)
 
 
-def _nbdcopy(bench, base):
-    path, target = _target(bench)
+def _nbdcopy(bench, base, discard_flush=False):
+    path, target = _target(bench, discard_flush)
     try:
-        return bench.timed(["nbdcopy", base, target.uri])
+        return bench.timed(["nbdcopy", "--flush", base, target.uri])
     finally:
         _finish(bench, target, path)
 

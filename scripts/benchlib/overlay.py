@@ -190,7 +190,9 @@ def write_benchmark(bench, group, memory, base):
         bench.progress("write: %s" % ("warm-up round" if i == 0 else "run %d/%d" % (i, bench.runs)))
         for key in rotated(list(group.rows), i):
             server, paths = start(key)
-            seconds = bench.timed(["nbdcopy", base, server.uri])
+            # --flush: nbdcopy does not flush by default, and a write that is
+            # not durable is not what an overlay promises.
+            seconds = bench.timed(["nbdcopy", "--flush", base, server.uri])
             rss = bench.servers.stop(server)
             if i > 0:
                 group.add(key, seconds)
