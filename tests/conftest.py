@@ -139,6 +139,16 @@ def servers(tmp_path):
     s.cleanup()
 
 
+@pytest.fixture(scope="session")
+def guest_image():
+    """The test guest (tests/guest.py), built once; skipped only if its kernel can't be fetched."""
+    import guest
+    try:
+        return guest.build_guest()
+    except guest.GuestUnavailable as e:
+        pytest.skip(str(e))
+
+
 @pytest.fixture
 def connect():
     """Open libnbd handles to URIs; all closed after the test."""

@@ -38,7 +38,7 @@ def test_default_control_socket_lives_in_the_state_dir_with_mode_0600(servers, t
 def test_qemu_qmp_client_drives_a_mirror_unchanged(servers, tmp_path):
     from qemu.qmp import QMPClient
     base = make_image(tmp_path / "base.img", 8 * MiB, [(0, 8 * MiB)], seed=9)
-    disk = servers.overlay(tmp_path / "ov", base=base, control=str(tmp_path / "ctl.sock"))
+    servers.overlay(tmp_path / "ov", base=base, control=str(tmp_path / "ctl.sock"))
     target_path = tmp_path / "t.img"
     with open(target_path, "wb") as f:
         f.truncate(8 * MiB)

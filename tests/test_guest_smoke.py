@@ -17,14 +17,6 @@ import guest
 DISK = 64 * 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def guest_image():
-    try:
-        return guest.build_guest()
-    except guest.GuestUnavailable as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture
 def disk(servers):
     """A blank 64 MiB disk served by nbdkit's memory plugin."""

@@ -1,13 +1,12 @@
 """The mirror job against real nbdkit targets: lifecycle, events, pivot, convergence."""
 
 import random
-import subprocess
 import threading
 import time
 
 import pytest
 
-from conftest import make_image, sha256_file
+from conftest import make_image
 from qmp_helpers import Control
 
 MiB = 1 << 20

@@ -16,14 +16,6 @@ from faults import MiB, FaultSwitch, MirrorRig, error_args
 SIZE = 64 * MiB
 
 
-@pytest.fixture(scope="module")
-def guest_image():
-    try:
-        return guest.build_guest()
-    except guest.GuestUnavailable as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture
 def fault(tmp_path):
     return FaultSwitch(tmp_path / "fault")

@@ -1,6 +1,5 @@
 """The overlay disk served by nbdkit: NBD semantics, copy-on-write, persistence."""
 
-import os
 import shutil
 import subprocess
 

@@ -576,12 +576,10 @@ def test_concurrent_partial_writes_are_never_overwritten_by_the_stream(
 
 @pytest.mark.guest
 @pytest.mark.slow
-def test_guest_writes_during_stream_all_survive(servers, tmp_path, sessions, connect):
+def test_guest_writes_during_stream_all_survive(servers, tmp_path, sessions, connect,
+                                                guest_image):
     import guest
-    try:
-        image = guest.build_guest()
-    except guest.GuestUnavailable as e:
-        pytest.skip(str(e))
+    image = guest_image
     size = 64 * MiB
     base = make_image(tmp_path / "base.img", size, [(0, size)], seed=4)
     srv, ctl = start(servers, tmp_path, base)
