@@ -18,6 +18,19 @@ PLUGIN = REPO / "plugin" / "overlaydisk.py"
 sys.path.insert(0, str(REPO / "tests"))
 
 
+def _accepts(path):
+    """True if a Unix socket at path accepts a connection (closed at once)."""
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 def nbd_uri(sock):
     return "nbd+unix:///?socket=%s" % sock
 
@@ -25,8 +38,9 @@ def nbd_uri(sock):
 class Server:
     """An nbdkit process serving on a Unix socket."""
 
-    def __init__(self, argv, sock, log_path, env=None):
+    def __init__(self, argv, sock, log_path, env=None, control=None):
         self.argv = argv
+        self.control = control
         self.sock = str(sock)
         self.uri = nbd_uri(sock)
         self.log_path = log_path
@@ -36,14 +50,23 @@ class Server:
         self.pid = self.proc.pid
 
     def wait_ready(self, timeout=30):
+        """Wait for the NBD socket, then (our plugin) for the control socket to accept.
+
+        nbdkit binds the NBD socket before it forks; the control server starts
+        after the fork, so a test must not race it.
+        """
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if os.path.exists(self.sock):
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError("nbdkit exited with %s:\n%s" % (self.proc.returncode, self.log()))
-            time.sleep(0.02)
-        raise RuntimeError("nbdkit did not create %s:\n%s" % (self.sock, self.log()))
+        for path, accepting in ((self.sock, False), (self.control, True)):
+            while path is not None:
+                if os.path.exists(path) and (not accepting or _accepts(path)):
+                    break
+                if self.proc.poll() is not None:
+                    raise RuntimeError("nbdkit exited with %s:\n%s"
+                                       % (self.proc.returncode, self.log()))
+                if time.monotonic() > deadline:
+                    raise RuntimeError("nbdkit did not open %s:\n%s" % (path, self.log()))
+                time.sleep(0.02)
+        return self
 
     def log(self):
         self._log.flush()
@@ -101,7 +124,8 @@ class Servers:
             argv.append("size=%s" % size)
         for k, v in params.items():
             argv.append("%s=%s" % (k.replace("_", "-"), v))
-        return self._start(argv, sock, log, wait)
+        control = params.get("control") or os.path.join(str(overlay), "control.sock")
+        return self._start(argv, sock, log, wait, control)
 
     def nbdkit(self, plugin, *args, filters=(), wait=True):
         """nbdkit serving any plugin, e.g. nbdkit("file", path, filters=["error"])."""
@@ -115,10 +139,10 @@ class Servers:
     def restart(self, server, wait=True):
         """Start the same command again on the same socket (after stop or kill9)."""
         _, log = self._next("restart")
-        return self._start(server.argv, server.sock, log, wait)
+        return self._start(server.argv, server.sock, log, wait, server.control)
 
-    def _start(self, argv, sock, log, wait):
-        server = Server(argv, sock, log)
+    def _start(self, argv, sock, log, wait, control=None):
+        server = Server(argv, sock, log, control=control)
         self.started.append(server)
         return server.wait_ready() if wait else server
 
