@@ -222,6 +222,7 @@ class MirrorJob(Job):
             for off, n in self._retries.due():
                 self.bitmap.mark(off, n)
             self._update_progress()
+            copied_before = self._copied
             pos = self._issue_some(pos)
             if self.cancelled:
                 return
@@ -233,10 +234,13 @@ class MirrorJob(Job):
                 continue
             if self.target.in_flight():
                 continue
+            progressed = self._copied != copied_before
             now = time.monotonic()
             if self._zero_queue or not self.bitmap.is_clean():
-                # Nothing could start: the retry gate is closed.
-                self.sleep(max(0.01, self._retries.gate - now))
+                if self._retries.gate > now or not progressed:
+                    # Nothing could start (the retry gate is closed): wait.
+                    self.sleep(max(0.01, self._retries.gate - now))
+                # Otherwise a rate-limited job copied its one range: go on at once.
                 continue
             if self._retries:
                 self.sleep(max(0.01, self._retries.next_due() - now))
