@@ -353,3 +353,24 @@ def test_write_blocking_converges_under_load_that_background_cannot_keep_up_with
     s.h.flush()
     assert s.target_bytes() == bytes(expected)
     s.qmp.close()
+
+
+@pytest.mark.slow
+def test_speed_limited_mirror_copies_at_about_its_speed(servers, tmp_path, connect):
+    """speed= is a rate, not a hint: over a second the job copies close to it."""
+    size = 128 * MiB
+    s = Setup(servers, tmp_path, connect, size=size)
+    for off in range(0, size, 8 * MiB):                      # 128 MiB of data to copy
+        s.h.pwrite(b"\x01" * (8 * MiB), off)
+    speed = 48 * MiB
+    s.mirror(speed=speed, granularity=65536)
+    s.qmp.wait_status("disk0", "running")
+    time.sleep(0.5)                                          # past the rate limiter's slack
+    t0, first = time.monotonic(), s.qmp.job("disk0")["offset"]
+    time.sleep(1.5)
+    t1, second = time.monotonic(), s.qmp.job("disk0")["offset"]
+    rate = (second - first) / (t1 - t0)
+    assert 0.5 * speed <= rate <= 1.5 * speed, rate / MiB
+    s.qmp("block-job-cancel", device="disk0", force=True)
+    s.qmp.wait_event("BLOCK_JOB_CANCELLED")
+    s.qmp.close()
