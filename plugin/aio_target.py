@@ -126,12 +126,10 @@ class NbdTarget:
         return self._size
 
     def extents(self, offset, length):
-        # A short-lived synchronous view through the pool-less backend code.
-        b = backends.NbdBackend.__new__(backends.NbdBackend)
-        b._nbd, b.address, b._size = self._nbd, self.address, self._size
-        b._extents_ok = bool(self._h.can_meta_context(self._nbd.CONTEXT_BASE_ALLOCATION))
-        b._call = lambda fn, retry=False: self._guard(lambda: fn(self._h))
-        return backends.NbdBackend.extents(b, offset, length)
+        """Synchronous block status on the job's connection (only used at start)."""
+        ok = bool(self._h.can_meta_context(self._nbd.CONTEXT_BASE_ALLOCATION))
+        return backends.nbd_extents(lambda fn: self._guard(lambda: fn(self._h)),
+                                    offset, length, self._size, ok)
 
     def _connected(self):
         return self._h is not None and not self._h.aio_is_dead() and not self._h.aio_is_closed()

@@ -260,38 +260,8 @@ class NbdBackend:
         self._call(lambda h: h.flush())
 
     def extents(self, offset, length):
-        end = min(offset + length, self._size)
-        if not self._extents_ok:
-            result = [(offset, end - offset, False)] if end > offset else []
-        else:
-            result = []
-            pos = offset
-            while pos < end:
-                got = []
-
-                def extent(metacontext, start, entries, err):
-                    if metacontext == self._nbd.CONTEXT_BASE_ALLOCATION:
-                        got.extend(entries)
-                    return 0
-
-                count = min(end - pos, 1 << 30)
-                self._call(lambda h: h.block_status(count, pos, extent), retry=True)
-                if not got:
-                    raise OSError(errno.EIO, "server returned no extents at %d" % pos)
-                for i in range(0, len(got), 2):
-                    n = min(got[i], end - pos)
-                    zero = bool(got[i + 1] & self._nbd.STATE_ZERO)
-                    if result and result[-1][2] == zero and result[-1][0] + result[-1][1] == pos:
-                        result[-1] = (result[-1][0], result[-1][1] + n, zero)
-                    else:
-                        result.append((pos, n, zero))
-                    pos += n
-                    if pos >= end:
-                        break
-        if offset + length > end:
-            start = max(end, offset)
-            result.append((start, offset + length - start, True))
-        return result
+        return nbd_extents(lambda fn: self._call(fn, retry=True), offset, length, self._size,
+                           self._extents_ok)
 
     def close(self):
         with self._lock:
@@ -305,3 +275,44 @@ class NbdBackend:
         while not self._pool.empty():
             self._pool.get_nowait()
 
+
+def nbd_extents(call, offset, length, size, extents_ok):
+    """[(offset, length, reads_as_zero)] of an NBD export, covering the range.
+
+    call(fn) runs fn(handle) on a connection and turns libnbd errors into
+    OSError.  Without base:allocation everything is data; past the end of the
+    export everything reads as zeros.
+    """
+    import nbd
+    end = min(offset + length, size)
+    result = []
+    if not extents_ok:
+        if end > offset:
+            result.append((offset, end - offset, False))
+    pos = offset
+    while extents_ok and pos < end:
+        got = []
+
+        def extent(metacontext, start, entries, err):
+            if metacontext == nbd.CONTEXT_BASE_ALLOCATION:
+                got.extend(entries)
+            return 0
+
+        count = min(end - pos, 1 << 30)
+        call(lambda h: h.block_status(count, pos, extent))
+        if not got:
+            raise OSError(errno.EIO, "server returned no extents at %d" % pos)
+        for i in range(0, len(got), 2):
+            n = min(got[i], end - pos)
+            zero = bool(got[i + 1] & nbd.STATE_ZERO)
+            if result and result[-1][2] == zero and result[-1][0] + result[-1][1] == pos:
+                result[-1] = (result[-1][0], result[-1][1] + n, zero)
+            else:
+                result.append((pos, n, zero))
+            pos += n
+            if pos >= end:
+                break
+    if offset + length > end:
+        start = max(end, offset)
+        result.append((start, offset + length - start, True))
+    return result
