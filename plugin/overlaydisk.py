@@ -3,23 +3,43 @@
     nbdkit -U disk.sock python plugin/overlaydisk.py overlay=STATE_DIR [base=FILE|NBD_URI]
            [size=SIZE] [control=CTL_SOCK] [device=NAME] [cluster-size=64K]
 
-Thread model: parallel.  Every callback is one or two lines forwarding to the
-Disk (plugin/disk.py); errors become the errno they carry (nbdkit.set_error).
+Every plugin key is listed in docs/plugin-keys.md.  Thread model: parallel.
+Every callback is one or two lines forwarding to the Disk (plugin/disk/disk.py);
+errors become the errno they carry (nbdkit.set_error); extents become nbdkit's
+flag bits here and nowhere else.
 """
 
 import errno
 import functools
+import importlib
 import logging
 import os
 import sys
 
-# nbdkit does not put the script's folder on sys.path: add the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+import nbdkit
 
-import nbdkit  # noqa: E402
 
-from plugin.config import ConfigError  # noqa: E402
-from plugin.service import Service  # noqa: E402
+def _import_package():
+    """The package this script belongs to, imported by its full dotted name.
+
+    nbdkit does not put the script's folder on sys.path.  From a clone the
+    package is `plugin`; from an installed copy it is `overlay_nbd.plugin`:
+    walk up while the folders are packages, put the folder above them on
+    sys.path and import the package by name.
+    """
+    here = os.path.dirname(os.path.realpath(__file__))
+    names = []
+    while os.path.exists(os.path.join(here, "__init__.py")):
+        here, name = os.path.split(here)
+        names.insert(0, name)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return ".".join(names)
+
+
+_PACKAGE = _import_package()
+ConfigError = importlib.import_module(_PACKAGE + ".config").ConfigError
+Service = importlib.import_module(_PACKAGE + ".service").Service
 
 API_VERSION = 2
 
@@ -160,6 +180,10 @@ def cache(h, count, offset, flags):
     h.cache(offset, count)
 
 
+_HOLE_ZERO = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
+
+
 @_io
 def extents(h, count, offset, flags):
-    return h.extents(offset, count, bool(flags & nbdkit.FLAG_REQ_ONE))
+    return [(e.offset, e.length, _HOLE_ZERO if e.zero else 0)
+            for e in h.extents(offset, count, bool(flags & nbdkit.FLAG_REQ_ONE))]

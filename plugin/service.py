@@ -8,16 +8,18 @@ start in after_fork and are stopped and joined in cleanup.
 import logging
 import os
 
-from plugin import backends, statedir
-from plugin.block_commands import register_block_commands
-from plugin.config import Config, ConfigError
-from plugin.control import ControlServer
-from plugin.disk import BackendStore, Disk
-from plugin.events import EventBus
-from plugin.job import JobRegistry
-from plugin.job_commands import register_job_commands
-from plugin.qmp_commands import CommandRegistry, register_builtin_commands
-from plugin.store import OverlayStore
+from . import backends
+from .config import Config, ConfigError
+from .disk import statedir
+from .disk.disk import Disk
+from .disk.passthrough import BackendStore
+from .disk.store import OverlayStore
+from .jobs.registry import JobRegistry
+from .qmp.block_commands import register_block_commands
+from .qmp.dispatch import CommandRegistry, register_builtin_commands
+from .qmp.events import EventBus
+from .qmp.job_commands import register_job_commands
+from .qmp.server import ControlServer
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +85,8 @@ class Service:
         return self.disk.io_status
 
     def resume_io(self):
-        """cont: retry requests held by werror/rerror=stop (see plugin/disk.py)."""
+        """cont: retry requests held by werror/rerror=stop (see plugin/disk/disk.py)."""
         self.disk.resume_io()
-
-    def drop_base(self):
-        """The overlay stands alone (a stream finished): forget the base, durably.
-
-        The map is committed first, so it never points at a base that is gone.
-        """
-        store = self.disk.store
-        store.flush()
-        self.state.update(base=None)
-        old, store.base = store.base, None
-        if old is not None:
-            old.close()
 
     def pivot_to(self, address):
         """Serve the mirror target from now on; called inside disk.quiesce()."""

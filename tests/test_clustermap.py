@@ -2,9 +2,9 @@
 
 import threading
 
-from plugin.bitmap import DirtyBitmap
-from plugin.clustermap import ABSENT, DATA, ZERO, ClusterMap
-from plugin.store import RangeLock
+from plugin.jobs.bitmap import DirtyBitmap
+from plugin.disk.clustermap import ABSENT, DATA, ZERO, ClusterMap
+from plugin.disk.rangelock import RangeLock
 
 
 def reopen(path, n):

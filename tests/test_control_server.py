@@ -14,10 +14,11 @@ import time
 
 import pytest
 
-from plugin.control import ControlServer
-from plugin.events import EventBus
-from plugin.qmp_commands import CommandRegistry, QMPError, register_builtin_commands
-from plugin.qmp_wire import StreamDecoder
+from plugin.qmp.server import ControlServer
+from plugin.qmp.events import EventBus
+from plugin.core.errors import CommandError
+from plugin.qmp.dispatch import CommandRegistry, register_builtin_commands
+from plugin.qmp.wire import StreamDecoder
 
 TIMEOUT = 10
 
@@ -91,7 +92,7 @@ class Env:
         raise RuntimeError("kaboom")
 
     def _refuse(self):
-        raise QMPError("Job 'j' not found", "DeviceNotActive")
+        raise CommandError("Job 'j' not found", "DeviceNotActive")
 
     def client(self, negotiate=True):
         c = RawClient(self.path)
@@ -319,7 +320,7 @@ def test_slow_reader_does_not_block_emit_or_other_clients(tmp_path):
 
 
 def test_slow_reader_is_disconnected_and_logged(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="plugin.control")
+    caplog.set_level(logging.WARNING, logger="plugin.qmp.server")
     e = Env(tmp_path, max_output=64 * 1024, event_queue=500)
     e.server.start()
     try:
@@ -475,9 +476,9 @@ def test_qemu_qmp_client_sees_command_errors(env):
 
 SERVER_WITH_FEW_FDS = r"""
 import os, resource, sys, time
-from plugin.control import ControlServer
-from plugin.events import EventBus
-from plugin.qmp_commands import CommandRegistry, register_builtin_commands
+from plugin.qmp.server import ControlServer
+from plugin.qmp.events import EventBus
+from plugin.qmp.dispatch import CommandRegistry, register_builtin_commands
 registry = CommandRegistry()
 register_builtin_commands(registry)
 server = ControlServer(sys.argv[1], registry, EventBus())

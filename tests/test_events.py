@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from plugin.events import EventBus
+from plugin.qmp.events import EventBus
 
 
 def test_event_has_qmp_shape():

@@ -1,6 +1,6 @@
 """The job engine: lifecycle paths, exact event order, verbs, errors, speed, registry.
 
-Jobs here are a tiny real subclass of plugin.job.Job (ScriptedJob) that
+Jobs here are a tiny real subclass of plugin.jobs.engine.Job (ScriptedJob) that
 "copies" a number of chunks, with scripted I/O faults, an optional ready
 phase and gates the test opens to let it proceed.
 """
@@ -12,9 +12,10 @@ import time
 
 import pytest
 
-from plugin.events import EventBus
-from plugin.job import Job, JobRegistry
-from plugin.qmp_commands import QMPError
+from plugin.qmp.events import EventBus
+from plugin.jobs.engine import Job
+from plugin.jobs.registry import JobRegistry
+from plugin.core.errors import CommandError
 
 TIMEOUT = 5.0
 
@@ -599,13 +600,13 @@ def test_set_speed_lower_slows_a_running_job(start, events):
 
 def test_negative_speed_is_rejected(start):
     job = start(hold=True)
-    with pytest.raises(QMPError) as exc:
+    with pytest.raises(CommandError) as exc:
         job.user_set_speed(-1)
     assert exc.value.desc == "Parameter 'speed' expects a non-negative value"
 
 
 def test_negative_speed_at_creation_is_rejected(bus):
-    with pytest.raises(QMPError):
+    with pytest.raises(CommandError):
         ScriptedJob("j0", bus, speed=-5)
 
 
@@ -621,7 +622,7 @@ def test_negative_speed_at_creation_is_rejected(bus):
 def test_verbs_refused_while_running(start, events, verb, call):
     job = start(hold=True)
     events.until_status("running")
-    with pytest.raises(QMPError) as exc:
+    with pytest.raises(CommandError) as exc:
         call(job)
     assert exc.value.desc == f"Job 'j0' in state 'running' cannot accept command verb '{verb}'"
     assert exc.value.cls == "GenericError"
@@ -637,7 +638,7 @@ def test_verbs_refused_while_running(start, events, verb, call):
 def test_verbs_refused_while_pending(start, events, verb, call):
     job = start(auto_finalize=False)
     events.until("BLOCK_JOB_PENDING")
-    with pytest.raises(QMPError) as exc:
+    with pytest.raises(CommandError) as exc:
         call(job)
     assert exc.value.desc == f"Job 'j0' in state 'pending' cannot accept command verb '{verb}'"
 
@@ -650,7 +651,7 @@ def test_verbs_refused_while_pending(start, events, verb, call):
 def test_verbs_refused_when_concluded(start, events, verb, call):
     job = start(auto_dismiss=False)
     events.until_status("concluded")
-    with pytest.raises(QMPError) as exc:
+    with pytest.raises(CommandError) as exc:
         call(job)
     assert exc.value.desc == f"Job 'j0' in state 'concluded' cannot accept command verb '{verb}'"
 
@@ -658,7 +659,7 @@ def test_verbs_refused_when_concluded(start, events, verb, call):
 def test_resume_of_concluded_job_is_refused_as_not_paused(start, events):
     job = start(auto_dismiss=False)
     events.until_status("concluded")
-    with pytest.raises(QMPError) as exc:
+    with pytest.raises(CommandError) as exc:
         job.user_resume()
     assert exc.value.desc == "Can't resume a job that was not paused"
 
@@ -666,14 +667,14 @@ def test_resume_of_concluded_job_is_refused_as_not_paused(start, events):
 def test_pause_twice_is_refused(start):
     job = start(hold=True)
     job.user_pause()
-    with pytest.raises(QMPError) as exc:
+    with pytest.raises(CommandError) as exc:
         job.user_pause()
     assert exc.value.desc == "Job is already paused"
 
 
 def test_resume_of_unpaused_job_is_refused(start):
     job = start(hold=True)
-    with pytest.raises(QMPError) as exc:
+    with pytest.raises(CommandError) as exc:
         job.user_resume()
     assert exc.value.desc == "Can't resume a job that was not paused"
 
@@ -683,7 +684,7 @@ def test_complete_after_soft_cancel_is_refused(start, events):
     job.ready_gate.clear()
     events.until("BLOCK_JOB_READY")
     job.user_cancel(force=False)
-    with pytest.raises(QMPError) as exc:
+    with pytest.raises(CommandError) as exc:
         job.user_complete()
     assert exc.value.desc == "The active block job 'j0' cannot be completed"
     job.ready_gate.set()
@@ -695,7 +696,7 @@ def test_complete_after_soft_cancel_is_refused(start, events):
 
 def test_change_unsupported_by_job_type(start):
     job = start(hold=True)
-    with pytest.raises(QMPError) as exc:
+    with pytest.raises(CommandError) as exc:
         job.user_change(on_error="stop")
     assert exc.value.desc == "Job type does not support change"
 
@@ -708,7 +709,7 @@ def test_change_passes_supported_options_to_the_job(start):
 
 def test_change_rejects_option_the_job_type_lacks(start):
     job = start(ChangeableJob, hold=True)
-    with pytest.raises(QMPError) as exc:
+    with pytest.raises(CommandError) as exc:
         job.user_change(on_source_error="stop")
     assert exc.value.desc == "Job type 'stream' does not support changing 'on-source-error'"
     assert job.changes == []
@@ -752,7 +753,7 @@ def test_add_moves_job_to_created(bus, registry, events):
 def test_duplicate_job_id_is_rejected_without_events(bus, registry, events, start):
     start(hold=True)
     events.until_status("running")
-    with pytest.raises(QMPError) as exc:
+    with pytest.raises(CommandError) as exc:
         registry.add(ScriptedJob("j0", bus))
     assert exc.value.desc == "Job ID 'j0' already in use"
     assert events.rest() == []
@@ -760,14 +761,14 @@ def test_duplicate_job_id_is_rejected_without_events(bus, registry, events, star
 
 @pytest.mark.parametrize("bad_id", ["0abc", "", "a b", "-x", "über"])
 def test_malformed_job_id_is_rejected(bus, registry, bad_id):
-    with pytest.raises(QMPError) as exc:
+    with pytest.raises(CommandError) as exc:
         registry.add(ScriptedJob(bad_id, bus))
     assert exc.value.desc == f"Invalid job ID '{bad_id}'"
 
 
 def test_second_job_on_a_busy_device_is_rejected(bus, registry, start):
     start(hold=True, device="disk0", becomes_ready=True)
-    with pytest.raises(QMPError) as exc:
+    with pytest.raises(CommandError) as exc:
         registry.add(ScriptedJob("j1", bus, device="disk0"))
     assert exc.value.desc == "Node 'disk0' is busy: block device is in use by block job: mirror"
 
@@ -787,13 +788,13 @@ def test_jobs_on_different_devices_coexist(registry, start):
 
 
 def test_find_unknown_job(registry):
-    with pytest.raises(QMPError) as exc:
+    with pytest.raises(CommandError) as exc:
         registry.find("nope")
     assert (exc.value.cls, exc.value.desc) == ("GenericError", "Job not found")
 
 
 def test_find_unknown_block_job(registry):
-    with pytest.raises(QMPError) as exc:
+    with pytest.raises(CommandError) as exc:
         registry.find_block_job("nope")
     assert (exc.value.cls, exc.value.desc) == ("DeviceNotActive", "Block job 'nope' not found")
 

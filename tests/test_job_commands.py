@@ -7,10 +7,12 @@ import time
 
 import pytest
 
-from plugin.events import EventBus
-from plugin.job import Job, JobRegistry
-from plugin.job_commands import register_job_commands
-from plugin.qmp_commands import CommandRegistry, QMPError
+from plugin.qmp.events import EventBus
+from plugin.jobs.engine import Job
+from plugin.jobs.registry import JobRegistry
+from plugin.qmp.job_commands import register_job_commands
+from plugin.core.errors import CommandError
+from plugin.qmp.dispatch import CommandRegistry
 
 TIMEOUT = 5.0
 
@@ -120,7 +122,7 @@ def wait_status(sub, status):
 
 
 def error_of(qmp, name, args):
-    with pytest.raises(QMPError) as exc:
+    with pytest.raises(CommandError) as exc:
         qmp.execute(name, args)
     return exc.value.cls, exc.value.desc
 

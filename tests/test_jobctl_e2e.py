@@ -28,11 +28,12 @@ import sys
 
 sys.path.insert(0, sys.argv[2])
 
-from plugin.control import ControlServer
-from plugin.events import EventBus
-from plugin.job import Job, JobRegistry
-from plugin.job_commands import register_job_commands
-from plugin.qmp_commands import CommandRegistry, register_builtin_commands
+from plugin.qmp.server import ControlServer
+from plugin.qmp.events import EventBus
+from plugin.jobs.engine import Job
+from plugin.jobs.registry import JobRegistry
+from plugin.qmp.job_commands import register_job_commands
+from plugin.qmp.dispatch import CommandRegistry, register_builtin_commands
 
 
 class StepJob(Job):

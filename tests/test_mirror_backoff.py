@@ -2,7 +2,7 @@
 
 import pytest
 
-from plugin.backoff import RetrySchedule
+from plugin.jobs.backoff import RetrySchedule
 
 MiB = 1 << 20
 

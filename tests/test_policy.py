@@ -4,7 +4,7 @@ import errno
 
 import pytest
 
-from plugin import policy
+from plugin.core import policy
 
 OTHER_ERRNOS = [errno.EIO, errno.EPERM, errno.ENOMEM, errno.EINVAL, errno.EROFS,
                 errno.EDQUOT, errno.ESHUTDOWN, errno.ENOTCONN]

@@ -2,9 +2,9 @@
 
 import pytest
 
-from plugin.qmp_commands import (
+from plugin.core.errors import CommandError
+from plugin.qmp.dispatch import (
     CommandRegistry,
-    QMPError,
     parse_request,
     register_builtin_commands,
 )
@@ -39,7 +39,7 @@ def mirror():
 
 
 def rejection(registry, args, name="drive-mirror"):
-    with pytest.raises(QMPError) as info:
+    with pytest.raises(CommandError) as info:
         registry.execute(name, args)
     return info.value
 
@@ -137,7 +137,7 @@ def test_unknown_command_is_command_not_found():
 
 def test_qmp_error_from_handler_propagates():
     def fail():
-        raise QMPError("Job 'j' not found", "DeviceNotActive")
+        raise CommandError("Job 'j' not found", "DeviceNotActive")
     registry = CommandRegistry()
     registry.register("fail", fail)
     err = rejection(registry, {}, name="fail")
@@ -172,7 +172,7 @@ def test_allowed_before_negotiation_follows_registration():
 
 
 def test_qmp_error_reply_shape():
-    assert QMPError("boom").to_reply() == {"error": {"class": "GenericError", "desc": "boom"}}
+    assert CommandError("boom").to_reply() == {"error": {"class": "GenericError", "desc": "boom"}}
 
 
 # -- request envelope ----------------------------------------------------------
@@ -195,7 +195,7 @@ def test_minimal_request_is_parsed():
     ({"exec-oob": "x"}, "QMP input member 'exec-oob' is unexpected"),
 ])
 def test_bad_envelope_is_generic_error(msg, desc):
-    with pytest.raises(QMPError) as info:
+    with pytest.raises(CommandError) as info:
         parse_request(msg)
     assert (info.value.cls, info.value.desc) == ("GenericError", desc)
 

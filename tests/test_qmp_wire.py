@@ -2,7 +2,7 @@
 
 import json
 
-from plugin.qmp_wire import DecodeError, StreamDecoder, encode
+from plugin.qmp.wire import DecodeError, StreamDecoder, encode
 
 
 def feed_all(chunks, **kwargs):

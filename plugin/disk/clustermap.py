@@ -13,7 +13,7 @@ the data sync; only then are the pages written and the map synced.
 import os
 import threading
 
-from plugin.backends import pwrite_all
+from ..backends.fileio import pwrite_all
 
 ABSENT = 0   # the overlay does not hold the cluster: read the base (or zeros)
 DATA = 1     # data.img holds the cluster
@@ -59,6 +59,14 @@ class ClusterMap:
                 if i != -1:
                     stop = i
         return stop
+
+    def runs(self, first, end):
+        """(start, stop, state) for each run of equal states in clusters [first, end)."""
+        c = first
+        while c < end:
+            stop = self.run_end(c, end)
+            yield c, stop, self._map[c]
+            c = stop
 
     def set(self, first, end, state):
         """Set clusters [first, end) to state (in memory; durable at the next commit)."""

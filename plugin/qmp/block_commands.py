@@ -1,16 +1,16 @@
 """QMP commands about the served disk: drive-mirror, block-stream, query-block, stop/cont.
 
 Handlers check the arguments QEMU's way, build the job and start it; the job
-engine (plugin/job.py) and the jobs do the rest.  Arguments keep QEMU's
+engine (plugin/jobs/engine.py) and the jobs do the rest.  Arguments keep QEMU's
 spelling (job-id, buf-size), so handlers take **args.
 """
 
 import logging
 
-from plugin import policy
-from plugin.mirror import MirrorJob
-from plugin.qmp_commands import QMPError
-from plugin.stream import StreamJob
+from ..core import policy
+from ..core.errors import CommandError
+from ..jobs.mirror import MirrorJob
+from ..jobs.stream import StreamJob
 
 log = logging.getLogger(__name__)
 
@@ -26,28 +26,28 @@ def register_block_commands(registry, service):
 
     def find_device(device):
         if device != service.disk.device:
-            raise QMPError("Cannot find device='%s' nor node-name='%s'" % (device, device))
+            raise CommandError("Cannot find device='%s' nor node-name='%s'" % (device, device))
         return service.disk
 
     def drive_mirror(**args):
         disk = find_device(args["device"])
         if args.get("mode", "existing") != "existing":
-            raise QMPError("Only mode 'existing' is supported: create the target first")
+            raise CommandError("Only mode 'existing' is supported: create the target first")
         granularity = args.get("granularity", 0)
         if granularity and not (512 <= granularity <= 64 << 20):
-            raise QMPError("Parameter 'granularity' expects a value in range [512B, 64MB]")
+            raise CommandError("Parameter 'granularity' expects a value in range [512B, 64MB]")
         if granularity and not _power_of_two(granularity):
-            raise QMPError("Parameter 'granularity' expects a power of 2")
+            raise CommandError("Parameter 'granularity' expects a power of 2")
         buf_size = args.get("buf-size", 0)
         if buf_size < 0:
-            raise QMPError("Parameter 'buf-size' expects a positive value")
+            raise CommandError("Parameter 'buf-size' expects a positive value")
         speed = args.get("speed", 0)
         if speed < 0:
-            raise QMPError("Parameter 'speed' expects a non-negative value")
+            raise CommandError("Parameter 'speed' expects a non-negative value")
         job_id = args.get("job-id", disk.device)
         busy = service.jobs.active_job(disk.device)
         if busy is not None:
-            raise QMPError("Node '%s' is busy: block device is in use by block job: %s"
+            raise CommandError("Node '%s' is busy: block device is in use by block job: %s"
                            % (disk.device, busy.type))
         try:
             job = MirrorJob(
@@ -60,10 +60,10 @@ def register_block_commands(registry, service):
                 auto_dismiss=args.get("auto-dismiss", True),
                 pivot=service.pivot_to)
         except OSError as e:
-            raise QMPError("Could not open '%s': %s" % (args["target"], e.strerror or e)) from None
+            raise CommandError("Could not open '%s': %s" % (args["target"], e.strerror or e)) from None
         try:
             service.jobs.add(job)
-        except QMPError:
+        except CommandError:
             job.clean()
             raise
         job.start()
@@ -80,24 +80,23 @@ def register_block_commands(registry, service):
     def block_stream(**args):
         disk = find_device(args["device"])
         if service.active_target() is not None:
-            raise QMPError("Device '%s' has no backing file: a mirror pivoted it to %s"
+            raise CommandError("Device '%s' has no backing file: a mirror pivoted it to %s"
                            % (disk.device, service.active_target()))
         base = service.base_address()
         if base is None:
-            raise QMPError("Device '%s' has no backing file" % disk.device)
+            raise CommandError("Device '%s' has no backing file" % disk.device)
         # The chain has one backing image: 'base' may only name it (and streams it all).
         if "base" in args and args["base"] != base:
-            raise QMPError("Can't find '%s' in the backing chain" % args["base"])
+            raise CommandError("Can't find '%s' in the backing chain" % args["base"])
         busy = service.jobs.active_job(disk.device)
         if busy is not None:
-            raise QMPError("Node '%s' is busy: block device is in use by block job: %s"
+            raise CommandError("Node '%s' is busy: block device is in use by block job: %s"
                            % (disk.device, busy.type))
         job = StreamJob(
             args.get("job-id", disk.device), service.bus, disk,
             on_error=args.get("on-error", "report"), speed=args.get("speed", 0),
             auto_finalize=args.get("auto-finalize", True),
-            auto_dismiss=args.get("auto-dismiss", True),
-            drop_base=service.drop_base)
+            auto_dismiss=args.get("auto-dismiss", True))
         service.jobs.add(job)
         job.start()
 

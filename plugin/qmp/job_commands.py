@@ -1,8 +1,8 @@
 """QMP commands that drive jobs: queries and the verbs, with QEMU's schemas.
 
-Handlers only look a job up in the :class:`~plugin.job.JobRegistry` and
+Handlers only look a job up in the :class:`~plugin.jobs.registry.JobRegistry` and
 call the matching ``Job.user_*`` verb; every rule (verb table, error texts)
-lives in :mod:`plugin.job`.  As in QEMU, the ``device`` argument of the
+lives in :mod:`plugin.jobs.engine` and :mod:`plugin.jobs.states`.  As in QEMU, the ``device`` argument of the
 block-job-* commands is the job id; block-job-* lookups fail with
 DeviceNotActive "Block job 'X' not found", job-* lookups with GenericError
 "Job not found".
@@ -10,8 +10,8 @@ DeviceNotActive "Block job 'X' not found", job-* lookups with GenericError
 
 from __future__ import annotations
 
-from plugin import policy
-from plugin.qmp_commands import QMPError
+from ..core import policy
+from ..core.errors import CommandError
 
 # QEMU's JobType (block-job-change's optional, deprecated discriminator).
 JOB_TYPES = ["commit", "stream", "mirror", "backup", "create", "amend",
@@ -36,13 +36,13 @@ def register_job_commands(registry, jobs) -> None:
     def block_job_cancel(device, force=False):
         job = jobs.find_block_job(device)
         if job.user_paused and not force:
-            raise QMPError(f"The block job for device '{device}' is currently paused")
+            raise CommandError(f"The block job for device '{device}' is currently paused")
         job.user_cancel(force)
 
     def block_job_change(id, type=None, **options):  # noqa: A002 (QMP names)
         job = jobs.find_block_job(id)
         if type is not None and type != job.type:
-            raise QMPError(f"Job '{id}' is '{job.type}' job, not '{type}'")
+            raise CommandError(f"Job '{id}' is '{job.type}' job, not '{type}'")
         job.user_change(**{name.replace("-", "_"): value for name, value in options.items()})
 
     def block_verb(method):

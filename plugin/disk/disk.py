@@ -24,12 +24,9 @@ import logging
 import os
 import threading
 
-from plugin import policy
+from ..core import policy
 
 log = logging.getLogger(__name__)
-
-EXTENT_DATA = 0
-EXTENT_HOLE_ZERO = 3
 
 # Errors that are answers, not storage failures: never held, never reported.
 _NOT_FAILURES = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL, errno.ERANGE})
@@ -66,48 +63,6 @@ class Gate:
         with self._cond:
             self._closed -= 1
             self._cond.notify_all()
-
-
-class BackendStore:
-    """A plain backend (the mirror target after a pivot) with the store's interface."""
-
-    cluster_size = 65536
-
-    def __init__(self, backend):
-        self.backend = backend
-        self.size = backend.size()
-        self.base = None
-
-    def read(self, buf, offset):
-        self.backend.readinto(buf, offset)
-
-    def write(self, buf, offset, fua=False):
-        self.backend.write(buf, offset, fua)
-
-    def zero(self, offset, length, may_trim=False, fast=False, fua=False):
-        if fast and not may_trim:
-            raise OSError(errno.ENOTSUP, "fast zero needs trim on a pivoted disk")
-        self.backend.zero(offset, length, may_trim, fua)
-
-    def trim(self, offset, length, fua=False):
-        self.backend.zero(offset, length, True, fua)
-
-    def flush(self):
-        self.backend.flush()
-
-    def cache(self, offset, length):
-        pass
-
-    def extents(self, offset, length, req_one=False):
-        result = [(o, n, EXTENT_HOLE_ZERO if zero else EXTENT_DATA)
-                  for o, n, zero in self.backend.extents(offset, length)]
-        return result[:1] if req_one else result
-
-    def allocation(self):
-        return {}
-
-    def close(self):
-        self.backend.close()
 
 
 class Disk:

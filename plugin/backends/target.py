@@ -22,17 +22,13 @@ import logging
 import os
 import socket
 
-from plugin import backends
+from ..core.errors import errno_of
+from .file import FileBackend
+from .nbd import nbd_errno, nbd_extents
 
 log = logging.getLogger(__name__)
 
 MAX_ZERO = 1 << 30        # NBD requests carry a 32-bit length
-
-
-def open_target(address, size_hint=None):
-    if backends.is_nbd_uri(address):
-        return NbdTarget(address)
-    return FileTarget(address)
 
 
 class FileTarget:
@@ -43,7 +39,7 @@ class FileTarget:
 
     def __init__(self, path, workers=4):
         self.address = path
-        self._backend = backends.FileBackend(path, readonly=False)
+        self._backend = FileBackend(path, readonly=False)
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="mirror-io")
         self._pending = {}
 
@@ -79,7 +75,7 @@ class FileTarget:
         for fut in done:
             tag = self._pending.pop(fut)
             exc = fut.exception()
-            result.append((tag, _errno_of(exc) if exc else 0))
+            result.append((tag, errno_of(exc) if exc else 0))
         return result
 
     def reconnect(self):
@@ -111,7 +107,7 @@ class NbdTarget:
         try:
             h.connect_uri(self.address)
         except nbd.Error as e:
-            raise OSError(backends._nbd_errno(e),
+            raise OSError(nbd_errno(e),
                           "cannot connect to %s: %s" % (self.address, e)) from None
         if h.is_read_only():
             raise OSError(errno.EROFS, "target %s is read-only" % self.address)
@@ -128,7 +124,7 @@ class NbdTarget:
     def extents(self, offset, length):
         """Synchronous block status on the job's connection (only used at start)."""
         ok = bool(self._h.can_meta_context(self._nbd.CONTEXT_BASE_ALLOCATION))
-        return backends.nbd_extents(lambda fn: self._guard(lambda: fn(self._h)),
+        return nbd_extents(lambda fn: self._guard(lambda: fn(self._h)),
                                     offset, length, self._size, ok)
 
     def _connected(self):
@@ -138,7 +134,7 @@ class NbdTarget:
         # A dead connection refuses commands with EINVAL-like errors: say what happened.
         if not self._connected():
             return errno.ENOTCONN
-        return backends._nbd_errno(e)
+        return nbd_errno(e)
 
     def _guard(self, fn):
         if self._h is None:
@@ -213,7 +209,7 @@ class NbdTarget:
             except self._nbd.Error as e:
                 del self._pending[cookie]
                 result.append((tag, self._errno(e) if dead else
-                               backends._nbd_errno(e) or errno.EIO))
+                               nbd_errno(e) or errno.EIO))
                 continue
             if done:
                 del self._pending[cookie]
@@ -278,7 +274,3 @@ def _grow_send_buffer(fd):
                 continue
     finally:
         sock.close()
-
-
-def _errno_of(exc):
-    return exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO

@@ -1,153 +1,16 @@
-"""Storage backends: a raw file or an NBD export behind one small interface.
+"""An NBD export as a backend, through libnbd."""
 
-The base, the mirror target and a pivoted disk are all backends, so code above
-never asks which kind it has (as ovirt-imageio's backends do):
-
-    size()                              bytes
-    readinto(buf, offset)               fill all of buf
-    write(buf, offset, fua=False)
-    zero(offset, length, may_trim=False, fua=False)
-    flush()
-    extents(offset, length)             [(offset, length, reads_as_zero)], covering the range
-    close()
-
-Errors are OSError with the errno the storage gave, so callers can tell ENOSPC
-from EIO.
-"""
-
-import ctypes
-import ctypes.util
 import errno
 import logging
-import os
 import queue
 import threading
 
+from ..core.extent import Extent, append_merged
+
 log = logging.getLogger(__name__)
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def fallocate(fd, mode, offset, length):
-    """fallocate(2), which Python's os module lacks; raises OSError."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
-def is_nbd_uri(address):
-    return address.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://",
-                                "nbd+vsock://"))
-
-
-def open_backend(address, readonly, connections=1):
-    """A backend for a file path or an NBD URI."""
-    if is_nbd_uri(address):
-        return NbdBackend(address, readonly, connections)
-    return FileBackend(address, readonly)
-
-
-def pread_all(fd, buf, offset):
-    """Fill the writable buffer buf from fd at offset; raise EIO on a short file."""
-    view = memoryview(buf)
-    while view:
-        n = os.preadv(fd, [view], offset)
-        if n == 0:
-            raise OSError(errno.EIO, "short read at offset %d" % offset)
-        view = view[n:]
-        offset += n
-
-
-def pwrite_all(fd, buf, offset):
-    view = memoryview(buf)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
-def write_zeroes(fd, offset, length):
-    """Write zero bytes over a range (when no fallocate mode is supported)."""
-    chunk = bytes(min(length, 1 << 20))
-    while length:
-        n = min(length, len(chunk))
-        pwrite_all(fd, memoryview(chunk)[:n], offset)
-        offset += n
-        length -= n
-
-
-class FileBackend:
-    """A raw image file (or block device)."""
-
-    def __init__(self, path, readonly):
-        self.address = path
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
-        self._fd = os.open(path, flags)
-        st = os.fstat(self._fd)
-        self._size = st.st_size
-        if self._size == 0 and not os.path.isfile(path):
-            self._size = os.lseek(self._fd, 0, os.SEEK_END)
-        log.info("open backend kind=file path=%s size=%d readonly=%s", path, self._size, readonly)
-
-    def size(self):
-        return self._size
-
-    def readinto(self, buf, offset):
-        pread_all(self._fd, buf, offset)
-
-    def write(self, buf, offset, fua=False):
-        pwrite_all(self._fd, buf, offset)
-        if fua:
-            os.fdatasync(self._fd)
-
-    def zero(self, offset, length, may_trim=False, fua=False):
-        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if may_trim else FALLOC_FL_ZERO_RANGE
-        try:
-            fallocate(self._fd, mode, offset, length)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
-            write_zeroes(self._fd, offset, length)
-        if fua:
-            os.fdatasync(self._fd)
-
-    def flush(self):
-        os.fdatasync(self._fd)
-
-    def extents(self, offset, length):
-        end = min(offset + length, self._size)
-        result = []
-        pos = offset
-        while pos < end:
-            try:
-                data = os.lseek(self._fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    raise
-                data = end
-            if data > pos:
-                result.append((pos, min(data, end) - pos, True))
-                pos = min(data, end)
-                continue
-            hole = os.lseek(self._fd, pos, os.SEEK_HOLE)
-            result.append((pos, min(hole, end) - pos, False))
-            pos = min(hole, end)
-        if offset + length > end:
-            result.append((max(end, offset), offset + length - max(end, offset), True))
-        return result
-
-    def close(self):
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def _nbd_errno(e):
+def nbd_errno(e):
     """libnbd's Error carries the errno as a name ("ENOSPC"); map it to the number."""
     name = getattr(e, "errno", None)
     if isinstance(name, int):
@@ -188,7 +51,7 @@ class NbdBackend:
         try:
             h.connect_uri(self.address)
         except self._nbd.Error as e:
-            raise OSError(_nbd_errno(e), "cannot connect to %s: %s" % (self.address, e)) from None
+            raise OSError(nbd_errno(e), "cannot connect to %s: %s" % (self.address, e)) from None
         with self._lock:
             self._handles.append(h)
         return h
@@ -211,17 +74,17 @@ class NbdBackend:
             return fn(h)
         except self._nbd.Error as e:
             if not (h.aio_is_dead() or h.aio_is_closed()):
-                raise OSError(_nbd_errno(e), str(e)) from None
+                raise OSError(nbd_errno(e), str(e)) from None
             log.warning("NBD connection lost uri=%s error=%s", self.address, e)
             self._forget(h)
             h = None
             if not retry:
-                raise OSError(_nbd_errno(e), str(e)) from None
+                raise OSError(nbd_errno(e), str(e)) from None
             h = self._connect()
             try:
                 return fn(h)
             except self._nbd.Error as e2:
-                raise OSError(_nbd_errno(e2), str(e2)) from None
+                raise OSError(nbd_errno(e2), str(e2)) from None
         finally:
             if h is not None:
                 self._pool.put(h)
@@ -277,7 +140,7 @@ class NbdBackend:
 
 
 def nbd_extents(call, offset, length, size, extents_ok):
-    """[(offset, length, reads_as_zero)] of an NBD export, covering the range.
+    """[Extent] of an NBD export, covering the range.
 
     call(fn) runs fn(handle) on a connection and turns libnbd errors into
     OSError.  Without base:allocation everything is data; past the end of the
@@ -288,7 +151,7 @@ def nbd_extents(call, offset, length, size, extents_ok):
     result = []
     if not extents_ok:
         if end > offset:
-            result.append((offset, end - offset, False))
+            result.append(Extent(offset, end - offset, False))
     pos = offset
     while extents_ok and pos < end:
         got = []
@@ -305,14 +168,11 @@ def nbd_extents(call, offset, length, size, extents_ok):
         for i in range(0, len(got), 2):
             n = min(got[i], end - pos)
             zero = bool(got[i + 1] & nbd.STATE_ZERO)
-            if result and result[-1][2] == zero and result[-1][0] + result[-1][1] == pos:
-                result[-1] = (result[-1][0], result[-1][1] + n, zero)
-            else:
-                result.append((pos, n, zero))
+            append_merged(result, pos, n, zero)
             pos += n
             if pos >= end:
                 break
     if offset + length > end:
         start = max(end, offset)
-        result.append((start, offset + length - start, True))
+        result.append(Extent(start, offset + length - start, True))
     return result

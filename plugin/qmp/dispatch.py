@@ -3,7 +3,7 @@
 This layer knows nothing about sockets or sessions (see ``control.py``):
 it turns a decoded request into ``(name, args, id)``, checks arguments
 against a small QAPI-like schema *before* any handler runs, and calls the
-handler.  Errors are ``QMPError`` carrying QEMU's error class and text, so
+handler.  Errors are ``CommandError`` (plugin/core/errors.py) carrying QEMU's error class and text, so
 the transport can answer ``{"error": {"class", "desc"}}``.
 
 Argument schemas map a name to a type; a leading ``*`` marks it optional::
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 
+from ..core.errors import CommandError
+
 log = logging.getLogger(__name__)
 
 _SCALAR_TYPES = {
@@ -33,37 +35,24 @@ _SCALAR_TYPES = {
 }
 
 
-class QMPError(Exception):
-    """An error reply: {"error": {"class": cls, "desc": desc}}."""
-
-    def __init__(self, desc: str, cls: str = "GenericError"):
-        super().__init__(desc)
-        self.desc = desc
-        self.cls = cls
-
-    def to_reply(self) -> dict:
-        """The QMP error object, without the id."""
-        return {"error": {"class": self.cls, "desc": self.desc}}
-
-
 def parse_request(msg: dict) -> tuple[str, dict, bool, object]:
     """Check the request envelope {"execute": str, "arguments"?: dict, "id"?: any}.
 
-    Returns ``(name, arguments, has_id, id)``.  Raises QMPError(GenericError)
+    Returns ``(name, arguments, has_id, id)``.  Raises CommandError(GenericError)
     with QEMU's texts for a missing or mistyped member or an unexpected one.
     The caller should still echo ``msg["id"]`` on that error when present.
     """
     for key, value in msg.items():
         if key == "execute":
             if not isinstance(value, str):
-                raise QMPError("QMP input member 'execute' must be a string")
+                raise CommandError("QMP input member 'execute' must be a string")
         elif key == "arguments":
             if not isinstance(value, dict):
-                raise QMPError("QMP input member 'arguments' must be an object")
+                raise CommandError("QMP input member 'arguments' must be an object")
         elif key != "id":
-            raise QMPError(f"QMP input member '{key}' is unexpected")
+            raise CommandError(f"QMP input member '{key}' is unexpected")
     if "execute" not in msg:
-        raise QMPError("QMP input member 'execute' is missing")
+        raise CommandError("QMP input member 'execute' is missing")
     return msg["execute"], msg.get("arguments", {}), "id" in msg, msg.get("id")
 
 
@@ -95,11 +84,11 @@ def _check_schema_type(command, key, kind):
 def _check_value(key, kind, value):
     if isinstance(kind, list):
         if not isinstance(value, str):
-            raise QMPError(f"Parameter '{key}' expects str")
+            raise CommandError(f"Parameter '{key}' expects str")
         if value not in kind:
-            raise QMPError(f"Parameter '{key}' does not accept value '{value}'")
+            raise CommandError(f"Parameter '{key}' does not accept value '{value}'")
     elif not _SCALAR_TYPES[kind](value):
-        raise QMPError(f"Parameter '{key}' expects {kind}")
+        raise CommandError(f"Parameter '{key}' expects {kind}")
 
 
 class CommandRegistry:
@@ -113,7 +102,7 @@ class CommandRegistry:
         """Add a command; ``handler(**args)`` gets only the arguments given.
 
         Missing required args, unknown args, wrong types and bad enum values
-        are rejected with QMPError(GenericError) before the handler runs.
+        are rejected with CommandError(GenericError) before the handler runs.
         The handler returns a JSON-serialisable value (None means {}).
         Registering a name twice is a programming error (ValueError).
         """
@@ -131,30 +120,30 @@ class CommandRegistry:
         return command is not None and command.allow_before_negotiation
 
     def validate(self, name: str, args: dict | None) -> dict:
-        """Check ``args`` for command ``name``; returns them or raises QMPError."""
+        """Check ``args`` for command ``name``; returns them or raises CommandError."""
         command = self._commands.get(name)
         if command is None:
-            raise QMPError(f"The command {name} has not been found", "CommandNotFound")
+            raise CommandError(f"The command {name} has not been found", "CommandNotFound")
         args = {} if args is None else args
         if not isinstance(args, dict):
-            raise QMPError("QMP input member 'arguments' must be an object")
+            raise CommandError("QMP input member 'arguments' must be an object")
         known = set()
         for key, kind, optional in command.members:
             known.add(key)
             if key in args:
                 _check_value(key, kind, args[key])
             elif not optional:
-                raise QMPError(f"Parameter '{key}' is missing")
+                raise CommandError(f"Parameter '{key}' is missing")
         for key in args:
             if key not in known:
-                raise QMPError(f"Parameter '{key}' is unexpected")
+                raise CommandError(f"Parameter '{key}' is unexpected")
         return args
 
     def execute(self, name: str, args: dict | None) -> object:
         """Validate then call the handler; returns its result ({} for None).
 
-        Raises QMPError for validation failures and whatever the handler
-        raises (the transport turns non-QMPError exceptions into
+        Raises CommandError for validation failures and whatever the handler
+        raises (the transport turns non-CommandError exceptions into
         GenericError replies).
         """
         args = self.validate(name, args)
@@ -166,7 +155,7 @@ def _qmp_capabilities(enable=None):
     # The session state (negotiated or not) lives in the control server; the
     # command itself only refuses capabilities we never offer.
     for capability in enable or []:
-        raise QMPError(f"Capability '{capability}' not available")
+        raise CommandError(f"Capability '{capability}' not available")
     return {}
 
 

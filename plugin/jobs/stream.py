@@ -15,7 +15,7 @@ clients keep using it.  The job walks the disk from start to end in chunks:
 
 When the walk is done every cluster is held by the overlay.  ``prepare()``
 then quiesces the disk (no client request may be reading the base at that
-moment) and drops the base durably (``Service.drop_base``): the overlay
+moment) and drops the base durably (``OverlayStore.drop_base``): the overlay
 flushes, then the state directory forgets the base, so a restart needs none.
 
 Progress is QEMU's: ``len`` is the disk size, ``offset`` the bytes processed,
@@ -34,12 +34,10 @@ error (its copy-on-read is a read):
   failed/nospace; after resume the same chunk is tried again.
 """
 
-import errno
 import logging
-import os
 
-from plugin.clustermap import ABSENT
-from plugin.job import Job
+from ..core.errors import errno_of
+from .engine import Job
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +50,21 @@ BACKOFF_MAX = 0.5
 class StreamJob(Job):
     """block-stream on `disk`, whose store is an OverlayStore with a base.
 
-    `drop_base()` is called from prepare(), with the disk quiesced, once
-    every cluster is in the overlay (Service.drop_base in the plugin).
+    prepare() drops the base (``OverlayStore.drop_base``), with the disk
+    quiesced, once every cluster is in the overlay.
     """
 
     changeable_options = frozenset({"on_error"})
 
     def __init__(self, job_id, bus, disk, on_error="report", speed=0, auto_finalize=True,
-                 auto_dismiss=True, drop_base=None, chunk=CHUNK):
+                 auto_dismiss=True, chunk=CHUNK, clock=None):
         super().__init__(job_id, "stream", bus, device=disk.device, speed=speed,
-                         auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
+                         auto_finalize=auto_finalize, auto_dismiss=auto_dismiss, clock=clock)
         self.disk = disk
         self.store = disk.store
         self.on_error = on_error
         cs = self.store.cluster_size
-        self.chunk_clusters = max(1, chunk // cs)
-        self._drop_base = drop_base
+        self.chunk = max(1, chunk // cs) * cs
         self._first_ignored = None    # OSError: the job fails with it at the end
         self._backoff = 0.0
         self._copied = 0
@@ -82,40 +79,36 @@ class StreamJob(Job):
 
     def run(self):
         store = self.store
-        cs, size, nclusters = store.cluster_size, store.size, store.nclusters
-        log.info("Stream started id=%s size=%d chunk=%d on_error=%s", self.id, size,
-                 self.chunk_clusters * cs, self.on_error)
-        cluster = 0
-        while cluster < nclusters:
+        log.info("Stream started id=%s size=%d chunk=%d on_error=%s", self.id, store.size,
+                 self.chunk, self.on_error)
+        pos = 0
+        while True:
             if self.pause_point():
                 return
-            end = min(cluster + self.chunk_clusters, nclusters)
-            if store.map.get(cluster) != ABSENT:
-                # Held by the overlay: it never becomes absent again, so no lock is needed.
-                end = store.map.run_end(cluster, nclusters)
-                self._processed(end)
-                cluster = end
-                continue
-            start, stop = cluster * cs, min(end * cs, size)
+            # Clusters the overlay holds never become absent again: skip them.
+            run = store.next_absent(pos)
+            if run is None:
+                break
+            start = run[0]
+            length = min(run[1], self.chunk - start % self.chunk)
+            self.set_progress(start)
             copied = 0
             try:
-                copied = store.populate(start, stop - start)
+                copied = store.populate(start, length)
             except OSError as e:
-                if not self._handle_error(e, start, stop - start):
+                if not self._handle_error(e, start, length):
                     continue          # stopped and resumed: the same chunk again
             else:
                 self._backoff = 0.0
                 self._copied += copied
-            self._processed(end)
-            cluster = end
+            pos = start + length
+            self.set_progress(pos)
             if copied and self.throttle(copied):
                 return
+        self.set_progress(store.size)
         if self._first_ignored is not None:
             raise self._first_ignored
         log.info("Stream copied id=%s bytes=%d", self.id, self._copied)
-
-    def _processed(self, end_cluster):
-        self.set_progress(min(end_cluster * self.store.cluster_size, self.store.size))
 
     def _handle_error(self, exc, offset, length):
         """Apply on-error to a failed chunk; True to move on, False to retry it.
@@ -123,16 +116,16 @@ class StreamJob(Job):
         Raises for "report".  After "stop" the job has been paused and
         resumed (or cancelled) inside report_io_error.
         """
-        err = exc.errno or errno.EIO
+        err = errno_of(exc)
         log.warning("Stream chunk failed id=%s offset=%d length=%d error=%s",
                     self.id, offset, length, exc)
         action = self.report_io_error("read", err, self.on_error)
         if action == "report":
-            raise OSError(err, os.strerror(err))
+            raise exc
         if action == "stop":
             return False
         if self._first_ignored is None:
-            self._first_ignored = OSError(err, os.strerror(err))
+            self._first_ignored = exc
         # A base that fails every read must not be hammered: back off a little.
         self._backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, self._backoff * 2))
         self.sleep(self._backoff)
@@ -146,11 +139,8 @@ class StreamJob(Job):
         The disk is quiesced so that no client read that saw an absent
         cluster before the stream copied it is still reading the base.
         """
-        absent = self.store.map.count(ABSENT)
-        if absent:
-            # Never forget a base that still holds data of the disk.
-            raise OSError(errno.EIO, "%d clusters still absent" % absent)
-        if self._drop_base is not None:
-            with self.disk.quiesce():
-                self._drop_base()
+        # drop_base refuses while any cluster is absent: a base that still
+        # holds data of the disk is never forgotten.
+        with self.disk.quiesce():
+            self.store.drop_base()
         log.info("Stream finished id=%s base dropped", self.id)

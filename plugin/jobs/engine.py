@@ -2,10 +2,15 @@
 
 A job (mirror, stream) is a subclass of :class:`Job` that implements
 ``run()``; this module does everything else the way QEMU's ``job.c`` and
-``blockjob.c`` do: the states and their transitions, which verb is allowed
-in which state, the order of the QMP events, pausing, cancelling, rate
-limiting, the error policy (through :mod:`plugin.policy`) and the
-completion sequence (waiting, pending, finalize, concluded, dismiss).
+``blockjob.c`` do: the transitions (tables in states.py), which verb is
+allowed in which state, the order of the QMP events, pausing, cancelling,
+rate limiting (ratelimit.py), the error policy (through
+:mod:`plugin.core.policy`) and the completion sequence (waiting, pending,
+finalize, concluded, dismiss).
+
+Longer than most modules on purpose: it is one class whose two locks guard
+every field below, and the verbs, the pause points and the completion
+sequence only make sense read together against that lock discipline.
 
 Threads and locks
 -----------------
@@ -35,62 +40,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import threading
-import time
 
-from plugin import policy
-from plugin.qmp_commands import QMPError
+from ..core import policy
+from ..core.errors import CommandError, errno_name, error_text
+from .clock import MONOTONIC
+from .ratelimit import RateLimiter
+from .states import TRANSITIONS, VERBS, refused_verb_error
 
 log = logging.getLogger(__name__)
-
-# QEMU's JobSTT: state -> states it may move to.
-TRANSITIONS = {
-    "undefined": frozenset({"created"}),
-    "created": frozenset({"running", "aborting", "null"}),
-    "running": frozenset({"paused", "ready", "waiting", "aborting"}),
-    "paused": frozenset({"running"}),
-    "ready": frozenset({"standby", "waiting", "aborting"}),
-    "standby": frozenset({"ready"}),
-    "waiting": frozenset({"pending", "aborting"}),
-    "pending": frozenset({"aborting", "concluded"}),
-    "aborting": frozenset({"aborting", "concluded"}),
-    "concluded": frozenset({"null"}),
-    "null": frozenset(),
-}
-
-STATES = tuple(TRANSITIONS)
-
-# QEMU's JobVerbTable: verb -> states in which it is accepted.
-_LIVE = frozenset({"created", "running", "paused", "ready", "standby"})
-VERBS = {
-    "cancel": _LIVE | {"waiting", "pending"},
-    "pause": _LIVE,
-    "resume": _LIVE,
-    "set-speed": _LIVE,
-    "complete": frozenset({"ready", "standby"}),
-    "finalize": frozenset({"pending"}),
-    "dismiss": frozenset({"concluded"}),
-    "change": _LIVE,
-}
-
-# Rate limiter: a job may run ahead of its speed by this much time's worth
-# of bytes (QEMU's BLOCK_JOB_SLICE_TIME), so small requests are not delayed.
-RATE_LIMIT_SLICE = 0.1
-
-_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
-
-
-def error_text(exc: BaseException) -> str:
-    """The text a job error shows in events and queries (strerror for OSError)."""
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno)
-    return str(exc) or type(exc).__name__
-
-
-def refused_verb_error(job_id: str, status: str, verb: str) -> QMPError:
-    """QEMU's error for a verb the current state does not accept."""
-    return QMPError(f"Job '{job_id}' in state '{status}' cannot accept command verb '{verb}'")
 
 
 class Job:
@@ -111,11 +69,11 @@ class Job:
                                 or cancel.
       ``clean()``               always, last.
       ``complete_requested()``  the ``complete`` verb was accepted (the job
-                                is ready); raise QMPError to refuse it.
+                                is ready); raise CommandError to refuse it.
                                 Afterwards ``should_complete`` is True.
       ``change(**opts)``        block-job-change with the options named in
                                 ``changeable_options`` (underscore names,
-                                e.g. ``copy_mode``); raise QMPError to refuse.
+                                e.g. ``copy_mode``); raise CommandError to refuse.
       ``soft_cancel_when_ready`` class flag: if True, a non-forced cancel
                                 while ready only sets ``cancel_requested``
                                 (the job finishes normally, e.g. mirror
@@ -145,15 +103,17 @@ class Job:
     ERROR_EVENT_INTERVAL = 1.0
 
     def __init__(self, job_id: str, job_type: str, bus, device: str | None = None,
-                 speed: int = 0, auto_finalize: bool = True, auto_dismiss: bool = True):
+                 speed: int = 0, auto_finalize: bool = True, auto_dismiss: bool = True,
+                 clock=None):
         if speed < 0:
-            raise QMPError("Parameter 'speed' expects a non-negative value")
+            raise CommandError("Parameter 'speed' expects a non-negative value")
         self.id = job_id
         self.type = job_type
         self.device = device
         self.auto_finalize = auto_finalize
         self.auto_dismiss = auto_dismiss
         self._bus = bus
+        self.clock = clock or MONOTONIC
         self._lifecycle = threading.RLock()
         self._cond = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
@@ -167,12 +127,10 @@ class Job:
         self._deferred = False          # run() has returned
         self._error: str | None = None
         self._io_status = "ok"
-        self._speed = speed
         self._offset = 0
         self._total = 0
         self._kicks = 0
-        self._rl_debt = 0.0             # bytes done beyond what speed allowed so far
-        self._rl_last = time.monotonic()
+        self._rate = RateLimiter(speed, self.clock.now())
         self._error_events: dict = {}   # operation -> (last emit time, suppressed count)
         self._on_null: list = []
 
@@ -196,7 +154,7 @@ class Job:
         """Called last in every case."""
 
     def complete_requested(self) -> None:
-        """The complete verb was accepted; raise QMPError to refuse it."""
+        """The complete verb was accepted; raise CommandError to refuse it."""
 
     def change(self, **opts) -> None:
         """Apply block-job-change options listed in ``changeable_options``."""
@@ -242,7 +200,7 @@ class Job:
     @property
     def speed(self) -> int:
         with self._cond:
-            return self._speed
+            return self._rate.speed
 
     @property
     def io_status(self) -> str:
@@ -270,7 +228,7 @@ class Job:
                 "offset": self._offset,
                 "busy": self._busy,
                 "paused": self._pause_count > 0,
-                "speed": self._speed,
+                "speed": self._rate.speed,
                 "io-status": self._io_status,
                 "ready": self._status in ("ready", "standby"),
                 "status": self._status,
@@ -335,15 +293,15 @@ class Job:
             if self._force_cancel:
                 return True
             kicks = self._kicks
-            deadline = time.monotonic() + seconds
+            deadline = self.clock.now() + seconds
             if in_job_thread:
                 self._busy = False
             while (self._kicks == kicks and not self._force_cancel
                    and self._pause_count == 0):
-                remaining = deadline - time.monotonic()
+                remaining = deadline - self.clock.now()
                 if remaining <= 0:
                     break
-                self._cond.wait(remaining)
+                self.clock.wait(self._cond, remaining)
             if in_job_thread:
                 self._busy = True
         return self.pause_point()
@@ -356,15 +314,10 @@ class Job:
         threads of one job share its budget.
         """
         with self._cond:
-            self._rate_limit_settle()
-            if self._speed:
-                self._rl_debt += nbytes
+            self._rate.account(nbytes, self.clock.now())
         while True:
             with self._cond:
-                self._rate_limit_settle()
-                speed = self._speed
-                allowance = speed * RATE_LIMIT_SLICE
-                delay = (self._rl_debt - allowance) / speed if speed else 0.0
+                delay = self._rate.delay(self.clock.now())
             if delay <= 0:
                 return self.cancelled
             if self.sleep(delay):
@@ -396,7 +349,7 @@ class Job:
             self._transition("ready")
             self._emit("BLOCK_JOB_READY", {
                 "type": self.type, "device": self.id, "len": self._total,
-                "offset": self._offset, "speed": self._speed})
+                "offset": self._offset, "speed": self._rate.speed})
 
     def report_io_error(self, operation: str, error_errno: int, on_error: str) -> str:
         """Apply the error policy to a failed request; return the action.
@@ -422,7 +375,7 @@ class Job:
                 if self._io_status == "ok":
                     self._io_status = policy.io_status_for(error_errno)
         log.info("Job I/O error id=%s operation=%s errno=%s policy=%s action=%s",
-                 self.id, operation, errno.errorcode.get(error_errno, error_errno),
+                 self.id, operation, errno_name(error_errno),
                  on_error, action)
         if action == "stop" and threading.current_thread() is self._thread:
             self.pause_point()
@@ -455,7 +408,7 @@ class Job:
         with self._lifecycle, self._cond:
             self._apply_verb("pause")
             if self._user_paused:
-                raise QMPError("Job is already paused")
+                raise CommandError("Job is already paused")
             self._user_paused = True
             self._pause_count += 1
             self._kick_locked()
@@ -464,7 +417,7 @@ class Job:
         """The resume verb; also resets io-status to ok."""
         with self._lifecycle, self._cond:
             if not self._user_paused or self._pause_count <= 0:
-                raise QMPError("Can't resume a job that was not paused")
+                raise CommandError("Can't resume a job that was not paused")
             self._apply_verb("resume")
             self._user_resume_locked()
             self._kick_locked()
@@ -474,10 +427,9 @@ class Job:
         with self._lifecycle, self._cond:
             self._apply_verb("set-speed")
             if speed < 0:
-                raise QMPError("Parameter 'speed' expects a non-negative value")
-            old = self._speed
-            self._rate_limit_settle()
-            self._speed = speed
+                raise CommandError("Parameter 'speed' expects a non-negative value")
+            old = self._rate.speed
+            self._rate.set_speed(speed, self.clock.now())
             if speed == 0 or speed > old:
                 self._kick_locked()
 
@@ -487,7 +439,7 @@ class Job:
             with self._cond:
                 self._apply_verb("complete")
                 if self._cancel_requested:
-                    raise QMPError(f"The active block job '{self.id}' cannot be completed")
+                    raise CommandError(f"The active block job '{self.id}' cannot be completed")
             self.complete_requested()
             with self._cond:
                 self._should_complete = True
@@ -520,10 +472,10 @@ class Job:
             with self._cond:
                 self._apply_verb("change")
             if not self.changeable_options:
-                raise QMPError("Job type does not support change")
+                raise CommandError("Job type does not support change")
             for name in opts:
                 if name not in self.changeable_options:
-                    raise QMPError(f"Job type '{self.type}' does not support changing "
+                    raise CommandError(f"Job type '{self.type}' does not support changing "
                                    f"'{name.replace('_', '-')}'")
             self.change(**opts)
 
@@ -567,17 +519,8 @@ class Job:
         self._user_paused = False
         self._pause_count -= 1
 
-    def _rate_limit_settle(self) -> None:
-        # Pay off the debt for the time elapsed at the current speed.
-        now = time.monotonic()
-        if self._speed:
-            self._rl_debt = max(0.0, self._rl_debt - (now - self._rl_last) * self._speed)
-        else:
-            self._rl_debt = 0.0
-        self._rl_last = now
-
     def _emit_error_event(self, operation: str, action: str) -> None:
-        now = time.monotonic()
+        now = self.clock.now()
         if action == "ignore":
             last, suppressed = self._error_events.get(operation, (None, 0))
             if last is not None and now - last < self.ERROR_EVENT_INTERVAL:
@@ -656,7 +599,7 @@ class Job:
             started = self._thread is not None
             if started:
                 data = {"type": self.type, "device": self.id, "len": self._total,
-                        "offset": self._offset, "speed": self._speed}
+                        "offset": self._offset, "speed": self._rate.speed}
                 if self._force_cancel:
                     self._emit("BLOCK_JOB_CANCELLED", data)
                 else:
@@ -712,98 +655,3 @@ class Job:
             # Waiting for job-finalize: abort it now.
             self._finalize_single()
         log.info("Job cancel requested id=%s force=%s", self.id, force)
-
-
-class JobRegistry:
-    """All jobs of this process by id, newest first (as QEMU lists them).
-
-    Enforces unique, well-formed ids and at most one active (not yet
-    concluded) job per device.  Jobs leave the registry when they reach
-    null (dismissed).
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._jobs: list[Job] = []
-
-    def add(self, job: Job) -> None:
-        """Register a new job and move it to created (JOB_STATUS_CHANGE).
-
-        Raises QMPError with QEMU's texts for a bad or duplicate id or a
-        busy device; nothing is emitted then.  Call ``job.start()`` next.
-        """
-        if not isinstance(job.id, str) or not _ID_RE.match(job.id):
-            raise QMPError(f"Invalid job ID '{job.id}'")
-        with self._lock:
-            if job.device is not None:
-                busy = self._active_on(job.device)
-                if busy is not None:
-                    raise QMPError(f"Node '{job.device}' is busy: block device is in use "
-                                   f"by block job: {busy.type}")
-            if any(other.id == job.id for other in self._jobs):
-                raise QMPError(f"Job ID '{job.id}' already in use")
-            job._mark_created()
-            job._on_null.append(self._remove)
-            self._jobs.insert(0, job)
-        log.info("Job created id=%s type=%s device=%s", job.id, job.type, job.device)
-
-    def _active_on(self, device: str) -> Job | None:
-        for job in self._jobs:
-            if job.device == device and job.status not in ("concluded", "null"):
-                return job
-        return None
-
-    def _remove(self, job: Job) -> None:
-        with self._lock:
-            if job in self._jobs:
-                self._jobs.remove(job)
-
-    def jobs(self) -> list[Job]:
-        """A snapshot of the registered jobs, newest first."""
-        with self._lock:
-            return list(self._jobs)
-
-    def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            for job in self._jobs:
-                if job.id == job_id:
-                    return job
-        return None
-
-    def find(self, job_id: str) -> Job:
-        """The job for job-* commands; QMPError "Job not found" otherwise."""
-        job = self.get(job_id)
-        if job is None:
-            raise QMPError("Job not found")
-        return job
-
-    def find_block_job(self, job_id: str) -> Job:
-        """The job for block-job-* commands; DeviceNotActive otherwise."""
-        job = self.get(job_id)
-        if job is None:
-            raise QMPError(f"Block job '{job_id}' not found", "DeviceNotActive")
-        return job
-
-    def active_job(self, device: str) -> Job | None:
-        """The job (not yet concluded) working on ``device``, if any."""
-        with self._lock:
-            return self._active_on(device)
-
-    def stop_all(self, timeout: float = 10.0) -> bool:
-        """Force-cancel every job and join the threads (nbdkit cleanup).
-
-        Returns True if every job thread ended within ``timeout`` seconds.
-        """
-        jobs = self.jobs()
-        for job in jobs:
-            try:
-                job.shutdown()
-            except Exception:
-                log.exception("Job shutdown failed id=%s", job.id)
-        deadline = time.monotonic() + timeout
-        stopped = True
-        for job in jobs:
-            if not job.join(max(0.0, deadline - time.monotonic())):
-                log.warning("Job thread did not stop id=%s", job.id)
-                stopped = False
-        return stopped

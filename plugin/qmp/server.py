@@ -40,8 +40,9 @@ import stat
 import threading
 import time
 
-from .qmp_commands import QMPError, parse_request
-from .qmp_wire import DecodeError, StreamDecoder, encode
+from ..core.errors import CommandError
+from .dispatch import parse_request
+from .wire import DecodeError, StreamDecoder, encode
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ class ControlServer:
 
     def _handle(self, client: _Client, item) -> None:
         if isinstance(item, DecodeError):
-            reply = encode(QMPError(item.desc).to_reply())
+            reply = encode(CommandError(item.desc).to_reply())
         else:
             reply = self._dispatch(client, item)
         # Every event queued so far, including those the command emitted,
@@ -288,19 +289,19 @@ class ControlServer:
             name, args, _, _ = parse_request(msg)
             if not client.negotiated:
                 if not self.registry.allowed_before_negotiation(name):
-                    raise QMPError("Expecting capabilities negotiation with 'qmp_capabilities'",
+                    raise CommandError("Expecting capabilities negotiation with 'qmp_capabilities'",
                                    "CommandNotFound")
             elif name == "qmp_capabilities":
-                raise QMPError("Capabilities negotiation is already complete, command ignored",
+                raise CommandError("Capabilities negotiation is already complete, command ignored",
                                "CommandNotFound")
             reply = {"return": self.registry.execute(name, args)}
             if name == "qmp_capabilities":
                 self._negotiated(client)
-        except QMPError as err:
+        except CommandError as err:
             reply = err.to_reply()
         except Exception as err:
             log.exception("QMP command failed client=%d command=%s", client.number, name)
-            reply = QMPError(str(err) or type(err).__name__).to_reply()
+            reply = CommandError(str(err) or type(err).__name__).to_reply()
         if "id" in msg:
             reply["id"] = msg["id"]
         try:
@@ -308,7 +309,7 @@ class ControlServer:
         except (TypeError, ValueError) as err:
             log.error("QMP reply not serialisable client=%d command=%s error=%s",
                       client.number, name, err)
-            reply = QMPError(f"internal error: reply not serialisable: {err}").to_reply()
+            reply = CommandError(f"internal error: reply not serialisable: {err}").to_reply()
             if "id" in msg:
                 try:
                     encode(msg["id"])

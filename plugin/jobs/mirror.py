@@ -27,30 +27,32 @@ Errors (see docs/errors.md): a failed read of the source or write, zero or
 flush of the target is recorded; the job then lets every request still in
 flight finish, and applies the policy once per operation through
 Job.report_io_error (the one decision point): report ends the job, ignore
-hands the failed ranges to a RetrySchedule (plugin/backoff.py: per-range and
+hands the failed ranges to a RetrySchedule (plugin/jobs/backoff.py: per-range and
 job-wide back-off), stop pauses the job (Job.report_io_error blocks until
 resume or cancel) and retries the ranges at once.  After a write error a
 dead target connection is reopened; copies acknowledged on it since the last
 flush are copied again, since a restarted server may have lost them.
 Errors in the final copy of prepare() end the job (the disk is quiesced
 then: pausing would hold every client).
+
+One module on purpose: the copy loop, its in-flight bookkeeping (_Op,
+_Flush), the unflushed record and the failure handling share the job
+thread's state and are only correct together; write-blocking lives apart
+(writethrough.py) because it runs in client threads.
 """
 
 import collections
-import errno
 import logging
-import os
 import threading
-import time
 
-from plugin import backends
-from plugin.aio_target import MAX_ZERO, open_target
-from plugin.backoff import RetrySchedule
-from plugin.bitmap import DirtyBitmap
-from plugin.clustermap import ABSENT
-from plugin.job import Job
-from plugin.qmp_commands import QMPError
-from plugin.store import RangeLock
+from ..backends import open_target
+from ..backends.target import MAX_ZERO
+from ..core.errors import CommandError, errno_name, errno_of, os_error
+from ..disk.rangelock import RangeLock
+from .backoff import RetrySchedule
+from .bitmap import DirtyBitmap
+from .engine import Job
+from .writethrough import WriteThrough
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ class _Flush:
 
 # One failed request: operation "read" (source) or "write" (target); a flush
 # has length 0 (no range to copy again).
-_Failure = collections.namedtuple("_Failure", "operation errno offset length")
+_Failure = collections.namedtuple("_Failure", "operation errno offset length detail")
 
 
 class MirrorJob(Job):
@@ -98,9 +100,10 @@ class MirrorJob(Job):
 
     def __init__(self, job_id, bus, disk, target, sync="full", granularity=None,
                  buf_size=None, speed=0, on_source_error="report", on_target_error="report",
-                 copy_mode="background", auto_finalize=True, auto_dismiss=True, pivot=None):
+                 copy_mode="background", auto_finalize=True, auto_dismiss=True, pivot=None,
+                 clock=None):
         super().__init__(job_id, "mirror", bus, device=disk.device, speed=speed,
-                         auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
+                         auto_finalize=auto_finalize, auto_dismiss=auto_dismiss, clock=clock)
         self.disk = disk
         self.target_address = target
         self.sync = sync
@@ -114,7 +117,7 @@ class MirrorJob(Job):
         self.target = open_target(target)
         if self.target.size() != disk.size:
             self.target.close()
-            raise QMPError("Source and target image have different sizes")
+            raise CommandError("Source and target image have different sizes")
         self.bitmap = DirtyBitmap(disk.size, self.granularity)
         # Copied but not yet flushed on the target: copied again if the
         # target connection is lost or a flush fails.
@@ -123,11 +126,10 @@ class MirrorJob(Job):
         self._last_flush = 0.0
         self._copied_since_flush = False
         self._exit_flushed = False    # a flush succeeded after complete/cancel was asked
-        self._retries = RetrySchedule(self.chunk)
+        self._retries = RetrySchedule(self.chunk, clock=self.clock.now)
         self._failures = []           # _Failure records not yet handled
         self._ranges = RangeLock()
-        self._through = None          # synchronous target connection for write-blocking
-        self._through_lock = threading.Lock()
+        self._through = WriteThrough(target, self._ranges, self.granularity)
         self._zero_queue = []         # (offset, length) to zero on the target first
         self._ops = set()             # copies in flight
         self._buffers = []            # free copy buffers of `chunk` bytes
@@ -143,7 +145,7 @@ class MirrorJob(Job):
     def change(self, copy_mode=None, on_source_error=None, on_target_error=None):
         if copy_mode is not None:
             if self.copy_mode == "write-blocking" and copy_mode == "background":
-                raise QMPError("Cannot change copy-mode from 'write-blocking' to 'background'")
+                raise CommandError("Cannot change copy-mode from 'write-blocking' to 'background'")
             self.copy_mode = copy_mode
         if on_source_error is not None:
             self.on_source_error = on_source_error
@@ -158,54 +160,29 @@ class MirrorJob(Job):
         """Disk listener: runs in the client's thread after its change completed."""
         if self.copy_mode == "write-blocking" and self._fatal is None and not self.user_paused:
             try:
-                self._write_through(kind, offset, length, buf)
-                return
+                self._through.apply(kind, offset, length, buf)
             except OSError as e:
                 log.warning("Mirror write-through failed id=%s offset=%d length=%d error=%s",
                             self.id, offset, length, e)
                 self.bitmap.mark(offset, length)
-                self._drop_through()
-                self._client_side_error(e.errno or errno.EIO)
+                self._through.drop()
+                self._client_side_error(e)
                 self.kick()
                 return
+            # Marked after the write completed: a flush that starts later covers it.
+            with self._unflushed_lock:
+                self._unflushed.mark(offset, length)
+            return
         # Before READY a clean-to-dirty change wakes the job at once; once ready
         # the job collects writes for up to READY_COPY_INTERVAL, so a busy
         # client does not wake it (and contend for the GIL) on every write.
         if self.bitmap.mark(offset, length) and not self.is_ready:
             self.kick()
 
-    def _write_through(self, kind, offset, length, buf):
-        g = self.granularity
-        token = self._ranges.acquire(offset // g, (offset + length + g - 1) // g)
-        try:
-            through = self._through_backend()
-            if kind == "write":
-                through.write(buf, offset)
-            else:
-                through.zero(offset, length, may_trim=(kind == "trim"))
-        finally:
-            self._ranges.release(token)
-        # Marked after the write completed: a flush that starts later covers it.
-        with self._unflushed_lock:
-            self._unflushed.mark(offset, length)
-
-    def _through_backend(self):
-        with self._through_lock:
-            if self._through is None:
-                self._through = backends.open_backend(self.target_address, readonly=False)
-            return self._through
-
-    def _drop_through(self):
-        """Forget the write-through connection (it failed); the next write reopens it."""
-        with self._through_lock:
-            through, self._through = self._through, None
-        if through is not None:
-            through.close()
-
-    def _client_side_error(self, err):
-        action = self.report_io_error("write", err, self.on_target_error)
+    def _client_side_error(self, exc):
+        action = self.report_io_error("write", errno_of(exc), self.on_target_error)
         if action == "report" and self._fatal is None:
-            self._fatal = OSError(err, os.strerror(err))
+            self._fatal = exc
 
     # -- the job thread -------------------------------------------------------
 
@@ -235,7 +212,7 @@ class MirrorJob(Job):
             if self.target.in_flight():
                 continue
             progressed = self._copied != copied_before
-            now = time.monotonic()
+            now = self.clock.now()
             if self._zero_queue or not self.bitmap.is_clean():
                 if self._retries.gate > now or not progressed:
                     # Nothing could start (the retry gate is closed): wait.
@@ -282,24 +259,19 @@ class MirrorJob(Job):
         store = self.disk.store
         if self.sync == "none":
             return
-        target_zero = self._target_reads_zero()
-        if self.sync == "top" and getattr(store, "base", None) is not None:
-            cs = store.cluster_size
-            c, end = 0, store.nclusters
-            while c < end:
-                run_end = store.map.run_end(c, end)
-                if store.map.get(c) != ABSENT:
-                    self.bitmap.mark(c * cs, min(run_end * cs, store.size) - c * cs)
-                c = run_end
+        if self.sync == "top" and store.has_base:
+            for off, length in store.overlay_runs():
+                self.bitmap.mark(off, length)
             return
+        target_zero = self._target_reads_zero()
         pos = 0
         while pos < self.disk.size:
-            for off, length, kind in store.extents(pos, self.disk.size - pos):
-                if not kind & 2:
-                    self.bitmap.mark(off, length)
+            for e in store.extents(pos, self.disk.size - pos):
+                if not e.zero:
+                    self.bitmap.mark(e.offset, e.length)
                 elif not target_zero:
-                    self._zero_queue.append((off, length))
-                pos = off + length
+                    self._zero_queue.append((e.offset, e.length))
+                pos = e.end
 
     def _target_reads_zero(self):
         """True if the target is known to read as zeros (its zero ranges need no copy).
@@ -308,7 +280,7 @@ class MirrorJob(Job):
         its errors go through the policy like any other write.
         """
         try:
-            return all(zero for _, _, zero in self.target.extents(0, self.disk.size))
+            return all(e.zero for e in self.target.extents(0, self.disk.size))
         except OSError as e:
             log.warning("Mirror target extents failed id=%s error=%s", self.id, e)
             return False
@@ -318,15 +290,17 @@ class MirrorJob(Job):
         remaining += sum(n for _, n in self._zero_queue) + self._retries.waiting_bytes
         self.set_progress(self._copied, self._copied + remaining)
 
-    def _issue_some(self, pos):
+    def _issue_some(self, pos, final=False):
         """Start copies until buf-size is in flight or nothing is dirty; returns the cursor.
 
         With a speed limit, one copy at a time: the target is only driven
         while the job thread polls it, so a copy must not sit unsent while
         the rate limiter sleeps.  The copy is paid for before the next one.
+        final: the last copy of prepare(), with clients quiesced: no speed
+        limit and no retry gate hold it back.
         """
         while self.target.in_flight() < self.max_in_flight and not self._failures:
-            if not self._retries.gate_open():
+            if not final and not self._retries.gate_open():
                 break
             if self._zero_queue:
                 off, length = self._zero_queue.pop()
@@ -336,7 +310,7 @@ class MirrorJob(Job):
                 if not self._start_op(off, n, zero=True):
                     break
                 continue
-            if self.speed or self._unpaid:
+            if not final and (self.speed or self._unpaid):
                 if self.target.in_flight():
                     break
                 unpaid, self._unpaid = self._unpaid, 0
@@ -349,7 +323,7 @@ class MirrorJob(Job):
             pos = off + n
             if not self._start_op(off, n):
                 break
-            if self.speed:
+            if self.speed and not final:
                 self._unpaid = n
                 break
         return pos
@@ -382,20 +356,20 @@ class MirrorJob(Job):
                 view = memoryview(op.buf)
                 pos, stop = offset, offset + length
                 while pos < stop:
-                    for o, n, kind in store.extents(pos, stop - pos):
-                        if kind & 2:
-                            requests.append((o, n, None))
+                    for e in store.extents(pos, stop - pos):
+                        if e.zero:
+                            requests.append((e.offset, e.length, None))
                         else:
-                            piece = view[o - offset:o - offset + n]
-                            store.read(piece, o)
-                            requests.append((o, n, piece))
-                        pos = o + n
+                            piece = view[e.offset - offset:e.end - offset]
+                            store.read(piece, e.offset)
+                            requests.append((e.offset, e.length, piece))
+                        pos = e.end
         except OSError as e:
             self._give_buffer(op)
             self._ranges.release(op.token)
             log.warning("Mirror read failed id=%s offset=%d length=%d error=%s",
                         self.id, offset, length, e)
-            self._failures.append(_Failure("read", e.errno or errno.EIO, offset, length))
+            self._failures.append(_Failure("read", errno_of(e), offset, length, str(e)))
             return False
         op.remaining = len(requests)
         if not requests:
@@ -439,9 +413,9 @@ class MirrorJob(Job):
             self._in_flight_bytes -= op.length
             if op.error:
                 log.warning("Mirror write failed id=%s offset=%d length=%d errno=%s",
-                            self.id, op.offset, op.length,
-                            errno.errorcode.get(op.error, op.error))
-                self._failures.append(_Failure("write", op.error, op.offset, op.length))
+                            self.id, op.offset, op.length, errno_name(op.error))
+                self._failures.append(_Failure("write", op.error, op.offset, op.length,
+                                               "write to %s" % self.target_address))
             else:
                 self._copied += op.length
                 self._copied_since_flush = True
@@ -481,7 +455,7 @@ class MirrorJob(Job):
             if self.cancelled:
                 return True
             if action == "report":
-                raise OSError(err, os.strerror(err))
+                raise os_error(err, group[0].detail)
             if operation == "write":
                 self._recover_target()
             if action == "ignore":
@@ -498,7 +472,7 @@ class MirrorJob(Job):
         """After a write error: reopen a dead target connection."""
         try:
             if self.target.reconnect():
-                self._drop_through()
+                self._through.drop()
                 self._copy_unflushed_again()
         except OSError as e:
             log.warning("Mirror target reconnect failed id=%s error=%s", self.id, e)
@@ -532,15 +506,13 @@ class MirrorJob(Job):
             flush.covered, self._unflushed = self._unflushed, DirtyBitmap(self.disk.size,
                                                                           self.chunk)
         self._copied_since_flush = False
-        with self._through_lock:
-            through = self._through
-        if through is not None and not self.target.multi_conn:
+        if not self.target.multi_conn:
             # Write-throughs went over another connection that this flush
             # does not cover (the only synchronous flush).
             try:
-                through.flush()
+                self._through.flush()
             except OSError as e:
-                self._flush_done(flush, e.errno or errno.EIO)
+                self._flush_done(flush, errno_of(e))
                 return
         self.target.submit_flush(flush)
 
@@ -548,12 +520,12 @@ class MirrorJob(Job):
         """A flush completed.  After a failed one nothing written since the last
         good flush can be trusted (the target may have dropped it): copy it again."""
         if err:
-            log.warning("Mirror target flush failed id=%s errno=%s", self.id,
-                        errno.errorcode.get(err, err))
+            log.warning("Mirror target flush failed id=%s errno=%s", self.id, errno_name(err))
             self._copy_again(flush.covered)
-            self._failures.append(_Failure("write", err, 0, 0))
+            self._failures.append(_Failure("write", err, 0, 0,
+                                           "flush of %s" % self.target_address))
             return
-        self._last_flush = time.monotonic()
+        self._last_flush = self.clock.now()
         if flush.leaving:
             self._exit_flushed = True
         if flush.to_ready and not self.is_ready:
@@ -578,18 +550,7 @@ class MirrorJob(Job):
                 self.bitmap.mark(off, n)
             pos = 0
             while self._zero_queue or not self.bitmap.is_clean() or self.target.in_flight():
-                while self.target.in_flight() < self.max_in_flight:
-                    if self._zero_queue:
-                        off, n = self._zero_queue.pop()
-                        if not self._start_op(off, n, zero=True):
-                            break
-                        continue
-                    run = self.bitmap.take(pos, self.chunk)
-                    if run is None:
-                        break
-                    pos = run[0] + run[1]
-                    if not self._start_op(*run):
-                        break
+                pos = self._issue_some(pos, final=True)
                 self._raise_failures()
                 self._reap(self.target.wait(1.0))
                 self._raise_failures()
@@ -613,7 +574,7 @@ class MirrorJob(Job):
             self._failures = []
             # Still one BLOCK_JOB_ERROR per error: its action is what happens.
             self.report_io_error(failure.operation, failure.errno, "report")
-            raise OSError(failure.errno, os.strerror(failure.errno))
+            raise os_error(failure.errno, failure.detail)
 
     def _stop_listening(self):
         if self._listening:
@@ -626,4 +587,4 @@ class MirrorJob(Job):
     def clean(self):
         self._stop_listening()
         self.target.close()
-        self._drop_through()
+        self._through.drop()

@@ -13,56 +13,20 @@ or a write racing a stream, can never overwrite each other's completed bytes.
 The map turns DATA only after the cluster's bytes are fully written.
 """
 
-import contextlib
 import errno
 import logging
 import os
-import threading
 
-from plugin import clustermap
-from plugin.backends import pread_all, pwrite_all, fallocate
-from plugin.backends import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
-from plugin.clustermap import ABSENT, DATA, ZERO
-from plugin import statedir
+from ..backends.fileio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+from ..backends.fileio import pread_all, pwrite_all
+from ..core.extent import append_merged
+from . import clustermap, statedir
+from .clustermap import ABSENT, DATA, ZERO
+from .rangelock import RangeLock
 
 log = logging.getLogger(__name__)
 
-# nbdkit's extent type bits.
-EXTENT_DATA = 0
-EXTENT_HOLE = 1
-EXTENT_ZERO = 2
-
 MAX_EXTENTS = 1024
-
-
-class RangeLock:
-    """Excludes overlapping [first, end) ranges of clusters from each other."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._held = []
-
-    def acquire(self, first, end):
-        """Wait until no held range overlaps [first, end), then hold it; returns a token."""
-        token = (first, end, object())
-        with self._cond:
-            while any(f < end and first < e for f, e, _ in self._held):
-                self._cond.wait()
-            self._held.append(token)
-        return token
-
-    def release(self, token):
-        with self._cond:
-            self._held.remove(token)
-            self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def hold(self, first, end):
-        token = self.acquire(first, end)
-        try:
-            yield
-        finally:
-            self.release(token)
 
 
 class OverlayStore:
@@ -149,17 +113,14 @@ class OverlayStore:
         view = memoryview(buf)
         cs = self.cluster_size
         pos, stop = offset, offset + length
-        cluster = first
-        while pos < stop:
-            state = self.map.get(cluster)
-            run_end = self.map.run_end(cluster, end)
+        for _, run_end, state in self.map.runs(first, end):
             piece_end = min(run_end * cs, stop)
             piece = view[pos - offset:piece_end - offset]
             if state == DATA:
                 pread_all(self._fd, piece, pos)
             else:
                 self._read_below(piece, pos, state)
-            pos, cluster = piece_end, run_end
+            pos = piece_end
 
     def write(self, buf, offset, fua=False):
         first, end = self._clusters(offset, len(buf))
@@ -221,10 +182,8 @@ class OverlayStore:
     def _punch_data(self, first, end):
         """Release data.img space of the DATA clusters in [first, end)."""
         cs = self.cluster_size
-        c = first
-        while c < end:
-            run_end = self.map.run_end(c, end)
-            if self.map.get(c) == DATA:
+        for c, run_end, state in self.map.runs(first, end):
+            if state == DATA:
                 start = c * cs
                 length = min(run_end * cs, self.size) - start
                 try:
@@ -232,7 +191,6 @@ class OverlayStore:
                 except OSError as e:
                     if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                         raise
-            c = run_end
 
     def trim(self, offset, length, fua=False):
         """Discard whole clusters (they read as zeros after); partial clusters are kept."""
@@ -256,33 +214,23 @@ class OverlayStore:
         os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def extents(self, offset, length, req_one=False):
-        """[(offset, length, type)] from offset, merged across overlay and base."""
+        """[Extent] from offset, merged across overlay and base (at most MAX_EXTENTS)."""
         result = []
-
-        def add(start, n, kind):
-            if result and result[-1][2] == kind:
-                s, l, _ = result[-1]
-                result[-1] = (s, l + n, kind)
-            else:
-                result.append((start, n, kind))
-
         cs = self.cluster_size
         stop = min(offset + length, self.size)
         first, end = self._clusters(offset, stop - offset)
-        pos, cluster = offset, first
-        while pos < stop and len(result) < MAX_EXTENTS:
-            state = self.map.get(cluster)
-            run_end = self.map.run_end(cluster, end)
+        pos = offset
+        for _, run_end, state in self.map.runs(first, end):
             piece_end = min(run_end * cs, stop)
             if state == DATA:
-                add(pos, piece_end - pos, EXTENT_DATA)
+                append_merged(result, pos, piece_end - pos, False)
             elif state == ZERO or self.base is None:
-                add(pos, piece_end - pos, EXTENT_HOLE | EXTENT_ZERO)
+                append_merged(result, pos, piece_end - pos, True)
             else:
-                for s, n, zero in self.base.extents(pos, piece_end - pos):
-                    add(s, n, EXTENT_HOLE | EXTENT_ZERO if zero else EXTENT_DATA)
-            pos, cluster = piece_end, run_end
-            if req_one:
+                for e in self.base.extents(pos, piece_end - pos):
+                    append_merged(result, e.offset, e.length, e.zero)
+            pos = piece_end
+            if req_one or len(result) >= MAX_EXTENTS:
                 break
         return result
 
@@ -297,22 +245,60 @@ class OverlayStore:
         first, end = self._clusters(offset, length)
         copied = 0
         with self._ranges.hold(first, end):
-            c = first
-            while c < end:
-                run_end = self.map.run_end(c, end)
-                if self.map.get(c) == ABSENT:
-                    start = c * self.cluster_size
-                    stop = min(run_end * self.cluster_size, self.size)
-                    if self._base_reads_zero(start, stop - start):
-                        self.map.set(c, run_end, ZERO)
-                    else:
-                        buf = bytearray(stop - start)
-                        self._read_below(memoryview(buf), start, ABSENT)
-                        pwrite_all(self._fd, buf, start)
-                        self.map.set(c, run_end, DATA)
-                        copied += stop - start
-                c = run_end
+            for c, run_end, state in list(self.map.runs(first, end)):
+                if state != ABSENT:
+                    continue
+                start = c * self.cluster_size
+                stop = min(run_end * self.cluster_size, self.size)
+                if self._base_reads_zero(start, stop - start):
+                    self.map.set(c, run_end, ZERO)
+                else:
+                    buf = bytearray(stop - start)
+                    self._read_below(memoryview(buf), start, ABSENT)
+                    pwrite_all(self._fd, buf, start)
+                    self.map.set(c, run_end, DATA)
+                    copied += stop - start
         return copied
+
+    @property
+    def has_base(self):
+        return self.base is not None
+
+    def overlay_runs(self):
+        """(offset, length) of every run of clusters the overlay holds (sync=top)."""
+        cs = self.cluster_size
+        for c, run_end, state in self.map.runs(0, self.nclusters):
+            if state != ABSENT:
+                yield c * cs, min(run_end * cs, self.size) - c * cs
+
+    def next_absent(self, offset):
+        """(offset, length) of the first run of absent clusters at or after offset, or None."""
+        cs = self.cluster_size
+        for c, run_end, state in self.map.runs(offset // cs, self.nclusters):
+            if state == ABSENT:
+                start = max(offset, c * cs)
+                return start, min(run_end * cs, self.size) - start
+        return None
+
+    def absent_bytes(self):
+        """How much of the disk still reads from the base (stream's remaining work)."""
+        return min(self.map.count(ABSENT) * self.cluster_size, self.size)
+
+    def drop_base(self):
+        """The overlay stands alone (a stream finished): forget the base, durably.
+
+        Refused while any cluster still reads from the base.  The map is
+        committed first, so it never points at a base that is gone.
+        """
+        absent = self.map.count(ABSENT)
+        if absent:
+            raise OSError(errno.EIO, "%d clusters still absent: the base is still needed"
+                          % absent)
+        self.flush()
+        self.state.update(base=None)
+        old, self.base, self._base_size = self.base, None, 0
+        if old is not None:
+            old.close()
 
     def allocation(self):
         """Counts of clusters by state, for query-block."""

@@ -1,0 +1,51 @@
+"""Low-level file I/O the standard library lacks: whole-buffer pread/pwrite, fallocate."""
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd, mode, offset, length):
+    """fallocate(2), which Python's os module lacks; raises OSError."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def pread_all(fd, buf, offset):
+    """Fill the writable buffer buf from fd at offset; raise EIO on a short file."""
+    view = memoryview(buf)
+    while view:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            raise OSError(errno.EIO, "short read at offset %d" % offset)
+        view = view[n:]
+        offset += n
+
+
+def pwrite_all(fd, buf, offset):
+    view = memoryview(buf)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def write_zeroes(fd, offset, length):
+    """Write zero bytes over a range (when no fallocate mode is supported)."""
+    chunk = bytes(min(length, 1 << 20))
+    while length:
+        n = min(length, len(chunk))
+        pwrite_all(fd, memoryview(chunk)[:n], offset)
+        offset += n
+        length -= n
+
+
