@@ -54,17 +54,11 @@ logging.basicConfig(level=logging.INFO, handlers=[_NbdkitLog()],
 service = Service()
 
 
-def _startup(fn):
-    """Configuration errors stop nbdkit with one clear line, not a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args):
-        try:
-            return fn(*args)
-        except ConfigError as e:
-            sys.stderr.write("nbdkit: overlay: error: %s\n" % e)
-            sys.stderr.flush()
-            os._exit(1)
-    return wrapper
+def _stop(e):
+    """A configuration error stops nbdkit with one clear line, not a traceback."""
+    sys.stderr.write("nbdkit: overlay: error: %s\n" % e)
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _io(fn):
@@ -83,14 +77,18 @@ def thread_model():
     return nbdkit.THREAD_MODEL_PARALLEL
 
 
-@_startup
 def config(key, value):
-    service.configure(key, value)
+    try:
+        service.configure(key, value)
+    except ConfigError as e:
+        _stop(e)
 
 
-@_startup
 def config_complete():
-    service.open()
+    try:
+        service.open()
+    except ConfigError as e:
+        _stop(e)
 
 
 def after_fork():

@@ -147,43 +147,31 @@ class NbdTarget:
     def in_flight(self):
         return len(self._pending) + len(self._failed)
 
-    def submit_write(self, buf, offset, tag):
+    def _submit(self, tag, send, keep=None):
+        """Send one request (send(handle) -> cookie); a failure to send is a completion."""
         if self._h is None:
             self._failed.append((tag, errno.ENOTCONN))
             return
-        abuf = self._nbd.Buffer.from_buffer(buf)
         try:
-            cookie = self._h.aio_pwrite(abuf, offset)
+            cookie = send(self._h)
         except self._nbd.Error as e:
             self._failed.append((tag, self._errno(e)))
             return
-        self._pending[cookie] = (tag, abuf)
+        self._pending[cookie] = (tag, keep)
+
+    def submit_write(self, buf, offset, tag):
+        abuf = self._nbd.Buffer.from_buffer(buf)
+        self._submit(tag, lambda h: h.aio_pwrite(abuf, offset), abuf)
 
     def submit_zero(self, offset, length, tag):
-        if self._h is None:
-            self._failed.append((tag, errno.ENOTCONN))
-            return
         if not self._can_zero:
             self.submit_write(bytearray(length), offset, tag)
             return
-        try:
-            cookie = self._h.aio_zero(length, offset)
-        except self._nbd.Error as e:
-            self._failed.append((tag, self._errno(e)))
-            return
-        self._pending[cookie] = (tag, None)
+        self._submit(tag, lambda h: h.aio_zero(length, offset))
 
     def submit_flush(self, tag):
         """Flush the writes that completed before this call."""
-        if self._h is None:
-            self._failed.append((tag, errno.ENOTCONN))
-            return
-        try:
-            cookie = self._h.aio_flush()
-        except self._nbd.Error as e:
-            self._failed.append((tag, self._errno(e)))
-            return
-        self._pending[cookie] = (tag, None)
+        self._submit(tag, lambda h: h.aio_flush())
 
     def wait(self, timeout):
         """Completions so far (polling up to timeout for one): [(tag, errno or 0)]."""

@@ -181,59 +181,68 @@ class Disk:
 
     # -- NBD requests -----------------------------------------------------
 
-    def _retrying(self, operation, fn, *args):
-        """fn(*args), retried for as long as the error policy holds the request."""
+    def _retry(self, operation, e, fn, args):
+        """fn(*args) failed with e: retry it for as long as the error policy holds it.
+
+        Off the fast path: a request that succeeds never enters here.
+        """
         while True:
+            self._io_error(operation, e)
             try:
                 return fn(*args)
+            except OSError as again:
+                e = again
+
+    def _change(self, kind, offset, length, buf, fn, args):
+        """A write, zero or trim through the gate, then the listeners (jobs)."""
+        self._gate.enter()
+        try:
+            try:
+                fn(*args)
             except OSError as e:
-                self._io_error(operation, e)
+                self._retry("write", e, fn, args)
+            for listener in self._listeners:
+                listener(kind, offset, length, buf)
+        finally:
+            self._gate.leave()
 
     def read(self, buf, offset):
         self._gate.enter()
         try:
-            self._retrying("read", self.store.read, buf, offset)
+            try:
+                self.store.read(buf, offset)
+            except OSError as e:
+                self._retry("read", e, self.store.read, (buf, offset))
         finally:
             self._gate.leave()
 
     def write(self, buf, offset, fua=False):
-        self._gate.enter()
-        try:
-            self._retrying("write", self.store.write, buf, offset, fua)
-            for fn in self._listeners:
-                fn("write", offset, len(buf), buf)
-        finally:
-            self._gate.leave()
+        self._change("write", offset, len(buf), buf, self.store.write, (buf, offset, fua))
 
     def zero(self, offset, length, may_trim=False, fast=False, fua=False):
-        self._gate.enter()
-        try:
-            self._retrying("write", self.store.zero, offset, length, may_trim, fast, fua)
-            for fn in self._listeners:
-                fn("zero", offset, length, None)
-        finally:
-            self._gate.leave()
+        self._change("zero", offset, length, None, self.store.zero,
+                     (offset, length, may_trim, fast, fua))
 
     def trim(self, offset, length, fua=False):
-        self._gate.enter()
-        try:
-            self._retrying("write", self.store.trim, offset, length, fua)
-            for fn in self._listeners:
-                fn("trim", offset, length, None)
-        finally:
-            self._gate.leave()
+        self._change("trim", offset, length, None, self.store.trim, (offset, length, fua))
 
     def flush(self):
         self._gate.enter()
         try:
-            self._retrying("write", self.store.flush)
+            try:
+                self.store.flush()
+            except OSError as e:
+                self._retry("write", e, self.store.flush, ())
         finally:
             self._gate.leave()
 
     def extents(self, offset, length, req_one=False):
         self._gate.enter()
         try:
-            return self._retrying("read", self.store.extents, offset, length, req_one)
+            try:
+                return self.store.extents(offset, length, req_one)
+            except OSError as e:
+                return self._retry("read", e, self.store.extents, (offset, length, req_one))
         finally:
             self._gate.leave()
 

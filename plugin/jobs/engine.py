@@ -51,6 +51,14 @@ from .states import TRANSITIONS, VERBS, refused_verb_error
 log = logging.getLogger(__name__)
 
 
+def _guarded(field: str, doc: str) -> property:
+    """A read-only property that reads ``field`` under the job's lock."""
+    def get(self):
+        with self._cond:
+            return getattr(self, field)
+    return property(get, doc=doc)
+
+
 class Job:
     """Base class of a block job: the state machine around a ``run()``.
 
@@ -162,10 +170,14 @@ class Job:
     # ------------------------------------------------------------------
     # State, read from any thread
 
-    @property
-    def status(self) -> str:
-        with self._cond:
-            return self._status
+    status = _guarded("_status", "The job's state (states.py).")
+    cancelled = _guarded("_force_cancel",
+                         "The job must stop as soon as possible (QEMU's job_is_cancelled).")
+    cancel_requested = _guarded("_cancel_requested", "Any cancel was accepted, soft ones included.")
+    should_complete = _guarded("_should_complete", "The complete verb was accepted.")
+    user_paused = _guarded("_user_paused", "Paused by a pause verb or by an error with action stop.")
+    io_status = _guarded("_io_status", "ok, failed or nospace (QEMU's BlockDeviceIoStatus).")
+    error = _guarded("_error", "The error text the job ends with, if any.")
 
     @property
     def is_ready(self) -> bool:
@@ -174,43 +186,9 @@ class Job:
             return self._status in ("ready", "standby")
 
     @property
-    def cancelled(self) -> bool:
-        """The job must stop as soon as possible (QEMU's job_is_cancelled)."""
-        with self._cond:
-            return self._force_cancel
-
-    @property
-    def cancel_requested(self) -> bool:
-        """Any cancel was accepted, soft ones included."""
-        with self._cond:
-            return self._cancel_requested
-
-    @property
-    def should_complete(self) -> bool:
-        """The complete verb was accepted."""
-        with self._cond:
-            return self._should_complete
-
-    @property
-    def user_paused(self) -> bool:
-        """Paused by a pause verb or by an error with action stop."""
-        with self._cond:
-            return self._user_paused
-
-    @property
     def speed(self) -> int:
         with self._cond:
             return self._rate.speed
-
-    @property
-    def io_status(self) -> str:
-        with self._cond:
-            return self._io_status
-
-    @property
-    def error(self) -> str | None:
-        with self._cond:
-            return self._error
 
     @property
     def progress(self) -> tuple[int, int]:
@@ -221,7 +199,7 @@ class Job:
     def block_info(self) -> dict:
         """QEMU's BlockJobInfo for query-block-jobs."""
         with self._cond:
-            info = {
+            return self._with_error({
                 "type": self.type,
                 "device": self.id,
                 "len": self._total,
@@ -234,24 +212,21 @@ class Job:
                 "status": self._status,
                 "auto-finalize": self.auto_finalize,
                 "auto-dismiss": self.auto_dismiss,
-            }
-            if self._error is not None:
-                info["error"] = self._error
-            return info
+            })
 
     def job_info(self) -> dict:
         """QEMU's JobInfo for query-jobs."""
         with self._cond:
-            info = {
-                "id": self.id,
-                "type": self.type,
-                "status": self._status,
-                "current-progress": self._offset,
-                "total-progress": self._total,
-            }
-            if self._error is not None:
-                info["error"] = self._error
-            return info
+            return self._with_error({
+                "id": self.id, "type": self.type, "status": self._status,
+                "current-progress": self._offset, "total-progress": self._total,
+            })
+
+    def _with_error(self, info: dict) -> dict:
+        # QEMU's "error" member: present only once the job has failed.
+        if self._error is not None:
+            info["error"] = self._error
+        return info
 
     # ------------------------------------------------------------------
     # Helpers for run()

@@ -193,6 +193,14 @@ class StreamDecoder:
         self._mode = _BARE
         return i
 
+    def _find_stop(self, pattern, data, i, out):
+        """Index of the next byte from i that pattern stops at; None (all taken) if none."""
+        m = pattern.search(data, i)
+        if m is None:
+            self._take(data[i:], out)
+            return None
+        return m.start()
+
     def _scan_string(self, data, i, out) -> int:
         if self._escape:
             # The escaped byte itself is ordinary (\" or \\ or the u of \u).
@@ -202,11 +210,9 @@ class StreamDecoder:
                 return i + 1
             self._take(data[i:i + 1], out)
             return i + 1
-        m = _STRING_STOP.search(data, i)
-        if m is None:
-            self._take(data[i:], out)
+        j = self._find_stop(_STRING_STOP, data, i, out)
+        if j is None:
             return len(data)
-        j = m.start()
         c = data[j]
         if c == ord('"'):
             self._take(data[i:j + 1], out)
@@ -224,11 +230,9 @@ class StreamDecoder:
         return j + 1
 
     def _scan_container(self, data, i, out) -> int:
-        m = _CONTAINER_STOP.search(data, i)
-        if m is None:
-            self._take(data[i:], out)
+        j = self._find_stop(_CONTAINER_STOP, data, i, out)
+        if j is None:
             return len(data)
-        j = m.start()
         c = data[j]
         if c in _RESET_BYTES:
             self._take(data[i:j], out)
@@ -253,11 +257,9 @@ class StreamDecoder:
         return j + 1
 
     def _scan_bare(self, data, i, out) -> int:
-        m = _BARE_STOP.search(data, i)
-        if m is None:
-            self._take(data[i:], out)
+        j = self._find_stop(_BARE_STOP, data, i, out)
+        if j is None:
             return len(data)
-        j = m.start()
         self._take(data[i:j], out)
         self._finish(out)
         # The delimiter is not part of the scalar: let the idle scanner see it.
