@@ -7,14 +7,12 @@ import os
 import pathlib
 import signal
 import subprocess
+import time
 
 import pytest
 
-from conftest import REPO, Server, make_image
-
-import sys
-sys.path.insert(0, str(REPO))
-from plugin import backends_rbd  # noqa: E402
+from conftest import Server, make_image
+from plugin import backends_rbd
 
 MiB = 1 << 20
 _names = itertools.count()
@@ -178,7 +176,6 @@ def test_pool_quota_is_enospc(ceph_cluster):
 
 def _drain(target, timeout=60):
     """Every completion until none is in flight: {tag: errno}."""
-    import time
     got = {}
     deadline = time.monotonic() + timeout
     while target.in_flight():
