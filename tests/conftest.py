@@ -173,6 +173,20 @@ def guest_image():
         pytest.skip(str(e))
 
 
+@pytest.fixture(scope="module")
+def ceph_cluster(tmp_path_factory):
+    """A one-node Ceph cluster (tests/cephcluster.py) for the test module; skipped
+    only where Ceph is not installed.  Every daemon is killed by pid afterwards."""
+    import cephcluster
+    reason = cephcluster.available()
+    if reason:
+        pytest.skip(reason)
+    cluster = cephcluster.CephCluster(tmp_path_factory.mktemp("ceph"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
 def connect():
     """Open libnbd handles to URIs; all closed after the test."""

@@ -1,0 +1,380 @@
+"""Ceph RBD images through librbd (Debian's python3-rados / python3-rbd).
+
+An address is ``rbd://POOL/IMAGE?conf=PATH`` or ``rbd://POOL/NAMESPACE/IMAGE?...``
+with optional query keys:
+
+    conf=PATH        ceph.conf to read (default: librados' own search path)
+    id=CLIENT        the client name without "client." (default: admin)
+    timeout=SECONDS  bound on connecting and on each OSD / monitor operation
+                     (default 30; 0 waits for ever, as QEMU's rbd driver does)
+
+RbdBackend has the interface of FileBackend and NbdBackend (plugin/backends.py):
+size, readinto, write, zero, flush, extents, close.  RbdTarget has the
+interface of the mirror targets (plugin/aio_target.py): submit_write,
+submit_zero, submit_flush with tags, wait, in_flight, extents, size,
+reconnect, close, using librbd's asynchronous I/O.
+
+Errors are OSError with the errno Ceph gave.  A pool quota fails writes with
+EDQUOT; it is reported as ENOSPC so that the enospc policy treats a full pool
+like a full disk.  A request that timed out (the OSD is stopped or
+unreachable for longer than timeout) fails with ETIMEDOUT.
+
+librbd's Image is thread safe and its synchronous calls release the GIL, so
+nbdkit's worker threads share one image handle; librbd itself runs many
+requests in parallel.
+"""
+
+import errno
+import logging
+import queue
+import threading
+import urllib.parse
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 30
+MAX_ZERO = 1 << 30
+
+
+def is_rbd_uri(address):
+    return address.startswith("rbd://")
+
+
+class RbdAddress:
+    """A parsed rbd:// address."""
+
+    def __init__(self, pool, image, namespace="", conf=None, client_id=None,
+                 timeout=DEFAULT_TIMEOUT):
+        self.pool = pool
+        self.image = image
+        self.namespace = namespace
+        self.conf = conf
+        self.client_id = client_id
+        self.timeout = timeout
+
+    def __str__(self):
+        path = "/".join(p for p in (self.pool, self.namespace, self.image) if p)
+        return "rbd://" + path
+
+
+def parse_uri(address):
+    """An RbdAddress; ValueError with a one-line reason for a bad address."""
+    u = urllib.parse.urlsplit(address)
+    if u.scheme != "rbd":
+        raise ValueError("not an rbd:// address: %r" % address)
+    parts = [urllib.parse.unquote(p) for p in (u.netloc + u.path).split("/")]
+    if len(parts) == 2:
+        pool, image, namespace = parts[0], parts[1], ""
+    elif len(parts) == 3:
+        pool, namespace, image = parts
+    else:
+        raise ValueError("rbd address must be rbd://POOL/IMAGE or rbd://POOL/NAMESPACE/IMAGE: %r"
+                         % address)
+    if not pool or not image or (len(parts) == 3 and not namespace):
+        raise ValueError("rbd address has an empty pool, namespace or image: %r" % address)
+    try:
+        query = urllib.parse.parse_qs(u.query, keep_blank_values=True, strict_parsing=bool(u.query))
+    except ValueError:
+        raise ValueError("rbd address has a malformed query: %r" % address) from None
+    unknown = set(query) - {"conf", "id", "timeout"}
+    if unknown:
+        raise ValueError("rbd address has unknown option(s) %s (known: conf, id, timeout)"
+                         % ", ".join(sorted(unknown)))
+    for k, v in query.items():
+        if len(v) != 1 or not v[0]:
+            raise ValueError("rbd address option %s needs exactly one non-empty value" % k)
+    timeout = DEFAULT_TIMEOUT
+    if "timeout" in query:
+        try:
+            timeout = int(query["timeout"][0])
+            if timeout < 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError("rbd address timeout must be whole seconds >= 0: %r"
+                             % query["timeout"][0]) from None
+    return RbdAddress(pool, image, namespace, query.get("conf", [None])[0],
+                      query.get("id", [None])[0], timeout)
+
+
+def ceph_errno(e):
+    """The positive errno of a rados/rbd exception (EDQUOT reads as ENOSPC)."""
+    n = getattr(e, "errno", None)
+    if not isinstance(n, int) or n == 0:
+        import rbd
+        n = errno.ENOENT if isinstance(e, rbd.ImageNotFound) else errno.EIO
+    n = abs(n)
+    return errno.ENOSPC if n == errno.EDQUOT else n
+
+
+def _os_error(e, what):
+    n = ceph_errno(e)
+    return OSError(n, "%s: %s" % (what, e or errno.errorcode.get(n, n)))
+
+
+def _ceph_errors():
+    import rados
+    import rbd
+    return (rados.Error, rbd.Error)
+
+
+class _Connection:
+    """A cluster connection, an I/O context and one open image."""
+
+    def __init__(self, address, readonly):
+        import rados
+        import rbd
+        self.addr = parse_uri(address) if isinstance(address, str) else address
+        a = self.addr
+        # No librbd cache: a write fails or succeeds itself (with the cache a
+        # failure would surface at a later flush), as with the file and NBD backends.
+        conf = {"rbd_cache": "false"}
+        if a.timeout:
+            t = str(a.timeout)
+            conf.update({"rados_osd_op_timeout": t, "rados_mon_op_timeout": t,
+                    "client_mount_timeout": t})
+        self.cluster = self.ioctx = self.image = None
+        try:
+            self.cluster = rados.Rados(conffile=a.conf or "", rados_id=a.client_id, conf=conf)
+            self.cluster.connect(timeout=a.timeout or 0)
+            self.ioctx = self.cluster.open_ioctx(a.pool)
+            if a.namespace:
+                self.ioctx.set_namespace(a.namespace)
+            # Without "full try" librados holds writes to a full pool (a quota or
+            # a full cluster) until it has room, or until the op timeout; with it
+            # the OSD answers at once: EDQUOT (quota) or ENOSPC.
+            self.ioctx.set_osdmap_full_try()
+            self.image = rbd.Image(self.ioctx, a.image, read_only=readonly)
+        except _ceph_errors() as e:
+            self.close()
+            raise _os_error(e, "cannot open %s" % a) from None
+        self.readonly = readonly
+        self.size = self.image.size()
+        self.whole_object = bool(self.image.features() & rbd.RBD_FEATURE_FAST_DIFF)
+
+    def call(self, what, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _ceph_errors() as e:
+            raise _os_error(e, "%s %s" % (what, self.addr)) from None
+
+    def extents(self, offset, length):
+        """[(offset, length, reads_as_zero)] covering the range, from diff_iterate.
+
+        With fast-diff the object map answers at object granularity (no I/O
+        per object); without it librbd asks each object for its extents.
+        """
+        end = min(offset + length, self.size)
+        found = []
+        if end > offset:
+            def cb(o, n, exists):
+                found.append((o, n, exists))
+                return 0
+            self.call("extents of", self.image.diff_iterate, offset, end - offset, None, cb,
+                      include_parent=True, whole_object=self.whole_object)
+        found.sort()
+        result = []
+
+        def add(o, n, zero):
+            if n <= 0:
+                return
+            if result and result[-1][2] == zero and result[-1][0] + result[-1][1] == o:
+                result[-1] = (result[-1][0], result[-1][1] + n, zero)
+            else:
+                result.append((o, n, zero))
+
+        pos = offset
+        for o, n, exists in found:
+            o, e = max(o, pos), min(o + n, end)
+            if e <= o:
+                continue
+            add(pos, o - pos, True)
+            add(o, e - o, not exists)
+            pos = e
+        add(pos, end - pos, True)
+        if offset + length > end:
+            start = max(end, offset)
+            add(start, offset + length - start, True)
+        return result
+
+    def close(self):
+        for obj in (self.image, self.ioctx):
+            if obj is not None:
+                try:
+                    obj.close()
+                except Exception:
+                    pass
+        if self.cluster is not None:
+            try:
+                self.cluster.shutdown()
+            except Exception:
+                pass
+        self.cluster = self.ioctx = self.image = None
+
+
+class RbdBackend:
+    """An RBD image as a base or a pivoted disk; safe to call from many threads."""
+
+    def __init__(self, address, readonly):
+        self.address = address
+        self._c = _Connection(address, readonly)
+        log.info("open backend kind=rbd image=%s size=%d readonly=%s", self._c.addr,
+                 self._c.size, readonly)
+
+    def size(self):
+        return self._c.size
+
+    def readinto(self, buf, offset):
+        view = memoryview(buf).cast("B")
+        data = self._c.call("read from", self._c.image.read, offset, len(view))
+        if len(data) != len(view):
+            raise OSError(errno.EIO, "short read at offset %d from %s" % (offset, self._c.addr))
+        view[:] = data
+
+    def write(self, buf, offset, fua=False):
+        self._c.call("write to", self._c.image.write, bytes(buf), offset)
+        if fua:
+            self.flush()
+
+    def zero(self, offset, length, may_trim=False, fua=False):
+        # write_zeroes (not discard): librbd skips partial-object discards,
+        # which would leave old data there.  It deallocates whole objects.
+        while length:
+            n = min(length, MAX_ZERO)
+            self._c.call("zero", self._c.image.write_zeroes, offset, n)
+            offset += n
+            length -= n
+        if fua:
+            self.flush()
+
+    def flush(self):
+        self._c.call("flush", self._c.image.flush)
+
+    def extents(self, offset, length):
+        return self._c.extents(offset, length)
+
+    def close(self):
+        self._c.close()
+
+
+class RbdTarget:
+    """An RBD image as a drive-mirror target, written with librbd's aio calls.
+
+    Completion callbacks run in librbd's threads; they only put (tag, errno)
+    on a queue (never raise, never call librbd).  Only the mirror thread calls
+    the methods.
+    """
+
+    # One image handle: a flush covers every write that completed before it.
+    multi_conn = True
+
+    def __init__(self, address):
+        self.address = address
+        self._addr = parse_uri(address)
+        self._done = queue.SimpleQueue()     # (generation, serial, errno) from callbacks
+        self._pending = {}                   # serial -> tag
+        self._failed = []                    # (tag, errno) that wait() returns next
+        self._serial = 0
+        self._generation = 0                 # bumped by reconnect(): late callbacks ignored
+        self._dead = False
+        self._c = _Connection(self._addr, readonly=False)
+        log.info("Mirror target opened image=%s size=%d", self._addr, self._c.size)
+
+    def size(self):
+        return self._c.size
+
+    def extents(self, offset, length):
+        return self._c.extents(offset, length)
+
+    def in_flight(self):
+        return len(self._pending) + len(self._failed)
+
+    def _callback(self, serial):
+        generation, done_queue = self._generation, self._done
+
+        def done(completion):
+            try:
+                ret = completion.get_return_value()
+                n = 0 if ret >= 0 else (errno.ENOSPC if -ret == errno.EDQUOT else -ret)
+            except BaseException:
+                n = errno.EIO
+            done_queue.put((generation, serial, n))
+        return done
+
+    def _submit(self, tag, method, *args):
+        if self._c is None:             # a reconnect failed: reconnect() tries again
+            self._failed.append((tag, errno.ENOTCONN))
+            return
+        fn = getattr(self._c.image, method)
+        self._serial += 1
+        serial = self._serial
+        self._pending[serial] = tag
+        try:
+            fn(*args, self._callback(serial))
+        except _ceph_errors() as e:
+            del self._pending[serial]
+            self._failed.append((tag, self._note(ceph_errno(e))))
+        except Exception as e:          # e.g. the image was closed
+            del self._pending[serial]
+            self._failed.append((tag, self._note(getattr(e, "errno", None) or errno.EBADF)))
+
+    def _note(self, n):
+        if n in (errno.ESHUTDOWN, errno.ENOTCONN, errno.EBADF):
+            self._dead = True           # blocklisted or closed: reconnect() reopens
+        return n
+
+    def submit_write(self, buf, offset, tag):
+        # librbd keeps the bytes until the write completes; buf may be reused.
+        self._submit(tag, "aio_write", bytes(buf), offset)
+
+    def submit_zero(self, offset, length, tag):
+        self._submit(tag, "aio_write_zeroes", offset, length)
+
+    def submit_flush(self, tag):
+        """Flush the writes that completed before this call."""
+        self._submit(tag, "aio_flush")
+
+    def wait(self, timeout):
+        """Completions so far (waiting up to timeout for one): [(tag, errno or 0)]."""
+        result, self._failed = self._failed, []
+        block = not result and bool(self._pending)
+        while True:
+            try:
+                item = self._done.get(timeout=timeout) if block else self._done.get_nowait()
+            except queue.Empty:
+                break
+            generation, serial, n = item
+            if generation == self._generation and serial in self._pending:
+                result.append((self._pending.pop(serial), self._note(n)))
+                block = False
+        return result
+
+    def reconnect(self):
+        """Reopen the image if the client was shut out (blocklisted) or closed; else False.
+
+        librados reconnects to monitors and OSDs by itself, so a restarted or
+        continued OSD needs nothing here.  Requests still pending on the old
+        handle come back from wait() as ENOTCONN.  Raises OSError if the image
+        cannot be opened (call again later).
+        """
+        if not self._dead and self._c is not None:
+            return False
+        log.info("Mirror target reopening image=%s pending=%d", self._addr, len(self._pending))
+        self._failed += [(tag, errno.ENOTCONN) for tag in self._pending.values()]
+        self._pending.clear()
+        self._generation += 1
+        self._done = queue.SimpleQueue()
+        old, self._c = self._c, None
+        if old is not None:
+            # Closing waits for the old requests; do not hold the mirror thread.
+            threading.Thread(target=old.close, name="rbd-close", daemon=True).start()
+        self._c = _Connection(self._addr, readonly=False)
+        self._dead = False
+        return True
+
+    def close(self):
+        """Close the image (librbd waits for the requests still in flight)."""
+        if self._c is not None:
+            self._c.close()
+            self._c = None
+        self._pending.clear()
+        self._failed.clear()
