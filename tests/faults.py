@@ -197,8 +197,9 @@ class MirrorRig:
         return self.target_path.read_bytes()
 
     def errors(self):
-        """The data of every BLOCK_JOB_ERROR seen so far."""
-        return [e["data"] for e in self.qmp.events if e["event"] == "BLOCK_JOB_ERROR"]
+        """The data of every BLOCK_JOB_ERROR seen so far, QEMU's members only (no x- extensions)."""
+        return [{k: v for k, v in e["data"].items() if not k.startswith("x-")}
+                for e in self.qmp.events if e["event"] == "BLOCK_JOB_ERROR"]
 
     def close(self):
         self.qmp.close()

@@ -463,7 +463,8 @@ def test_report_policy_emits_error_then_ends_job_with_error(start, events):
     trail = events.until_status("null")
     assert summary(trail) == ["created", "running", "BLOCK_JOB_ERROR", "aborting",
                               "BLOCK_JOB_COMPLETED", "concluded", "null"]
-    assert trail[2]["data"] == {"device": "j0", "operation": "write", "action": "report"}
+    assert trail[2]["data"] == {"device": "j0", "operation": "write", "action": "report",
+                                "x-errno": "EIO", "x-desc": "Input/output error"}
     assert trail[4]["data"]["error"] == "Input/output error"
     assert job.actions == ["report"]
 
@@ -489,7 +490,8 @@ def test_repeated_ignored_errors_are_rate_limited_but_the_first_is_emitted(start
     errors = [e for e in trail if e["event"] == "BLOCK_JOB_ERROR"]
     assert len(job.actions) == 40
     assert 1 <= len(errors) < 5
-    assert errors[0]["data"] == {"device": "j0", "operation": "write", "action": "ignore"}
+    assert errors[0]["data"] == {"device": "j0", "operation": "write", "action": "ignore",
+                                 "x-errno": "EIO", "x-desc": "Input/output error"}
 
 
 def test_stop_policy_pauses_job_and_sets_io_status_failed(start, events):
@@ -500,6 +502,29 @@ def test_stop_policy_pauses_job_and_sets_io_status_failed(start, events):
     info = job.block_info()
     assert (info["io-status"], info["paused"], info["status"]) == ("failed", True, "paused")
     assert job.user_paused is True
+
+
+def test_a_paused_job_keeps_its_last_error_in_block_info(start, events):
+    job = start(faults={1: [errno.EIO]}, on_error="stop")
+    events.until_status("paused")
+    last = job.block_info()["x-last-error"]
+    assert {k: last[k] for k in ("operation", "errno", "desc", "count")} == {
+        "operation": "write", "errno": "EIO", "desc": "Input/output error", "count": 1}
+    assert set(last["time"]) == {"seconds", "microseconds"}
+    job.user_resume()                 # resume clears io-status, not the record of why
+    assert job.block_info()["x-last-error"]["errno"] == "EIO"
+
+
+def test_repeated_identical_errors_are_counted_in_the_last_error(start, events):
+    job = start(faults={1: [errno.EIO] * 5}, on_error="ignore", auto_dismiss=False)
+    events.until_status("concluded")
+    assert job.block_info()["x-last-error"]["count"] == 5
+
+
+def test_a_job_without_errors_has_no_last_error(start, events):
+    job = start(auto_dismiss=False)
+    events.until_status("concluded")
+    assert "x-last-error" not in job.block_info()
 
 
 def test_enospc_policy_stops_on_enospc_with_io_status_nospace(start, events):

@@ -322,7 +322,8 @@ def test_dismiss_of_running_job_is_refused(qmp, start):
 def test_stopped_job_shows_io_status_and_resume_resets_it(qmp, start, sub):
     start(go=True, fault=errno.ENOSPC, on_error="enospc", auto_dismiss=False)
     error = wait_event(sub, "BLOCK_JOB_ERROR")
-    assert error["data"] == {"device": "job0", "operation": "write", "action": "stop"}
+    assert error["data"] == {"device": "job0", "operation": "write", "action": "stop",
+                             "x-errno": "ENOSPC", "x-desc": "No space left on device"}
     wait_status(sub, "paused")
     info = qmp.execute("query-block-jobs", {})[0]
     assert (info["io-status"], info["paused"], info["status"]) == ("nospace", True, "paused")

@@ -337,7 +337,9 @@ def test_set_policy_ignore_keeps_a_mirror_going_through_target_errors(
     while error["event"] != "BLOCK_JOB_ERROR":
         error = json.loads(events.line())
     # The policy in force is the one set-policy gave, not the default 'report'.
-    assert error["data"] == {"device": "disk0", "operation": "write", "action": "ignore"}
+    assert {k: error["data"][k] for k in ("device", "operation", "action")} == {
+        "device": "disk0", "operation": "write", "action": "ignore"}
+    assert error["data"]["x-errno"] == "EIO"
     time.sleep(0.3)
     record = disk.record()
     assert (record["status"], record["io-status"], record["error"]) == ("running", "ok", None)

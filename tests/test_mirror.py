@@ -374,3 +374,20 @@ def test_speed_limited_mirror_copies_at_about_its_speed(servers, tmp_path, conne
     s.qmp("block-job-cancel", device="disk0", force=True)
     s.qmp.wait_event("BLOCK_JOB_CANCELLED")
     s.qmp.close()
+
+
+def test_copied_bytes_count_data_written_not_zero_ranges(servers, tmp_path, connect):
+    # A target that does not read as zeros: the zero ranges are zeroed there,
+    # which counts as progress (offset) but is not data copied (x-copied-bytes).
+    s = Setup(servers, tmp_path, connect, target_fill=b"\xff" * SIZE)
+    try:
+        s.mirror()
+        ready = s.qmp.wait_event("BLOCK_JOB_READY")["data"]
+        info = s.qmp.job("disk0")
+        data = sum(n for _, n in [(0, 2 * MiB), (0, SIZE // 6), (0, MiB)])
+        assert data <= info["x-copied-bytes"] < SIZE <= ready["offset"]
+        s.qmp("block-job-cancel", device="disk0")
+        s.qmp.wait_status("disk0", "null")
+        assert s.disk_bytes() == s.target_bytes()
+    finally:
+        s.qmp.close()

@@ -33,6 +33,11 @@ def error_event(operation, action):
     return {"device": "disk0", "operation": operation, "action": action}
 
 
+def qemu_fields(data):
+    """The members QEMU's BLOCK_JOB_ERROR has (ours adds x-errno and x-desc)."""
+    return {k: v for k, v in data.items() if not k.startswith("x-")}
+
+
 @pytest.fixture
 def rigs(servers, tmp_path, connect):
     made = []
@@ -104,7 +109,7 @@ def test_ignore_on_target_error_retries_until_the_fault_clears_then_completes(ri
     fault.on()
     rig.mirror(on_target_error="ignore")
     first = rig.qmp.wait_event("BLOCK_JOB_ERROR")
-    assert first["data"] == error_event("write", "ignore")
+    assert qemu_fields(first["data"]) == error_event("write", "ignore")
     info = rig.qmp.job("disk0")
     assert (info["status"], info["paused"], info["io-status"]) == ("running", False, "ok")
     time.sleep(0.5)
@@ -120,7 +125,7 @@ def test_stop_on_target_error_pauses_with_io_status_failed_and_resume_retries(ri
     rig = target_fault_rig(rigs, fault)
     fault.on()
     rig.mirror(on_target_error="stop")
-    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "stop")
+    assert qemu_fields(rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"]) == error_event("write", "stop")
     rig.qmp.wait_status("disk0", "paused")
     info = rig.qmp.job("disk0")
     assert (info["status"], info["paused"], info["io-status"]) == ("paused", True, "failed")
@@ -148,7 +153,7 @@ def test_stop_on_target_error_after_ready_moves_to_standby(rigs, fault):
     rig.qmp.wait_event("BLOCK_JOB_READY")
     fault.on()
     rig.h.pwrite(b"new data" * 512, 2 * MiB)              # its copy fails
-    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "stop")
+    assert qemu_fields(rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"]) == error_event("write", "stop")
     rig.qmp.wait_status("disk0", "standby")
     info = rig.qmp.job("disk0")
     assert (info["status"], info["paused"], info["io-status"], info["ready"]) == (
@@ -165,7 +170,7 @@ def test_ignore_keeps_a_ready_job_ready_and_copies_once_the_fault_clears(rigs, f
     rig.qmp.wait_event("BLOCK_JOB_READY")
     fault.on()
     rig.h.pwrite(b"late" * 1024, MiB + 512)
-    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "ignore")
+    assert qemu_fields(rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"]) == error_event("write", "ignore")
     info = rig.qmp.job("disk0")
     assert (info["status"], info["io-status"]) == ("ready", "ok")
     assert info["offset"] < info["len"]                    # the failed copy is still to do
@@ -200,7 +205,7 @@ def test_failed_target_flush_under_stop_pauses_and_resume_copies_again(flush_fau
     rig = flush_fault_rig
     fault.on()
     rig.mirror(on_target_error="stop")
-    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "stop")
+    assert qemu_fields(rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"]) == error_event("write", "stop")
     rig.qmp.wait_status("disk0", "paused")
     info = rig.qmp.job("disk0")
     # Nothing written since the last good flush is trusted: all of it is to do again.
@@ -220,7 +225,7 @@ def test_write_blocking_client_write_that_fails_on_the_target_is_ignored_then_co
     fault.on()
     rig.h.pwrite(b"through" * 1000, 2 * MiB + 7)         # the client's write still succeeds
     assert rig.h.pread(7, 2 * MiB + 7) == b"through"
-    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "ignore")
+    assert qemu_fields(rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"]) == error_event("write", "ignore")
     assert rig.qmp.job("disk0")["status"] == "ready"
     fault.off()
     wait_until(lambda: (lambda i: i["offset"] == i["len"])(rig.qmp.job("disk0")), timeout=10)
@@ -233,7 +238,7 @@ def test_write_blocking_client_write_that_fails_on_the_target_stops_the_job(rigs
     rig.qmp.wait_event("BLOCK_JOB_READY")
     fault.on()
     rig.h.pwrite(b"first" * 1000, MiB)
-    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "stop")
+    assert qemu_fields(rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"]) == error_event("write", "stop")
     rig.qmp.wait_status("disk0", "standby")
     assert rig.qmp.job("disk0")["io-status"] == "failed"
     rig.h.pwrite(b"while stopped" * 100, 3 * MiB)         # not written through while stopped
@@ -267,7 +272,7 @@ def test_ignore_on_source_error_retries_until_the_fault_clears(rigs, fault):
     expected = rig.disk_bytes()
     fault.on()
     rig.mirror(on_source_error="ignore")
-    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("read", "ignore")
+    assert qemu_fields(rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"]) == error_event("read", "ignore")
     assert rig.qmp.job("disk0")["paused"] is False
     time.sleep(0.3)
     fault.off()
@@ -280,7 +285,7 @@ def test_stop_on_source_error_pauses_and_resume_retries(rigs, fault):
     expected = rig.disk_bytes()
     fault.on()
     rig.mirror(on_source_error="stop")
-    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("read", "stop")
+    assert qemu_fields(rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"]) == error_event("read", "stop")
     rig.qmp.wait_status("disk0", "paused")
     info = rig.qmp.job("disk0")
     assert (info["paused"], info["io-status"]) == (True, "failed")
@@ -316,7 +321,7 @@ def test_one_write_error_under_ignore_is_one_event_and_the_copy_completes(blkdeb
 def test_one_write_error_under_stop_pauses_once_and_resume_completes(blkdebug_target_rig):
     rig = blkdebug_target_rig()
     rig.mirror(on_target_error="stop")
-    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "stop")
+    assert qemu_fields(rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"]) == error_event("write", "stop")
     rig.qmp.wait_status("disk0", "paused")
     assert rig.qmp.job("disk0")["io-status"] == "failed"
     rig.qmp("block-job-resume", device="disk0")
@@ -395,7 +400,7 @@ def test_enospc_stops_with_io_status_nospace_and_resume_after_space_appears(rigs
     rig = target_fault_rig(rigs, fault, error="ENOSPC")
     fault.on()
     rig.mirror(on_target_error=policy)
-    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "stop")
+    assert qemu_fields(rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"]) == error_event("write", "stop")
     rig.qmp.wait_status("disk0", "paused")
     info = rig.qmp.job("disk0")
     assert (info["status"], info["paused"], info["io-status"]) == ("paused", True, "nospace")
@@ -441,14 +446,30 @@ def test_policy_change_on_a_stopped_job_governs_the_next_error(rigs, fault):
     rig.qmp.wait_status("disk0", "paused")
     rig.qmp("block-job-change", id="disk0", on_target_error="ignore")
     rig.qmp("block-job-resume", device="disk0")
-    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "ignore")
+    assert qemu_fields(rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"]) == error_event("write", "ignore")
     time.sleep(0.3)
     assert rig.qmp.job("disk0")["status"] == "running"
     rig.qmp("block-job-change", id="disk0", on_target_error="report")
-    assert rig.qmp.wait_event("BLOCK_JOB_ERROR", timeout=10)["data"] == error_event(
+    assert qemu_fields(rig.qmp.wait_event("BLOCK_JOB_ERROR", timeout=10)["data"]) == error_event(
         "write", "report")
     assert rig.qmp.wait_event("BLOCK_JOB_COMPLETED")["data"]["error"] == IO_ERROR
     assert rig.qmp.execute("query-block")[0]["active"] is None
+
+
+def test_query_block_jobs_shows_why_a_job_paused_and_its_policies(rigs, fault):
+    rig = target_fault_rig(rigs, fault)
+    fault.on()
+    rig.mirror(on_target_error="stop")
+    error = rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"]
+    assert (error["x-errno"], error["x-desc"]) == ("EIO", IO_ERROR)
+    rig.qmp.wait_status("disk0", "paused")
+    info = rig.qmp.job("disk0")
+    assert info["x-last-error"]["operation"] == "write"
+    assert (info["x-last-error"]["errno"], info["x-last-error"]["desc"]) == ("EIO", IO_ERROR)
+    assert info["x-policies"] == {"on-source-error": "report", "on-target-error": "stop",
+                                  "copy-mode": "background"}
+    rig.qmp("block-job-change", id="disk0", on_target_error="ignore")
+    assert rig.qmp.job("disk0")["x-policies"]["on-target-error"] == "ignore"
 
 
 def test_jobctl_set_policy_changes_a_running_job(rigs, fault):
@@ -482,7 +503,7 @@ def test_target_restart_under_ignore_reconnects_and_loses_nothing(rigs, servers,
     expected = rig.disk_bytes()
     rig.mirror(on_target_error="ignore", speed=4 * MiB)
     kill_target_mid_copy(rig)
-    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "ignore")
+    assert qemu_fields(rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"]) == error_event("write", "ignore")
     time.sleep(0.5)                                        # a few failed reconnects
     rig.target = restart(servers, rig.target, tmp_path)
     rig.qmp.wait_event("BLOCK_JOB_READY", timeout=20)
@@ -496,7 +517,7 @@ def test_target_restart_under_stop_pauses_then_resume_reconnects(rigs, servers, 
     expected = rig.disk_bytes()
     rig.mirror(on_target_error="stop", speed=4 * MiB)
     kill_target_mid_copy(rig)
-    assert rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"] == error_event("write", "stop")
+    assert qemu_fields(rig.qmp.wait_event("BLOCK_JOB_ERROR")["data"]) == error_event("write", "stop")
     rig.qmp.wait_status("disk0", "paused")
     assert rig.qmp.job("disk0")["io-status"] == "failed"
     rig.target = restart(servers, rig.target, tmp_path)

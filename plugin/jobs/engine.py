@@ -41,6 +41,7 @@ import errno
 import logging
 import os
 import threading
+import time
 
 from ..core import policy
 from ..core.errors import CommandError, errno_name, error_text
@@ -140,6 +141,7 @@ class Job:
         self._kicks = 0
         self._rate = RateLimiter(speed, self.clock.now())
         self._error_events: dict = {}   # operation -> (last emit time, suppressed count)
+        self._last_error: dict | None = None   # x-last-error of query-block-jobs
         self._on_null: list = []
 
     # ------------------------------------------------------------------
@@ -166,6 +168,14 @@ class Job:
 
     def change(self, **opts) -> None:
         """Apply block-job-change options listed in ``changeable_options``."""
+
+    def policies(self) -> dict:
+        """The job's error policies and modes by QMP name (x-policies of query-block-jobs)."""
+        return {}
+
+    def copied_bytes(self) -> int | None:
+        """Bytes actually written so far (no zero ranges): what the speed limit counts."""
+        return None
 
     # ------------------------------------------------------------------
     # State, read from any thread
@@ -212,6 +222,7 @@ class Job:
                 "status": self._status,
                 "auto-finalize": self.auto_finalize,
                 "auto-dismiss": self.auto_dismiss,
+                **self._extensions(),
             })
 
     def job_info(self) -> dict:
@@ -221,6 +232,19 @@ class Job:
                 "id": self.id, "type": self.type, "status": self._status,
                 "current-progress": self._offset, "total-progress": self._total,
             })
+
+    def _extensions(self) -> dict:
+        # Our additions to BlockJobInfo, x- prefixed as QEMU's own extensions are.
+        ext = {}
+        policies = self.policies()
+        if policies:
+            ext["x-policies"] = policies
+        copied = self.copied_bytes()
+        if copied is not None:
+            ext["x-copied-bytes"] = copied
+        if self._last_error is not None:
+            ext["x-last-error"] = dict(self._last_error)
+        return ext
 
     def _with_error(self, info: dict) -> dict:
         # QEMU's "error" member: present only once the job has failed.
@@ -341,7 +365,8 @@ class Job:
         """
         action = policy.error_action(on_error, operation, error_errno)
         with self._cond:
-            self._emit_error_event(operation, action)
+            self._note_error(operation, error_errno)
+            self._emit_error_event(operation, action, error_errno)
             if action == "stop":
                 if not self._user_paused:
                     self._user_paused = True
@@ -494,7 +519,19 @@ class Job:
         self._user_paused = False
         self._pause_count -= 1
 
-    def _emit_error_event(self, operation: str, action: str) -> None:
+    def _note_error(self, operation: str, err: int) -> None:
+        # The job keeps its last error so the operator can see why it paused.
+        name = errno_name(err)
+        last = self._last_error
+        if last is not None and last["operation"] == operation and last["errno"] == name:
+            last["count"] += 1
+        else:
+            last = self._last_error = {"operation": operation, "errno": name,
+                                       "desc": os.strerror(err), "count": 1}
+        seconds, micro = divmod(int(time.time() * 1e6), 1000000)
+        last["time"] = {"seconds": seconds, "microseconds": micro}
+
+    def _emit_error_event(self, operation: str, action: str, err: int) -> None:
         now = self.clock.now()
         if action == "ignore":
             last, suppressed = self._error_events.get(operation, (None, 0))
@@ -505,8 +542,10 @@ class Job:
                 log.info("Job error events coalesced id=%s operation=%s count=%d",
                          self.id, operation, suppressed)
             self._error_events[operation] = (now, 0)
+        # x-errno / x-desc: why, an extension of QEMU's event (QEMU clients ignore them).
         self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": operation,
-                                       "action": action})
+                                       "action": action, "x-errno": errno_name(err),
+                                       "x-desc": os.strerror(err)})
 
     def _thread_main(self) -> None:
         failure = None

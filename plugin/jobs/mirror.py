@@ -69,13 +69,15 @@ READY_FLUSH_INTERVAL = 1.0
 class _Op:
     """One copy of [offset, offset+length) in flight, perhaps several target requests."""
 
-    __slots__ = ("offset", "length", "token", "remaining", "error", "first", "end", "buf")
+    __slots__ = ("offset", "length", "token", "remaining", "error", "first", "end", "buf",
+                 "data")
 
     def __init__(self, offset, length, token):
         self.offset, self.length, self.token = offset, length, token
         self.remaining = 0
         self.error = 0
         self.buf = None
+        self.data = 0             # bytes written (not zeroed) by this copy
 
 
 class _Flush:
@@ -134,6 +136,7 @@ class MirrorJob(Job):
         self._ops = set()             # copies in flight
         self._buffers = []            # free copy buffers of `chunk` bytes
         self._copied = 0
+        self._written = 0             # bytes of data written to the target (x-copied-bytes)
         self._unpaid = 0              # bytes copied but not yet paid to the rate limiter
         self._in_flight_bytes = 0
         self._fatal = None
@@ -153,6 +156,13 @@ class MirrorJob(Job):
             self.on_target_error = on_target_error
         log.info("Mirror changed id=%s copy_mode=%s on_source_error=%s on_target_error=%s",
                  self.id, self.copy_mode, self.on_source_error, self.on_target_error)
+
+    def policies(self):
+        return {"on-source-error": self.on_source_error,
+                "on-target-error": self.on_target_error, "copy-mode": self.copy_mode}
+
+    def copied_bytes(self):
+        return self._written
 
     # -- client writes -------------------------------------------------------
 
@@ -372,6 +382,7 @@ class MirrorJob(Job):
             self._failures.append(_Failure("read", errno_of(e), offset, length, str(e)))
             return False
         op.remaining = len(requests)
+        op.data = sum(n for _, n, buf in requests if buf is not None)
         if not requests:
             self._give_buffer(op)
             self._ranges.release(op.token)
@@ -418,6 +429,7 @@ class MirrorJob(Job):
                                                "write to %s" % self.target_address))
             else:
                 self._copied += op.length
+                self._written += op.data
                 self._copied_since_flush = True
                 self._retries.succeeded(op.offset, op.length)
                 with self._unflushed_lock:

@@ -70,6 +70,12 @@ class StreamJob(Job):
         self._copied = 0
         self.set_progress(0, self.store.size)
 
+    def policies(self):
+        return {"on-error": self.on_error}
+
+    def copied_bytes(self):
+        return self._copied
+
     def change(self, on_error=None):
         if on_error is not None:
             self.on_error = on_error
