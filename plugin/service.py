@@ -10,7 +10,7 @@ import os
 
 from . import backends
 from .config import Config, ConfigError
-from .disk import statedir
+from .disk import identity, statedir
 from .disk.disk import Disk
 from .disk.passthrough import BackendStore
 from .disk.store import OverlayStore
@@ -80,6 +80,12 @@ class Service:
 
     def active_target(self):
         return (self.state.active or {}).get("target")
+
+    def self_reference(self, address):
+        """Why a mirror target address is this disk itself, or None (see disk/identity.py)."""
+        return identity.self_reference(address, self.state.path, (
+            (self.base_address(), "it is the disk's base (the base is never written)"),
+            (self.active_target(), "it is the storage this disk is served from")))
 
     def io_status(self):
         return self.disk.io_status

@@ -44,6 +44,9 @@ def register_block_commands(registry, service):
         speed = args.get("speed", 0)
         if speed < 0:
             raise CommandError("Parameter 'speed' expects a non-negative value")
+        why = service.self_reference(args["target"])
+        if why is not None:
+            raise CommandError("Target '%s' cannot be used: %s" % (args["target"], why))
         job_id = args.get("job-id", disk.device)
         busy = service.jobs.active_job(disk.device)
         if busy is not None:
