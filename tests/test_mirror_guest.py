@@ -65,7 +65,8 @@ def test_guest_writes_survive_a_failing_target_under_ignore(rig, fault, tmp_path
         fault.on()
         rig.mirror(on_target_error="ignore")
         first = rig.qmp.wait_event("BLOCK_JOB_ERROR")
-        assert first["data"] == {"device": "disk0", "operation": "write", "action": "ignore"}
+        assert first["data"] == {"device": "disk0", "operation": "write", "action": "ignore",
+                                 "x-errno": "EIO", "x-desc": "Input/output error"}
         more_writes(g, 30)                      # the guest is not held up by the failures
         info = rig.qmp.job("disk0")
         assert (info["status"], info["ready"], info["io-status"]) == ("running", False, "ok")
@@ -88,7 +89,8 @@ def test_guest_keeps_writing_while_the_job_is_stopped_on_error(rig, fault, tmp_p
         fault.on()
         rig.mirror(on_target_error="stop")
         first = rig.qmp.wait_event("BLOCK_JOB_ERROR")
-        assert first["data"] == {"device": "disk0", "operation": "write", "action": "stop"}
+        assert first["data"] == {"device": "disk0", "operation": "write", "action": "stop",
+                                 "x-errno": "EIO", "x-desc": "Input/output error"}
         rig.qmp.wait_status("disk0", "paused")
         more_writes(g, 30)                      # the disk keeps serving the guest
         info = rig.qmp.job("disk0")

@@ -364,7 +364,8 @@ def test_read_error_with_report_ends_job_where_it_stopped_and_keeps_base(
     fault.touch()
     qmp("block-stream", device="disk0")
     assert qmp.wait("BLOCK_JOB_ERROR", device="disk0") == {
-        "device": "disk0", "operation": "read", "action": "report"}
+        "device": "disk0", "operation": "read", "action": "report",
+        "x-errno": "EIO", "x-desc": "Input/output error"}
     done = qmp.wait("BLOCK_JOB_COMPLETED", device="disk0")
     assert done["error"] == "Input/output error"
     assert done["offset"] == 4 * MiB          # the first chunk with base data
