@@ -15,11 +15,11 @@ import os
 import sys
 import time
 
-from jobctl import jobs as joblib
-from jobctl import qmp_client
-from jobctl.render import event_line, render_table
-from jobctl.units import parse_size
-from jobctl.waiter import JobEnded, JobWaiter, WaitTimedOut, make_display
+from . import jobs as joblib
+from . import qmp_client
+from .render import event_line, render_table
+from .units import parse_size
+from .waiter import JobEnded, JobWaiter, WaitTimedOut, make_display
 
 EXIT_OK = 0
 EXIT_FAILED = 1        # a command was refused, or the job failed / was cancelled
@@ -406,7 +406,7 @@ def run(argv):
     except qmp_client.Timeout as e:
         _error(f"{e} (socket {path})")
         return EXIT_TIMEOUT
-    except (qmp_client.ServerNotRunning, qmp_client.ConnectionLost, qmp_client.ProtocolError) as e:
+    except qmp_client.ConnectionProblem as e:
         _error(str(e))
         return EXIT_CONNECT
     except KeyboardInterrupt:

@@ -7,7 +7,7 @@ scripts reading `jobctl status --json` see the same shape whatever the
 server left out (missing values are null).
 """
 
-from jobctl.qmp_client import QMPError
+from .qmp_client import QMPError
 
 # Every record has exactly these keys, in this order; docs/jobctl.md lists them.
 JOB_KEYS = (

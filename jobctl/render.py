@@ -7,8 +7,8 @@ Machine-readable output (--json) does not go through here.
 import datetime
 import json
 
-from jobctl.jobs import done_and_total
-from jobctl.units import format_duration, format_rate, format_size, format_speed_limit
+from .jobs import done_and_total
+from .units import format_duration, format_rate, format_size, format_speed_limit
 
 BAR_WIDTH = 20
 

@@ -12,8 +12,8 @@ import os
 import sys
 import time
 
-from jobctl import jobs as joblib
-from jobctl.render import event_line, progress_line
+from . import jobs as joblib
+from .render import event_line, progress_line
 
 POLL_INTERVAL = 0.5
 # How long a job may be missing from query results before we give up on the
