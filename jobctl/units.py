@@ -35,6 +35,8 @@ def parse_size(text):
     including negative values and fractions of a byte.
     """
     match = _SIZE_RE.match(text)
+    if not match and text.strip().startswith("-"):
+        raise ValueError(f"invalid size {text!r}: must not be negative")
     if not match:
         raise ValueError(f"invalid size {text!r} (examples: 4096, 64K, 10M, 1.5G)")
     number = match.group("number")
