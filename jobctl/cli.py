@@ -65,6 +65,18 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{command + ': ' if command else ''}{message}{hint}")
 
 
+class _VersionAction(argparse.Action):
+    """--version, looked up only when asked for (it reads installed package metadata)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="print jobctl's version and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def _size(text):
     try:
         return parse_size(text)
@@ -89,7 +101,7 @@ def build_parser():
         description="Steer block jobs (mirror, stream) of an overlay disk over its QMP control socket.",
         epilog="Exit codes: 0 ok, 1 command or job failed, 2 usage, 3 cannot connect, 4 timeout.",
     )
-    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument("--socket", metavar="PATH",
                         help=f"control socket (default: ${SOCKET_ENV}, else "
                              f"${OVERLAY_ENV}/{CONTROL_SOCKET_NAME}, else ./{DEFAULT_SOCKET})")
