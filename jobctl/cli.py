@@ -14,13 +14,12 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 
 from . import jobs as joblib
 from . import paths, qmp_client
-from .render import event_line, render_table
+from .render import event_line, render_table, terminal_columns
 from .units import parse_size
 from .waiter import JobEnded, JobWaiter, WaitTimedOut, make_display
 
@@ -342,7 +341,7 @@ def cmd_status(client, args):
     if args.json:
         _print_json({"jobs": records}, sort_keys=False)
     else:
-        print(render_table(records, width=terminal_width(sys.stdout)))
+        print(render_table(records, width=terminal_columns(sys.stdout)))
     return EXIT_OK
 
 
@@ -455,14 +454,6 @@ def _is_paused(client, job_id):
         record["paused"] or record["status"] in ("paused", "standby"))
 
 
-def terminal_width(stream):
-    """The terminal's width in columns if stream is a terminal, else None (no limit)."""
-    try:
-        if not stream.isatty():
-            return None
-    except (AttributeError, ValueError):
-        return None
-    return shutil.get_terminal_size().columns
 
 
 def _started(client, args):

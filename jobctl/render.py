@@ -6,6 +6,8 @@ Machine-readable output (--json) does not go through here.
 
 import datetime
 import json
+import os
+import shutil
 import textwrap
 
 from .jobs import done_and_total
@@ -144,8 +146,9 @@ def _fitted_table(records, width):
         column_sets = [all_columns, without_device]
     bar_widths = list(range(BAR_WIDTH, SHRUNK_BAR_WIDTH - 1, -1))
     narrow_bars = list(range(SHRUNK_BAR_WIDTH - 1, MIN_BAR_WIDTH - 1, -1)) + [0]
-    longest = max(len(_text(r["id"])) for r in records)
-    kept = min(longest, KEPT_ID_WIDTH)
+    id_lengths = [len(_text(r["id"])) for r in records]
+    longest = max(id_lengths)
+    kept = max([n for n in id_lengths if n <= KEPT_ID_WIDTH], default=0)
     # (columns, ids that must keep their row: up to how long, bar width, cut errors),
     # least damage first.
     attempts = []
@@ -234,6 +237,20 @@ def _cut(text, width):
     if len(text) <= width:
         return text
     return text[:max(0, width - 3)] + "..."
+
+
+def terminal_columns(stream):
+    """The width of the terminal stream writes to, or None if it is not a terminal.
+
+    The terminal's own size comes first: an exported $COLUMNS goes stale
+    when the window is resized. $COLUMNS (else 80) is only the fallback.
+    """
+    try:
+        if not stream.isatty():
+            return None
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return shutil.get_terminal_size().columns
 
 
 def is_paused(record):

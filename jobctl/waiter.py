@@ -9,12 +9,11 @@ on a short interval and re-polls as soon as an event about the job arrives.
 import collections
 import errno
 import os
-import shutil
 import sys
 import time
 
 from . import jobs as joblib
-from .render import event_line, is_paused, progress_line
+from .render import event_line, is_paused, progress_line, terminal_columns
 
 POLL_INTERVAL = 0.5
 # How long a job may be missing from query results before we give up on the
@@ -70,10 +69,6 @@ class RateMeter:
         return remaining / rate
 
 
-def _terminal_columns():
-    return shutil.get_terminal_size().columns
-
-
 class TerminalDisplay:
     """Redraws one progress line in place; notes go on lines of their own.
 
@@ -82,9 +77,9 @@ class TerminalDisplay:
     column leaves some terminals waiting to wrap.
     """
 
-    def __init__(self, stream, columns=_terminal_columns):
+    def __init__(self, stream, columns=None):
         self.stream = stream
-        self.columns = columns
+        self.columns = columns or (lambda: terminal_columns(stream) or 80)
         self._width = 0
 
     def update(self, record, rate, eta):
