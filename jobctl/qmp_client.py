@@ -81,6 +81,24 @@ class _Monitor(QEMUMonitorProtocol):
     loop runner (`_sync`) and its asynchronous `QMPClient` (`_qmp`).
     """
 
+    def _sync(self, future, timeout=None):
+        """The legacy runner, plus: a Ctrl-C while it runs cancels its task.
+
+        Otherwise the interrupted task would wake up during close() and
+        die there with a "Task exception was never retrieved" report.
+        """
+        task = asyncio.ensure_future(asyncio.wait_for(future, timeout=timeout), loop=self._aloop)
+        try:
+            return self._aloop.run_until_complete(task)
+        except BaseException:
+            if not task.done():
+                task.cancel()
+                try:
+                    self._aloop.run_until_complete(task)
+                except BaseException:       # its cancellation, or what it died of meanwhile
+                    pass
+            raise
+
     def connect_within(self, timeout):
         """connect() (greeting + negotiation), giving up after timeout seconds."""
         self._qmp.await_greeting = True
