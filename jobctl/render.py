@@ -151,12 +151,14 @@ def _fitted_table(records, width):
     kept = max([n for n in id_lengths if n <= KEPT_ID_WIDTH], default=0)
     # (columns, ids that must keep their row: up to how long, bar width, cut errors),
     # least damage first.
+    # A cut error is shown whole under its row, so cutting it costs less
+    # than narrowing the bars below SHRUNK_BAR_WIDTH.
     attempts = []
     for columns in column_sets:
         attempts += ([(columns, longest, b, False) for b in bar_widths]
-                     + [(columns, kept, b, False) for b in bar_widths + narrow_bars]
-                     + [(columns, 0, b, False) for b in bar_widths + narrow_bars])
-    attempts.append((without_device, 0, 0, True))
+                     + [(columns, kept, b, False) for b in bar_widths]
+                     + [(columns, kept, b, True) for b in bar_widths + narrow_bars]
+                     + [(columns, 0, b, True) for b in bar_widths + narrow_bars])
     for columns, kept_id_width, bar_width, cut_errors in attempts:
         header = [TABLE_COLUMNS[i] for i in columns]
         rows = [[job_row(r, bar_width)[i] for i in columns] for r in records]
