@@ -503,6 +503,9 @@ def run(argv):
     if args.debug:
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,
                             format="jobctl: %(levelname)s %(name)s %(message)s")
+        # jobctl.qmp_client logs the conversation itself; qemu.qmp's own debug
+        # lines (its "Connected." comes before the greeting) would only blur it.
+        logging.getLogger("qemu.qmp").setLevel(logging.INFO)
     path, origin = locate_socket(args)
     try:
         with qmp_client.QMPClient(path, timeout=REPLY_TIMEOUT) as client:

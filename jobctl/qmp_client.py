@@ -129,11 +129,17 @@ class _Monitor(QEMUMonitorProtocol):
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     return None
+                # runstate_changed() only sees changes made while it waits:
+                # let it start waiting, then look at the state once more.
                 changed = asyncio.ensure_future(qmp.runstate_changed())
-                await asyncio.wait({get, changed}, timeout=remaining,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                if not changed.done():
-                    changed.cancel()
+                try:
+                    await asyncio.sleep(0)
+                    if qmp.runstate == Runstate.RUNNING and not get.done():
+                        await asyncio.wait({get, changed}, timeout=remaining,
+                                           return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not changed.done():
+                        changed.cancel()
         finally:
             # A cancelled Queue.get leaves its item in the queue: nothing is lost.
             if not get.done():
