@@ -1,6 +1,6 @@
 """jobctl: steer the block jobs of an overlay disk over its QMP control socket.
 
-    jobctl [--socket PATH] COMMAND [ARGS...]
+    jobctl [--socket PATH | --overlay STATE_DIR] COMMAND [ARGS...]
 
 Each command opens one QMP session, does its work and exits with a
 documented code (see docs/jobctl.md). Human output goes to stdout; errors
@@ -9,17 +9,19 @@ verbatim.
 """
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
+import re
 import sys
 import time
 
-from jobctl import jobs as joblib
-from jobctl import qmp_client
-from jobctl.render import event_line, render_table
-from jobctl.units import parse_size
-from jobctl.waiter import JobEnded, JobWaiter, WaitTimedOut, make_display
+from . import jobs as joblib
+from . import paths, qmp_client
+from .render import event_line, render_table, terminal_columns
+from .units import parse_size
+from .waiter import JobEnded, JobWaiter, WaitTimedOut, make_display
 
 EXIT_OK = 0
 EXIT_FAILED = 1        # a command was refused, or the job failed / was cancelled
@@ -30,6 +32,8 @@ EXIT_INTERRUPTED = 130
 
 DEFAULT_SOCKET = "control.sock"
 SOCKET_ENV = "JOBCTL_SOCKET"
+OVERLAY_ENV = "OVERLAY_DIR"
+CONTROL_SOCKET_NAME = "control.sock"     # the plugin's default: STATE_DIR/control.sock
 REPLY_TIMEOUT = 30.0
 EVENTS_DURATION = 1.0
 
@@ -47,10 +51,29 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line instead of exiting."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # "-5M" is a (negative) value, not an unknown option: let the value's
+        # type say what is wrong with it instead of "expected one argument".
+        # (Python 3.13's argparse does the same for any "-" and a digit.)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
     def error(self, message):
         command = self.prog.partition(" ")[2]
         hint = f" (see 'jobctl {command + ' ' if command else ''}--help')"
         raise UsageError(f"{command + ': ' if command else ''}{message}{hint}")
+
+
+class _VersionAction(argparse.Action):
+    """--version, looked up only when asked for (it reads installed package metadata)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="print jobctl's version and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
 
 
 def _size(text):
@@ -77,15 +100,21 @@ def build_parser():
         description="Steer block jobs (mirror, stream) of an overlay disk over its QMP control socket.",
         epilog="Exit codes: 0 ok, 1 command or job failed, 2 usage, 3 cannot connect, 4 timeout.",
     )
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument("--socket", metavar="PATH",
-                        help=f"control socket (default: ${SOCKET_ENV}, else ./{DEFAULT_SOCKET})")
+                        help=f"control socket (default: ${SOCKET_ENV}, else "
+                             f"${OVERLAY_ENV}/{CONTROL_SOCKET_NAME}, else ./{DEFAULT_SOCKET})")
+    parser.add_argument("--overlay", metavar="STATE_DIR",
+                        help=f"the disk's state directory: use STATE_DIR/{CONTROL_SOCKET_NAME}")
     parser.add_argument("--debug", action="store_true", help="log the QMP conversation to stderr")
 
-    # --socket is accepted after the command too; SUPPRESS keeps an absent
-    # one from overwriting a value given before the command.
+    # --socket and --overlay are accepted after the command too; SUPPRESS
+    # keeps an absent one from overwriting a value given before the command.
     common = _Parser(add_help=False)
     common.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
                         help="control socket")
+    common.add_argument("--overlay", metavar="STATE_DIR", default=argparse.SUPPRESS,
+                        help=f"state directory: use STATE_DIR/{CONTROL_SOCKET_NAME}")
 
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
@@ -147,6 +176,13 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="cancel at once, even a ready mirror")
     _add_end_wait_options(p)
     p.set_defaults(func=cmd_cancel)
+
+    for name, qmp_command, help_text in (
+        ("stop", "stop", "hold guest I/O: client requests wait until `jobctl cont` (QMP stop)"),
+        ("cont", "cont", "let held guest I/O go on (QMP cont)"),
+    ):
+        p = command(name, help_text)
+        p.set_defaults(func=cmd_simple, qmp_command=qmp_command)
 
     p = command("set-speed", "change a job's speed limit")
     p.add_argument("job", metavar="JOB")
@@ -214,6 +250,8 @@ def parse_args(argv):
     line exits 2 whether or not the server runs.
     """
     args = build_parser().parse_args(argv)
+    if args.socket and args.overlay:
+        raise UsageError("give --socket or --overlay, not both")
     if args.command == "set-policy" and not _policy_options(args):
         raise UsageError("set-policy: give at least one of --on-source-error, --on-target-error, "
                          "--on-error, --copy-mode")
@@ -243,9 +281,57 @@ def _json_object(text):
     return value
 
 
+def version_text():
+    """ "jobctl 0.1.0 (qemu.qmp 0.0.6)": this package's and its QMP library's versions."""
+    return f"jobctl {_distribution_version(__package__)} (qemu.qmp {_distribution_version('qemu')})"
+
+
+def _distribution_version(package):
+    """The version of the installed distribution providing a top-level package."""
+    top = package.partition(".")[0]
+    for name in importlib.metadata.packages_distributions().get(top, ()):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "(version unknown: not installed)"
+
+
+def locate_socket(args, environ=os.environ):
+    """Return (path, origin): where the control socket is, and what said so.
+
+    --socket, else --overlay STATE_DIR, else $JOBCTL_SOCKET, else
+    $OVERLAY_DIR/control.sock, else ./control.sock.
+    """
+    if args.socket:
+        return args.socket, "--socket"
+    if args.overlay:
+        return os.path.join(args.overlay, CONTROL_SOCKET_NAME), "--overlay"
+    if environ.get(SOCKET_ENV):
+        return environ[SOCKET_ENV], "$" + SOCKET_ENV
+    if environ.get(OVERLAY_ENV):
+        return os.path.join(environ[OVERLAY_ENV], CONTROL_SOCKET_NAME), "$" + OVERLAY_ENV
+    return DEFAULT_SOCKET, "default"
+
+
 def socket_path(args, environ=os.environ):
-    """--socket, else $JOBCTL_SOCKET, else ./control.sock."""
-    return args.socket or environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+    """The control socket path (see locate_socket)."""
+    return locate_socket(args, environ)[0]
+
+
+def not_running_hint(path, origin, cwd=None):
+    """Where jobctl looked and how to point it elsewhere, for "server not running"."""
+    elsewhere = (f"point jobctl at the server with --socket PATH, --overlay STATE_DIR, "
+                 f"{SOCKET_ENV}=PATH or {OVERLAY_ENV}=STATE_DIR")
+    if origin == "--socket":
+        return ""
+    if origin == "default":
+        cwd = os.getcwd() if cwd is None else cwd
+        return f"; jobctl looked for ./{DEFAULT_SOCKET} in {cwd} (the default): {elsewhere}"
+    if origin == "--overlay":
+        return (f"; --overlay means STATE_DIR/{CONTROL_SOCKET_NAME}: a server started with "
+                f"control=PATH needs --socket PATH")
+    return f"; the path came from {origin}: {elsewhere}"
 
 
 # Commands. Each takes (client, args), prints its output and returns an exit code.
@@ -255,12 +341,13 @@ def cmd_status(client, args):
     if args.json:
         _print_json({"jobs": records}, sort_keys=False)
     else:
-        print(render_table(records))
+        print(render_table(records, width=terminal_columns(sys.stdout)))
     return EXIT_OK
 
 
 def cmd_mirror(client, args):
-    arguments = {"device": args.device, "target": args.target, "mode": "existing", "sync": args.sync}
+    arguments = {"device": args.device, "target": paths.absolute_target(args.target),
+                 "mode": "existing", "sync": args.sync}
     _put(arguments, "job-id", args.job_id)
     _put(arguments, "speed", args.speed)
     _put(arguments, "granularity", args.granularity)
@@ -288,6 +375,11 @@ def cmd_verb(client, args):
     return EXIT_OK
 
 
+def cmd_simple(client, args):
+    client.execute(args.qmp_command)
+    return EXIT_OK
+
+
 def cmd_complete(client, args):
     client.execute("block-job-complete", {"device": args.job})
     if args.wait:
@@ -299,7 +391,13 @@ def cmd_cancel(client, args):
     arguments = {"device": args.job}
     if args.force:
         arguments["force"] = True
-    client.execute("block-job-cancel", arguments)
+    try:
+        client.execute("block-job-cancel", arguments)
+    except qmp_client.QMPError as e:
+        if not args.force and _is_paused(client, args.job):
+            e.desc += (f" (to cancel a paused job use 'jobctl cancel --force {args.job}', "
+                       f"or 'jobctl resume {args.job}' first)")
+        raise
     if args.wait:
         return _wait(client, args.job, "done", args.timeout, cancel_ok=True)
     return EXIT_OK
@@ -339,8 +437,23 @@ def cmd_wait(client, args):
 
 
 def cmd_qmp(client, args):
-    _print_json(client.execute(args.qmp_command, args.qmp_arguments))
+    arguments = args.qmp_arguments
+    if args.qmp_command == "drive-mirror" and isinstance((arguments or {}).get("target"), str):
+        arguments = dict(arguments, target=paths.absolute_target(arguments["target"]))
+    _print_json(client.execute(args.qmp_command, arguments))
     return EXIT_OK
+
+
+def _is_paused(client, job_id):
+    """True if the job is paused (by the user or by an error); False if unknown."""
+    try:
+        record = joblib.find_job(joblib.fetch_jobs(client), job_id)
+    except (qmp_client.QMPError, qmp_client.ConnectionProblem, qmp_client.Timeout):
+        return False
+    return record is not None and bool(
+        record["paused"] or record["status"] in ("paused", "standby"))
+
+
 
 
 def _started(client, args):
@@ -390,7 +503,10 @@ def run(argv):
     if args.debug:
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,
                             format="jobctl: %(levelname)s %(name)s %(message)s")
-    path = socket_path(args)
+        # jobctl.qmp_client logs the conversation itself; qemu.qmp's own debug
+        # lines (its "Connected." comes before the greeting) would only blur it.
+        logging.getLogger("qemu.qmp").setLevel(logging.INFO)
+    path, origin = locate_socket(args)
     try:
         with qmp_client.QMPClient(path, timeout=REPLY_TIMEOUT) as client:
             return args.func(client, args)
@@ -406,7 +522,10 @@ def run(argv):
     except qmp_client.Timeout as e:
         _error(f"{e} (socket {path})")
         return EXIT_TIMEOUT
-    except (qmp_client.ServerNotRunning, qmp_client.ConnectionLost, qmp_client.ProtocolError) as e:
+    except qmp_client.ServerNotRunning as e:
+        _error(str(e) + not_running_hint(path, origin))
+        return EXIT_CONNECT
+    except qmp_client.ConnectionProblem as e:
         _error(str(e))
         return EXIT_CONNECT
     except KeyboardInterrupt:

@@ -1,36 +1,50 @@
-"""A small synchronous QMP client over a Unix socket.
+"""jobctl's QMP session: a thin layer over qemu.qmp's synchronous client.
 
-jobctl runs one command and exits, so a blocking client is all it needs: no
-threads, no asyncio.  The client connects, reads the greeting, negotiates
-capabilities, then sends commands one at a time.  Events that arrive while a
-reply is awaited are buffered in arrival order and handed out by
-`next_event`, so a caller that starts a job and then watches it misses
-nothing that happened in between.
+The protocol (framing, JSON, ids, capabilities negotiation, event queue)
+is qemu.qmp's `qemu.qmp.legacy.QEMUMonitorProtocol`. This module only adds
+what a one-shot command-line tool needs on top:
 
-The incoming byte stream is parsed as a sequence of JSON values, not lines:
-QMP does not promise a newline after each message.
+- a connection made here, so "nobody there" (no socket, refused) and "not
+  a QMP server at all" (an NBD socket, which greets with NBDMAGIC) become
+  clear errors before qemu.qmp sees a byte;
+- timeouts on the greeting and on every reply;
+- `next_event(timeout)` that also returns when the server goes away, where
+  the legacy `pull_event` would wait forever;
+- qemu.qmp's many failure types sorted into the few jobctl reports
+  (ServerNotRunning, ConnectionLost, NotQMP, Timeout).
+
+An error reply raises qemu.qmp's own `ExecuteError` (exported here as
+`QMPError`), with two attributes added for convenience: `cls` (the QMP
+error class) and `desc` (the server's text).
 """
 
-import collections
+import asyncio
 import errno
-import itertools
 import json
 import logging
 import os
 import socket
 import stat
-import time
+
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, Runstate, StateError
+from qemu.qmp import QMPError as _LibraryError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
 log = logging.getLogger(__name__)
 
-_RECV_SIZE = 65536
+# An error reply from the server ({"error": {"class": ..., "desc": ...}}).
+QMPError = ExecuteError
+
+# The first bytes an NBD server sends (old and new style handshakes alike).
+NBD_MAGIC = b"NBDMAGIC"
 
 
-class QMPClientError(Exception):
-    """Base class of everything this client raises."""
+class ConnectionProblem(Exception):
+    """Base of the failures that mean "cannot talk to the control server"."""
 
 
-class ServerNotRunning(QMPClientError):
+class ServerNotRunning(ConnectionProblem):
     """The control socket does not exist or nobody listens on it."""
 
     def __init__(self, path, reason):
@@ -39,103 +53,97 @@ class ServerNotRunning(QMPClientError):
         self.reason = reason
 
 
-class ConnectionLost(QMPClientError):
+class ConnectionLost(ConnectionProblem):
     """The server closed the connection or the socket failed mid-session."""
 
 
-class ProtocolError(QMPClientError):
-    """The server sent something that is not valid QMP."""
+class NotQMP(ConnectionProblem):
+    """Something answers on the socket, but it does not speak QMP."""
 
 
-class Timeout(QMPClientError):
+class NbdSocket(NotQMP):
+    """The socket is an NBD server's (it sent NBDMAGIC), not a control socket."""
+
+    def __init__(self, path):
+        super().__init__(f"cannot connect to {path}: that is an NBD socket, not a control socket "
+                         "(the control socket is STATE_DIR/control.sock, or the plugin's control= path)")
+        self.path = path
+
+
+class Timeout(Exception):
     """No reply (or greeting) arrived in time."""
 
 
-class QMPError(QMPClientError):
-    """An error reply: {"error": {"class": cls, "desc": desc}}."""
+class _Monitor(QEMUMonitorProtocol):
+    """QEMUMonitorProtocol with a bounded connect and a disconnect-aware event wait.
 
-    def __init__(self, cls, desc):
-        super().__init__(desc)
-        self.cls = cls
-        self.desc = desc
-
-
-class JSONStreamDecoder:
-    """Splits a byte stream into JSON values, whatever the line breaks.
-
-    Bytes are fed as they arrive; complete values come out of `values()`.
-    A value split across reads stays buffered until the rest arrives.
-    QMP only ever sends objects, so a top-level value must be an object or
-    an array; its end is found by tracking nesting outside of strings,
-    which tells "not complete yet" from "malformed" without guessing.
+    Both use the same two pieces the legacy class is built from: its event
+    loop runner (`_sync`) and its asynchronous `QMPClient` (`_qmp`).
     """
 
-    def __init__(self):
-        self._bytes = b""
-        self._text = ""
-        self._scan = 0          # how far self._text has been scanned
-        self._depth = 0
-        self._in_string = False
-        self._escaped = False
+    def _sync(self, future, timeout=None):
+        """The legacy runner, plus: a Ctrl-C while it runs cancels its task.
 
-    def feed(self, data):
-        self._bytes += data
-        # Decode only complete UTF-8 sequences; keep a split character for later.
+        Otherwise the interrupted task would wake up during close() and
+        die there with a "Task exception was never retrieved" report.
+        """
+        task = asyncio.ensure_future(asyncio.wait_for(future, timeout=timeout), loop=self._aloop)
         try:
-            self._text += self._bytes.decode("utf-8")
-            self._bytes = b""
-        except UnicodeDecodeError as e:
-            if e.reason != "unexpected end of data":
-                raise ProtocolError(f"invalid UTF-8 from server: {e}") from None
-            self._text += self._bytes[:e.start].decode("utf-8")
-            self._bytes = self._bytes[e.start:]
+            return self._aloop.run_until_complete(task)
+        except BaseException:
+            if not task.done():
+                task.cancel()
+                try:
+                    self._aloop.run_until_complete(task)
+                except BaseException:       # its cancellation, or what it died of meanwhile
+                    pass
+            raise
 
-    def values(self):
-        """Yield every complete JSON value buffered so far."""
-        while True:
-            end = self._find_end()
-            if end is None:
-                return
-            chunk, self._text, self._scan = self._text[:end], self._text[end:], 0
-            try:
-                yield json.loads(chunk)
-            except json.JSONDecodeError as e:
-                raise ProtocolError(f"invalid JSON from server: {e}") from None
+    def connect_within(self, timeout):
+        """connect() (greeting + negotiation), giving up after timeout seconds."""
+        self._qmp.await_greeting = True
+        self._qmp.negotiate = True
+        self._sync(self._qmp.connect(self._address), timeout)
+        return self._get_greeting()
 
-    def pending(self):
-        """True when part of a value is buffered."""
-        return bool(self._bytes or self._text.strip())
+    def next_event(self, timeout):
+        """The next event, or None after timeout seconds (None: no limit).
 
-    def _find_end(self):
-        """Return the index just past the first complete value, or None."""
-        text = self._text
-        if self._scan == 0:
-            stripped = text.lstrip()
-            self._text = text = stripped
-            if not text:
-                return None
-            if text[0] not in "{[":
-                raise ProtocolError(f"unexpected data from server: {text[:40]!r}")
-        for i in range(self._scan, len(text)):
-            c = text[i]
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif c == "\\":
-                    self._escaped = True
-                elif c == '"':
-                    self._in_string = False
-            elif c == '"':
-                self._in_string = True
-            elif c in "{[":
-                self._depth += 1
-            elif c in "}]":
-                self._depth -= 1
-                if self._depth == 0:
-                    self._scan = 0
-                    return i + 1
-        self._scan = len(text)
-        return None
+        Events already received come first; once they are used up, a closed
+        connection raises EOFError instead of waiting.
+        """
+        return self._sync(self._next_event(timeout))
+
+    async def _next_event(self, timeout):
+        qmp = self._qmp
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        get = asyncio.ensure_future(qmp.events.get())
+        try:
+            while True:
+                await asyncio.sleep(0)          # let the reader deliver what has arrived
+                if get.done():
+                    return dict(get.result())
+                if qmp.runstate != Runstate.RUNNING:
+                    raise EOFError("disconnected")
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    return None
+                # runstate_changed() only sees changes made while it waits:
+                # let it start waiting, then look at the state once more.
+                changed = asyncio.ensure_future(qmp.runstate_changed())
+                try:
+                    await asyncio.sleep(0)
+                    if qmp.runstate == Runstate.RUNNING and not get.done():
+                        await asyncio.wait({get, changed}, timeout=remaining,
+                                           return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not changed.done():
+                        changed.cancel()
+        finally:
+            # A cancelled Queue.get leaves its item in the queue: nothing is lost.
+            if not get.done():
+                get.cancel()
 
 
 class QMPClient:
@@ -150,11 +158,7 @@ class QMPClient:
         self.path = path
         self.timeout = timeout
         self.greeting = None
-        self._sock = None
-        self._decoder = JSONStreamDecoder()
-        self._incoming = collections.deque()   # parsed values not yet consumed
-        self._events = collections.deque()     # events seen while awaiting replies
-        self._ids = itertools.count(1)
+        self._monitor = None
 
     def __enter__(self):
         self.connect()
@@ -165,55 +169,59 @@ class QMPClient:
 
     def connect(self):
         """Connect, read the greeting and negotiate capabilities."""
-        self._sock = _connect_unix(self.path)
+        sock = _connect_unix(self.path)
         try:
-            self.greeting = self._read_value(self._deadline(self.timeout))
-            if not isinstance(self.greeting, dict) or "QMP" not in self.greeting:
-                raise ProtocolError(f"expected a QMP greeting, got {_short(self.greeting)}")
-            self.execute("qmp_capabilities")
+            _check_not_nbd(sock, self.path, self.timeout)
+            self._monitor = _Monitor(sock, nickname="jobctl")
+            self.greeting = self._monitor.connect_within(self.timeout)
+        except ConnectError as e:
+            self.close()
+            sock.close()
+            raise _connect_failure(e.exc) from None
+        except asyncio.TimeoutError:
+            self.close()
+            sock.close()
+            raise Timeout("timed out waiting for the server's greeting") from None
         except BaseException:
             self.close()
+            sock.close()
             raise
-        log.debug("Connected path=%r version=%r", self.path,
-                  self.greeting["QMP"].get("version"))
+        log.debug("Connected path=%r version=%s", self.path,
+                  json.dumps(self.greeting["QMP"].get("version")))
 
     def close(self):
-        if self._sock is not None:
-            sock, self._sock = self._sock, None
-            sock.close()
+        """Disconnect; an error the session died of was reported already."""
+        if self._monitor is not None:
+            monitor, self._monitor = self._monitor, None
+            try:
+                monitor.close()
+            except Exception as e:      # the reason of a loss, already turned into ours
+                log.debug("Closed after error=%r", e)
 
     def execute(self, command, arguments=None, timeout=...):
         """Run one command and return its "return" value.
 
-        Raises QMPError with the server's class and desc on an error reply.
-        Events arriving meanwhile are kept for next_event().
+        Raises QMPError (qemu.qmp's ExecuteError, with .cls and .desc) on an
+        error reply. Events arriving meanwhile are kept for next_event().
         """
         if timeout is ...:
             timeout = self.timeout
-        request_id = f"jobctl-{next(self._ids)}"
-        request = {"execute": command, "id": request_id}
-        if arguments:
-            request["arguments"] = arguments
-        self._send(request)
-        deadline = self._deadline(timeout)
-        while True:
-            message = self._read_value(deadline)
-            if not isinstance(message, dict):
-                raise ProtocolError(f"unexpected message {_short(message)}")
-            if "event" in message:
-                self._events.append(message)
-                continue
-            # A reply without an id answers a request the server could not
-            # parse far enough to read the id: that can only be ours.
-            if message.get("id", request_id) != request_id:
-                log.debug("Dropping reply to another request message=%r", message)
-                continue
-            if "return" in message:
-                return message["return"]
-            if "error" in message:
-                error = message["error"]
-                raise QMPError(error.get("class", "GenericError"), error.get("desc", ""))
-            raise ProtocolError(f"unexpected reply {_short(message)}")
+        log.debug("Execute command=%s arguments=%s", command, json.dumps(arguments or {}))
+        self._monitor.settimeout(timeout)
+        try:
+            value = self._monitor.cmd(command, **(arguments or {}))
+        except ExecuteError as e:
+            e.cls, e.desc = e.error_class, str(e)
+            log.debug("Error command=%s class=%s desc=%r", command, e.cls, e.desc)
+            raise
+        except asyncio.TimeoutError:
+            raise Timeout("timed out waiting for the server") from None
+        except (ExecInterruptedError, StateError, EOFError, OSError):
+            self._raise_lost()
+        except _LibraryError as e:
+            raise NotQMP(f"invalid reply from server: {e}") from None
+        log.debug("Return command=%s value=%s", command, json.dumps(value))
+        return value
 
     def next_event(self, timeout=None):
         """Return the next event, or None when none arrives within timeout.
@@ -221,51 +229,26 @@ class QMPClient:
         timeout=None waits forever; 0 only returns what is already here.
         Raises ConnectionLost if the server goes away.
         """
-        if self._events:
-            return self._events.popleft()
-        deadline = self._deadline(timeout)
-        while True:
-            message = self._read_value(deadline, allow_timeout=True)
-            if message is None:
-                return None
-            if isinstance(message, dict) and "event" in message:
-                return message
-            log.debug("Dropping unsolicited message=%r", message)
-
-    def _send(self, message):
-        data = json.dumps(message).encode("utf-8") + b"\n"
-        log.debug("Send message=%s", data.decode("utf-8").rstrip())
         try:
-            self._sock.sendall(data)
+            event = self._monitor.next_event(timeout)
+        except (EOFError, OSError, StateError):
+            self._raise_lost()
+        if event is not None:
+            log.debug("Event %s", json.dumps(event))
+        return event
+
+    def _raise_lost(self):
+        """The session ended under us: say why, from what qemu.qmp saw."""
+        monitor, self._monitor = self._monitor, None
+        try:
+            monitor.close()
+        except EOFError:
+            raise ConnectionLost("connection closed by server") from None
         except OSError as e:
             raise ConnectionLost(f"connection to server lost: {e.strerror or e}") from None
-
-    def _read_value(self, deadline, allow_timeout=False):
-        """Return the next JSON value from the socket, reading as needed."""
-        while not self._incoming:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                if allow_timeout:
-                    return None
-                raise Timeout("timed out waiting for the server")
-            self._sock.settimeout(remaining)
-            try:
-                data = self._sock.recv(_RECV_SIZE)
-            except socket.timeout:
-                continue
-            except OSError as e:
-                raise ConnectionLost(f"connection to server lost: {e.strerror or e}") from None
-            if not data:
-                raise ConnectionLost("connection closed by server")
-            self._decoder.feed(data)
-            self._incoming.extend(self._decoder.values())
-        message = self._incoming.popleft()
-        log.debug("Receive message=%s", json.dumps(message))
-        return message
-
-    @staticmethod
-    def _deadline(timeout):
-        return None if timeout is None else time.monotonic() + timeout
+        except _LibraryError as e:
+            raise NotQMP(f"invalid QMP from server: {e}") from None
+        raise ConnectionLost("connection closed by server")
 
 
 def _connect_unix(path):
@@ -289,6 +272,34 @@ def _connect_unix(path):
     return sock
 
 
-def _short(value, limit=200):
-    text = json.dumps(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+def _check_not_nbd(sock, path, timeout):
+    """Look at the server's first bytes (without taking them) for NBD's magic.
+
+    Both QMP and NBD servers speak first, so this costs no round trip.
+    """
+    sock.settimeout(timeout)
+    try:
+        first = sock.recv(len(NBD_MAGIC), socket.MSG_PEEK)
+    except socket.timeout:
+        raise Timeout("timed out waiting for the server's greeting") from None
+    except OSError as e:
+        raise ConnectionLost(f"connection to server lost: {e.strerror or e}") from None
+    finally:
+        sock.settimeout(None)
+    if not first:
+        raise ConnectionLost("connection closed by server before its greeting")
+    if first[:3] == NBD_MAGIC[:3] and NBD_MAGIC.startswith(first):
+        raise NbdSocket(path)
+
+
+def _connect_failure(cause):
+    """What a failed qemu.qmp connect() means to the user."""
+    if isinstance(cause, GreetingError):
+        return NotQMP(f"expected a QMP greeting, got something else ({cause.exc})")
+    if isinstance(cause, NegotiationError):
+        return NotQMP(f"QMP capabilities negotiation failed ({cause.exc})")
+    if isinstance(cause, EOFError):
+        return ConnectionLost("connection closed by server")
+    if isinstance(cause, OSError):
+        return ConnectionLost(f"connection to server lost: {cause.strerror or cause}")
+    return NotQMP(f"invalid QMP from server: {cause}")

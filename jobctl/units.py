@@ -35,6 +35,8 @@ def parse_size(text):
     including negative values and fractions of a byte.
     """
     match = _SIZE_RE.match(text)
+    if not match and text.strip().startswith("-"):
+        raise ValueError(f"invalid size {text!r}: must not be negative")
     if not match:
         raise ValueError(f"invalid size {text!r} (examples: 4096, 64K, 10M, 1.5G)")
     number = match.group("number")
@@ -56,7 +58,8 @@ def format_size(nbytes):
         return "-"
     value = float(nbytes)
     for unit in _UNITS:
-        if abs(value) < 1024 or unit == _UNITS[-1]:
+        # Compare what will be shown: 1023.99 MiB reads 1.0 GiB, not 1024.0 MiB.
+        if abs(round(value, 1)) < 1024 or unit == _UNITS[-1]:
             break
         value /= 1024
     if unit == "B":

@@ -12,8 +12,8 @@ import os
 import sys
 import time
 
-from jobctl import jobs as joblib
-from jobctl.render import event_line, progress_line
+from . import jobs as joblib
+from .render import event_line, is_paused, progress_line, terminal_columns
 
 POLL_INTERVAL = 0.5
 # How long a job may be missing from query results before we give up on the
@@ -48,6 +48,10 @@ class RateMeter:
         while len(self._samples) > 2 and now - self._samples[0][0] > self.window:
             self._samples.popleft()
 
+    def reset(self):
+        """Forget the history (a paused job's rate says nothing about its next run)."""
+        self._samples.clear()
+
     def rate(self):
         """Return bytes/s, or None until there is enough history."""
         if len(self._samples) < 2:
@@ -66,14 +70,20 @@ class RateMeter:
 
 
 class TerminalDisplay:
-    """Redraws one progress line in place; notes go on lines of their own."""
+    """Redraws one progress line in place; notes go on lines of their own.
 
-    def __init__(self, stream):
+    The line fits in the terminal's width (asked again on every update, so a
+    resized window is followed) less one column: a line that fills the last
+    column leaves some terminals waiting to wrap.
+    """
+
+    def __init__(self, stream, columns=None):
         self.stream = stream
+        self.columns = columns or (lambda: terminal_columns(stream) or 80)
         self._width = 0
 
     def update(self, record, rate, eta):
-        line = progress_line(record, rate, eta, bar=True)
+        line = progress_line(record, rate, eta, bar=True, width=max(1, self.columns() - 1))
         pad = max(0, self._width - len(line))
         self.stream.write("\r" + line + " " * pad)
         self.stream.flush()
@@ -154,7 +164,8 @@ class JobWaiter:
         self.poll_interval = poll_interval
         self.clock = clock
         self.cancel_ok = cancel_ok
-        self.meter = RateMeter()
+        self.meter = RateMeter()        # bytes copied: the rate shown
+        self.eta_meter = RateMeter()    # offset: when it reaches len
         self.record = None          # latest query result for the job
         self.seen = False           # the job showed up in a query at least once
         self.ready_seen = False
@@ -195,10 +206,19 @@ class JobWaiter:
         self.seen = True
         self.record = record
         done, total = joblib.done_and_total(record)
-        self.meter.add(now, done)
-        if self.display:
+        if is_paused(record):
+            # No progress to measure, no ETA; start afresh once it runs again.
+            self.meter.reset()
+            self.eta_meter.reset()
+            rate = eta = None
+        else:
+            copied = record.get("copied-bytes")
+            self.meter.add(now, done if copied is None else copied)
+            self.eta_meter.add(now, done)
             remaining = None if total is None else total - done
-            self.display.update(record, self.meter.rate(), self.meter.eta(remaining))
+            rate, eta = self.meter.rate(), self.eta_meter.eta(remaining)
+        if self.display:
+            self.display.update(record, rate, eta)
 
     def _drain_events(self, timeout, stop_on_job_event=False):
         """Consume events for up to `timeout` seconds; return early on one about our job."""

@@ -134,3 +134,69 @@ def test_complete_and_cancel_can_wait():
     args = parse_args(["complete", "j", "--wait", "--timeout", "9"])
     assert args.wait and args.timeout == 9
     assert parse_args(["cancel", "j", "--wait"]).wait
+
+
+# socket discovery
+
+from jobctl.cli import locate_socket, not_running_hint, version_text  # noqa: E402
+
+
+def test_overlay_means_its_control_socket():
+    assert locate_socket(parse_args(["--overlay", "/st", "status"]), {}) == (
+        "/st/control.sock", "--overlay")
+    assert locate_socket(parse_args(["status", "--overlay", "/st"]), {}) == (
+        "/st/control.sock", "--overlay")
+
+
+def test_discovery_order_socket_overlay_env_then_cwd():
+    env = {"JOBCTL_SOCKET": "/env.sock", "OVERLAY_DIR": "/envdir"}
+    assert locate_socket(parse_args(["--socket", "/s", "status"]), env) == ("/s", "--socket")
+    assert locate_socket(parse_args(["--overlay", "/st", "status"]), env)[0] == "/st/control.sock"
+    assert locate_socket(parse_args(["status"]), env) == ("/env.sock", "$JOBCTL_SOCKET")
+    assert locate_socket(parse_args(["status"]), {"OVERLAY_DIR": "/envdir"}) == (
+        "/envdir/control.sock", "$OVERLAY_DIR")
+    assert locate_socket(parse_args(["status"]), {}) == ("control.sock", "default")
+
+
+def test_socket_and_overlay_together_is_a_usage_error():
+    with pytest.raises(UsageError, match="give --socket or --overlay, not both"):
+        parse_args(["--socket", "/s", "--overlay", "/st", "status"])
+
+
+def test_not_running_hint_says_where_jobctl_looked_and_how_to_point_elsewhere():
+    hint = not_running_hint("control.sock", "default", cwd="/home/op")
+    assert "./control.sock in /home/op" in hint
+    for way in ("--socket PATH", "--overlay STATE_DIR", "JOBCTL_SOCKET=PATH", "OVERLAY_DIR=STATE_DIR"):
+        assert way in hint
+    assert "came from $JOBCTL_SOCKET" in not_running_hint("/x", "$JOBCTL_SOCKET")
+    assert not_running_hint("/x", "--socket") == ""
+
+
+# version, stop, cont, negative values
+
+def test_version_names_jobctl_and_qemu_qmp(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out == version_text() + "\n"
+    assert out.startswith("jobctl ") and "(qemu.qmp " in out and "unknown" not in out
+
+
+@pytest.mark.parametrize("command", ["stop", "cont"])
+def test_stop_and_cont_send_their_qmp_command(command):
+    assert parse_args([command]).qmp_command == command
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["mirror", "d", "t", "--speed", "-5M"], "--speed"),
+    (["stream", "d", "--speed", "-1"], "--speed"),
+    (["mirror", "d", "t", "--granularity", "-64K"], "--granularity"),
+    (["set-speed", "j", "-5M"], "SPEED"),
+])
+def test_negative_sizes_are_refused_clearly(argv, option):
+    with pytest.raises(UsageError) as info:
+        parse_args(argv)
+    assert f"argument {option}: invalid size '-" in str(info.value)
+    assert "must not be negative" in str(info.value)
+    assert "expected one argument" not in str(info.value)

@@ -1,4 +1,8 @@
-"""jobctl's QMP client against a scripted server on a real Unix socket."""
+"""jobctl's QMP client (over qemu.qmp) against a scripted server on a real Unix socket.
+
+QMP servers end every message with a newline, and qemu.qmp reads lines, so
+the script's chunks are whole lines, possibly split across writes.
+"""
 
 import json
 import socket
@@ -8,14 +12,15 @@ import pytest
 
 from jobctl.qmp_client import (
     ConnectionLost,
-    JSONStreamDecoder,
-    ProtocolError,
+    NbdSocket,
+    NotQMP,
     QMPClient,
     QMPError,
     ServerNotRunning,
     Timeout,
 )
 
+HANG_UP = object()
 GREETING = {"QMP": {"version": {"qemu": {"major": 8, "minor": 0, "micro": 0}}, "capabilities": []}}
 
 
@@ -23,13 +28,14 @@ class ScriptedServer:
     """Accepts one connection and answers requests with a per-command script.
 
     script maps a command name to a list of raw byte chunks to send back;
-    b"{id}" in a chunk is replaced by the request's JSON-encoded id.
+    b"{id}" in a chunk is replaced by the request's JSON-encoded id. A
+    command without a script, or HANG_UP in one, makes the server hang up.
     """
 
     def __init__(self, path, script, greeting=None, split_greeting=False):
         self.path = str(path)
         self.script = script
-        self.greeting = json.dumps(GREETING).encode() if greeting is None else greeting
+        self.greeting = json.dumps(GREETING).encode() + b"\n" if greeting is None else greeting
         self.split_greeting = split_greeting
         self.requests = []
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -47,26 +53,46 @@ class ScriptedServer:
                 conn.sendall(self.greeting[half:])
             else:
                 conn.sendall(self.greeting)
-            decoder = JSONStreamDecoder()
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                decoder.feed(data)
-                for request in decoder.values():
-                    self.requests.append(request)
-                    chunks = self.script.get(request["execute"])
-                    if chunks is None:
-                        return          # hang up
-                    for chunk in chunks:
-                        conn.sendall(chunk.replace(b"{id}", json.dumps(request["id"]).encode()))
+            for request in _requests(conn):
+                self.requests.append(request)
+                chunks = self.script.get(request["execute"])
+                if chunks is None:
+                    return          # hang up
+                for chunk in chunks:
+                    if chunk is HANG_UP:
+                        return
+                    if "id" in request:
+                        chunk = chunk.replace(b"{id}", json.dumps(request["id"]).encode())
+                    else:       # qemu.qmp negotiates without an id
+                        chunk = chunk.replace(b', "id": {id}', b"")
+                    conn.sendall(chunk)
 
     def close(self):
         self.listener.close()
         self.thread.join(timeout=5)
 
 
-OK = [b'{"return": {}, "id": {id}}']
+def _requests(conn):
+    """The JSON objects a client sends (qemu.qmp ends them with no newline)."""
+    decoder, buffered = json.JSONDecoder(), ""
+    while True:
+        try:
+            data = conn.recv(65536)
+        except ConnectionResetError:    # the client left with our bytes unread
+            return
+        if not data:
+            return
+        buffered += data.decode()
+        while buffered.strip():
+            try:
+                request, end = decoder.raw_decode(buffered.lstrip())
+            except json.JSONDecodeError:
+                break           # incomplete: read more
+            buffered = buffered.lstrip()[end:]
+            yield request
+
+
+OK = [b'{"return": {}, "id": {id}}\n']
 
 
 @pytest.fixture
@@ -80,7 +106,7 @@ def serve(sock_path, script, **kwargs):
 
 
 def test_execute_returns_the_return_value(sock_path):
-    server = serve(sock_path, {"query-version": [b'{"return": {"qemu": 1}, "id": {id}}']})
+    server = serve(sock_path, {"query-version": [b'{"return": {"qemu": 1}, "id": {id}}\n']})
     with QMPClient(str(sock_path)) as client:
         assert client.execute("query-version") == {"qemu": 1}
     server.close()
@@ -98,7 +124,7 @@ def test_negotiates_capabilities_first(sock_path):
 def test_error_reply_raises_with_class_and_desc(sock_path):
     server = serve(sock_path, {"block-job-pause": [
         b'{"error": {"class": "GenericError", "desc": "Job \'j\' in state \'concluded\' '
-        b'cannot accept command verb \'pause\'"}, "id": {id}}']})
+        b'cannot accept command verb \'pause\'"}, "id": {id}}\n']})
     with QMPClient(str(sock_path)) as client:
         with pytest.raises(QMPError) as info:
             client.execute("block-job-pause", {"device": "j"})
@@ -107,8 +133,8 @@ def test_error_reply_raises_with_class_and_desc(sock_path):
     assert info.value.desc == "Job 'j' in state 'concluded' cannot accept command verb 'pause'"
 
 
-def test_messages_without_newlines_and_split_across_reads_are_parsed(sock_path):
-    server = serve(sock_path, {"q": [b'{"ret', b'urn": [1, "}{"], "id": {id}}']}, split_greeting=True)
+def test_messages_split_across_writes_are_parsed(sock_path):
+    server = serve(sock_path, {"q": [b'{"ret', b'urn": [1, "}{"], "id": {id}}\n']}, split_greeting=True)
     with QMPClient(str(sock_path)) as client:
         assert client.execute("q") == [1, "}{"]
     server.close()
@@ -116,9 +142,9 @@ def test_messages_without_newlines_and_split_across_reads_are_parsed(sock_path):
 
 def test_events_before_reply_are_buffered_in_order(sock_path):
     events = b''.join(
-        b'{"event": "E%d", "data": {}, "timestamp": {"seconds": 1, "microseconds": 0}}' % i
+        b'{"event": "E%d", "data": {}, "timestamp": {"seconds": 1, "microseconds": 0}}\n' % i
         for i in range(3))
-    server = serve(sock_path, {"q": [events + b'{"return": 7, "id": {id}}']})
+    server = serve(sock_path, {"q": [events + b'{"return": 7, "id": {id}}\n']})
     with QMPClient(str(sock_path)) as client:
         assert client.execute("q") == 7
         names = [client.next_event(timeout=0)["event"] for _ in range(3)]
@@ -128,8 +154,8 @@ def test_events_before_reply_are_buffered_in_order(sock_path):
 
 
 def test_next_event_waits_for_an_event_after_the_reply(sock_path):
-    server = serve(sock_path, {"q": [b'{"return": {}, "id": {id}}',
-                                     b'{"event": "LATE", "data": {"id": "j"}}']})
+    server = serve(sock_path, {"q": [b'{"return": {}, "id": {id}}\n',
+                                     b'{"event": "LATE", "data": {"id": "j"}}\n']})
     with QMPClient(str(sock_path)) as client:
         client.execute("q")
         assert client.next_event(timeout=5)["event"] == "LATE"
@@ -144,7 +170,7 @@ def test_next_event_times_out_with_none(sock_path):
 
 
 def test_reply_to_another_id_is_skipped(sock_path):
-    server = serve(sock_path, {"q": [b'{"return": "stale", "id": "other"}{"return": "mine", "id": {id}}']})
+    server = serve(sock_path, {"q": [b'{"return": "stale", "id": "other"}\n{"return": "mine", "id": {id}}\n']})
     with QMPClient(str(sock_path)) as client:
         assert client.execute("q") == "mine"
     server.close()
@@ -172,8 +198,8 @@ def test_server_hanging_up_is_connection_lost(sock_path):
 
 
 def test_missing_greeting_is_a_protocol_error(sock_path):
-    server = serve(sock_path, {}, greeting=b'{"hello": 1}')
-    with pytest.raises(ProtocolError, match="greeting"):
+    server = serve(sock_path, {}, greeting=b'{"hello": 1}\n')
+    with pytest.raises(NotQMP, match="greeting"):
         QMPClient(str(sock_path)).connect()
     server.close()
 
@@ -186,22 +212,20 @@ def test_silent_server_times_out(sock_path):
     server.close()
 
 
-def test_decoder_rejects_garbage():
-    decoder = JSONStreamDecoder()
-    decoder.feed(b"hello")
-    with pytest.raises(ProtocolError):
-        list(decoder.values())
+def test_nbd_socket_is_named_as_such(sock_path):
+    # An NBD server's newstyle handshake: magic, IHAVEOPT, handshake flags.
+    server = serve(sock_path, {}, greeting=b"NBDMAGIC" + b"IHAVEOPT" + b"\x00\x03")
+    with pytest.raises(NbdSocket, match="that is an NBD socket, not a control socket"):
+        QMPClient(str(sock_path), timeout=5).connect()
+    server.close()
 
 
-def test_decoder_keeps_split_utf8_character():
-    decoder = JSONStreamDecoder()
-    decoder.feed('{"s": "é"}'.encode()[:-3])
-    assert list(decoder.values()) == []
-    decoder.feed('{"s": "é"}'.encode()[-3:])
-    assert list(decoder.values()) == [{"s": "é"}]
-
-
-def test_decoder_handles_escaped_quotes_and_brackets_in_strings():
-    decoder = JSONStreamDecoder()
-    decoder.feed(b'{"a": "\\"}]"} {"b": 2}')
-    assert list(decoder.values()) == [{"a": '"}]'}, {"b": 2}]
+def test_events_sent_before_a_hang_up_are_delivered_then_connection_lost(sock_path):
+    server = serve(sock_path, {"q": [b'{"return": {}, "id": {id}}\n',
+                                     b'{"event": "LAST", "data": {}}\n', HANG_UP]})
+    with QMPClient(str(sock_path)) as client:
+        client.execute("q")
+        assert client.next_event(timeout=None)["event"] == "LAST"
+        with pytest.raises(ConnectionLost, match="connection closed by server"):
+            client.next_event(timeout=None)     # returns at once, does not wait forever
+    server.close()

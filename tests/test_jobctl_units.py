@@ -66,3 +66,8 @@ def test_speed_limit_nonzero_is_a_rate():
 ])
 def test_format_duration(seconds, expected):
     assert format_duration(seconds) == expected
+
+
+def test_format_size_never_shows_1024_of_a_unit():
+    assert format_size((1 << 30) - 24) == "1.0 GiB"
+    assert format_size(1023 * 1024 * 1024) == "1023.0 MiB"

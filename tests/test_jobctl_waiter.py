@@ -170,3 +170,59 @@ def test_cancel_ok_turns_cancellation_into_success():
     steps = [([job()], [event("BLOCK_JOB_CANCELLED", device="j")])]
     waiter = JobWaiter(FakeServer(clock, steps), "j", cancel_ok=True, clock=clock)
     assert waiter.run() == "job 'j' was cancelled"
+
+
+class RecordingDisplay:
+    """Keeps what the waiter would show: (status, rate, eta) per poll."""
+
+    def __init__(self):
+        self.shown = []
+
+    def update(self, record, rate, eta):
+        self.shown.append((record["status"], rate, eta))
+
+    def note(self, text):
+        pass
+
+    def finish(self):
+        pass
+
+
+def test_paused_job_shows_no_rate_or_eta_and_is_measured_afresh_after_resume():
+    display = RecordingDisplay()
+    steps = [([job(offset=0)], []), ([job(offset=10)], []),
+             ([job("paused", offset=20, paused=True)], []), ([job("paused", offset=20, paused=True)], []),
+             ([job(offset=20)], []), ([job(offset=30)], []),
+             ([job("ready", 100, ready=True)], [])]
+    wait(steps, until="ready", display=display)
+    # Polls are 0.5 s apart: 10 bytes per poll is 20 B/s, 40 bytes to go at 20 B/s.
+    assert display.shown[:6] == [("running", None, None), ("running", 20.0, 4.5),
+                                 ("paused", None, None), ("paused", None, None),
+                                 ("running", None, None), ("running", 20.0, 3.5)]
+
+
+def test_rate_counts_copied_bytes_when_the_server_reports_them():
+    display = RecordingDisplay()
+    # The offset jumps over a zero range (50 bytes) while only 5 bytes are copied.
+    steps = [([job(offset=0, **{"copied-bytes": 0})], []),
+             ([job(offset=50, **{"copied-bytes": 5})], []),
+             ([job("ready", 100, ready=True)], [])]
+    wait(steps, until="ready", display=display)
+    assert display.shown[1] == ("running", 10.0, 0.5)     # rate of copying; ETA by offset
+
+
+def test_rate_is_offset_progress_without_copied_bytes():
+    display = RecordingDisplay()
+    steps = [([job(offset=0)], []), ([job(offset=50)], []), ([job("ready", 100, ready=True)], [])]
+    wait(steps, until="ready", display=display)
+    assert display.shown[1] == ("running", 100.0, 0.5)
+
+
+def test_terminal_display_fits_its_columns():
+    from jobctl.waiter import TerminalDisplay
+    out = io.StringIO()
+    display = TerminalDisplay(out, columns=lambda: 60)
+    steps = [([job(offset=40, len=1 << 30, speed=1 << 20)], []), ([job("ready", 1 << 30, ready=True)], [])]
+    wait(steps, until="ready", display=display)
+    drawn = [part for part in out.getvalue().split("\r") if part.strip()]
+    assert drawn and all(len(part.rstrip("\n")) <= 59 for part in drawn)
