@@ -28,7 +28,7 @@ JOB_KEYS = (
     "auto-finalize",
     "auto-dismiss",
     "error",
-    "copied-bytes",
+    "x-copied-bytes",
     "x-last-error",
     "x-policies",
 )
@@ -38,9 +38,7 @@ JOB_KEYS = (
 # reports as the job state machine sees it.
 _BLOCK_FIELDS = ("type", "device", "status", "busy", "paused", "ready", "len", "offset",
                  "speed", "io-status", "auto-finalize", "auto-dismiss", "error",
-                 "copied-bytes", "x-last-error", "x-policies")
-# Other names a server may give a field (extension fields are not settled).
-_BLOCK_ALIASES = {"x-copied-bytes": "copied-bytes"}
+                 "x-copied-bytes", "x-last-error", "x-policies")
 _JOB_FIELDS = ("type", "status", "current-progress", "total-progress", "error")
 
 # States after which a job does no more work (it may still await dismiss).
@@ -69,9 +67,6 @@ def merge_jobs(block_jobs, jobs):
     for info in block_jobs or ():
         job_id = block_job_id(info)
         record = records.setdefault(job_id, _empty_record(job_id))
-        for alias, key in _BLOCK_ALIASES.items():
-            if info.get(alias) is not None and info.get(key) is None:
-                record[key] = info[alias]
         for key in _BLOCK_FIELDS:
             if info.get(key) is not None:
                 record[key] = info[key]

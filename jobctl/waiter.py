@@ -212,7 +212,7 @@ class JobWaiter:
             self.eta_meter.reset()
             rate = eta = None
         else:
-            copied = record.get("copied-bytes")
+            copied = record.get("x-copied-bytes")
             self.meter.add(now, done if copied is None else copied)
             self.eta_meter.add(now, done)
             remaining = None if total is None else total - done

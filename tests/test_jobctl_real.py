@@ -214,9 +214,11 @@ def test_status_table_shows_a_ready_mirror_at_100_percent(disk):
     lines = disk.ok("status").splitlines()
     assert lines[0].split() == ["ID", "TYPE", "DEVICE", "STATUS", "PROGRESS", "SPEED",
                                 "IO-STATUS", "ERROR"]
-    assert len(lines) == 2
+    assert len(lines) == 3
     assert lines[1].split() == ["disk0", "mirror", "disk0", "ready", "[" + "#" * 20 + "]",
                                 "100.0%", "unlimited", "ok", "-"]
+    assert lines[2].split() == ["policies:", "on-source-error=report", "on-target-error=report",
+                                "copy-mode=background"]
 
 
 def test_status_json_keys_are_stable_and_values_match_query_block_jobs(disk):
@@ -366,8 +368,10 @@ def test_mirror_stopped_by_its_policy_is_waited_on_and_resume_makes_it_ready(
     disk.mirror("--on-target-error", "stop")
     record = disk.wait_status("paused")
     assert (record["io-status"], record["error"]) == ("failed", None)
-    row = disk.ok("status").splitlines()[1].split()
-    assert (row[3], row[-2]) == ("paused", "failed")
+    line = disk.ok("status").splitlines()[1]
+    row = line.split()
+    assert (row[3], row[7]) == ("paused", "failed")
+    assert line.endswith("write EIO: Input/output error")   # why it paused
     waiter = background(disk, "wait", "disk0", "--until", "ready", "--timeout", "20")
     assert waiter.line().startswith("disk0: paused")  # not taken for a failure
     disk.fault.unlink()

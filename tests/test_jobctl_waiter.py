@@ -204,8 +204,8 @@ def test_paused_job_shows_no_rate_or_eta_and_is_measured_afresh_after_resume():
 def test_rate_counts_copied_bytes_when_the_server_reports_them():
     display = RecordingDisplay()
     # The offset jumps over a zero range (50 bytes) while only 5 bytes are copied.
-    steps = [([job(offset=0, **{"copied-bytes": 0})], []),
-             ([job(offset=50, **{"copied-bytes": 5})], []),
+    steps = [([job(offset=0, **{"x-copied-bytes": 0})], []),
+             ([job(offset=50, **{"x-copied-bytes": 5})], []),
              ([job("ready", 100, ready=True)], [])]
     wait(steps, until="ready", display=display)
     assert display.shown[1] == ("running", 10.0, 0.5)     # rate of copying; ETA by offset
