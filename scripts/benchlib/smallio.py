@@ -51,6 +51,7 @@ latency of a result file as one markdown table (for docs/benchmarks.md).
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -61,7 +62,7 @@ from benchlib.results import Goal
 TITLE = "fio 4K/64K random I/O over NBD: IOPS, p99 latency, CPU per request"
 SECTION = "smallio"
 PLUGIN = os.path.join(REPO, "plugin", "overlaydisk.py")
-DEFAULT_THREADS = 4
+DEFAULT_THREADS = 2
 IO_SECONDS = 1.25
 QUICK_IO_SECONDS = 0.2
 CHUNK = 4 << 20
@@ -452,7 +453,7 @@ def sweep(bench, files, threads_list, seconds, runs):
             labels = {t.key: t.label for t in rows}
             tables[workload.key, threads] = _groups(
                 bench, workload, labels, suffix="-t%d" % threads,
-                title_suffix=", nbdkit --threads %d" % threads, latency=False, cpu=False)
+                title_suffix=", nbdkit --threads %d" % threads, latency=False)
     # One fio invocation per workload and thread count (ours-full of every
     # thread count shares one overlay, so only one of them runs at a time).
     count = sum(len(rows) for rows in by_threads.values()) * len(SWEEP_WORKLOADS)
@@ -462,8 +463,10 @@ def sweep(bench, files, threads_list, seconds, runs):
         for n, workload in enumerate(SWEEP_WORKLOADS):
             for m, threads in enumerate(rotated(list(by_threads), i + n)):
                 rows = rotated(by_threads[threads], i + n + m)
-                for key, (iops, _, _) in measure(bench, rows, workload, seconds).items():
-                    tables[workload.key, threads]["iops"].add(key, iops)
+                t = tables[workload.key, threads]
+                for key, (iops, _, cpu) in measure(bench, rows, workload, seconds).items():
+                    t["iops"].add(key, iops)
+                    t["cpu"].add(key, cpu)
     for rows in by_threads.values():
         for target in rows:
             if target.server is not None:
@@ -471,10 +474,36 @@ def sweep(bench, files, threads_list, seconds, runs):
                 target.server = None
 
 
+def sweep_markdown(result, groups):
+    """A sweep's IOPS (ratio to naive) and server CPU us per request: rows x workloads."""
+    keys = [w.key for w in SWEEP_WORKLOADS]
+    threads = sorted({int(m.group(2)) for m in map(re.compile(r"^(.*)-t(\d+)$").match, groups)
+                      if m and m.group(1) in keys})
+    lines = ["| row | --threads | " + " | ".join(keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    for key in ("naive", "ours-empty", "ours-full"):
+        for t in threads:
+            cells = []
+            for w in keys:
+                iops = next(r for r in groups["%s-t%d" % (w, t)]["rows"] if r["key"] == key)
+                cpu_group = groups.get("%s-t%d-cpu" % (w, t))
+                cpu = next(r for r in cpu_group["rows"] if r["key"] == key) if cpu_group else None
+                text = "%.1fk" % (iops["median"] / 1000)
+                if not iops["anchor"]:
+                    text += " (%.2f)" % iops["ratio"]
+                if cpu:
+                    text += ", %.0f us CPU" % cpu["median"]
+                cells.append(text)
+            lines.append("| %s | %d | %s |" % (key, t, " | ".join(cells)))
+    return "\n".join(lines)
+
+
 def markdown(result):
     """The IOPS (and p99) tables of a result file as one markdown table: rows x workloads."""
     groups = {g["group"]: g for g in result["groups"] if g["section"] == SECTION}
     keys = [w.key for w in WORKLOADS if w.key in groups]
+    if not keys and groups:
+        return sweep_markdown(result, groups)
     if not keys:
         return "no smallio results"
     heads = [groups[k]["title"].split(" (")[0].replace("fio ", "") for k in keys]
