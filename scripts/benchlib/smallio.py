@@ -4,7 +4,7 @@ A guest does 4K-64K random requests at queue depths up to 32, not 256K
 sequential copies.  Every row serves the same disk (--size bytes, default
 1 GiB, made once from /dev/urandom and page-cached) and is driven by fio's
 nbd engine (`--ioengine=nbd --uri=nbd+unix:///?socket=S`), one fio job of
---io-seconds (default 1.25 s) per workload and row:
+--io-seconds (default 1 s) per workload and row:
 
     randread/randwrite 4K at QD1 (iodepth=1, numjobs=1), 4K at QD32x2
     (iodepth=32, numjobs=2: two NBD connections, up to 64 requests in flight,
@@ -63,7 +63,7 @@ TITLE = "fio 4K/64K random I/O over NBD: IOPS, p99 latency, CPU per request"
 SECTION = "smallio"
 PLUGIN = os.path.join(REPO, "plugin", "overlaydisk.py")
 DEFAULT_THREADS = 2
-IO_SECONDS = 1.25
+IO_SECONDS = 1.0
 QUICK_IO_SECONDS = 0.2
 CHUNK = 4 << 20
 
