@@ -28,20 +28,23 @@ class Bench:
 
     runs: samples per row (the tables print their median); size: bytes of the
     data the throughput benchmarks move; quick: a smoke run (sections may also
-    shrink what they do); folder: the temporary folder, removed at the end.
+    shrink what they do); folder: the temporary folder, removed at the end;
+    threads, io_seconds: options of section smallio (None: its defaults).
     """
 
-    def __init__(self, folder, runs, size, quick):
+    def __init__(self, folder, runs, size, quick, threads=None, io_seconds=None):
         self.folder = folder
         self.runs = runs
         self.size = size
         self.quick = quick
+        self.threads = threads
+        self.io_seconds = io_seconds
         self.servers = Servers(folder)
         self.groups = []
         self._names = set()
 
-    def group(self, section, name, title, unit, data_bytes=None):
-        g = Group(section, name, title, unit, data_bytes)
+    def group(self, section, name, title, unit, data_bytes=None, refs=()):
+        g = Group(section, name, title, unit, data_bytes, refs)
         self.groups.append(g)
         return g
 

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 
+from benchlib import smallio
 from benchlib.bench import Bench, REPO, human_size
 from benchlib.results import missed_goals, render
 from benchlib.sections import SECTIONS
@@ -36,6 +37,28 @@ def parse_runs(text):
     return n
 
 
+def parse_threads(text):
+    """"4" or "1,2,4,8,16": nbdkit --threads values (several: a sweep)."""
+    try:
+        values = [int(t) for t in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(
+            "not a thread count or list: %r (use e.g. 4 or 1,2,4,8,16)" % text)
+    return values
+
+
+def parse_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not 0.1 <= value <= 600:
+        raise argparse.ArgumentTypeError("not a duration from 0.1 to 600 s: %r" % text)
+    return value
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="scripts/bench",
@@ -48,6 +71,13 @@ def build_parser():
                    help="data moved by throughput benchmarks (default 1G; 64M with --quick)")
     p.add_argument("--quick", action="store_true", help="smoke run with small sizes")
     p.add_argument("--json", metavar="PATH", help="result file (default: a new file in $TMPDIR)")
+    p.add_argument("--threads", type=parse_threads, metavar="N[,N...]",
+                   help="smallio: nbdkit --threads of every Python plugin (default %d); "
+                        "several values (1,2,4,8,16) sweep them for the naive plugin and ours"
+                        % smallio.DEFAULT_THREADS)
+    p.add_argument("--io-seconds", type=parse_seconds, metavar="S",
+                   help="smallio: seconds of each fio run (default %g; %g with --quick)"
+                        % (smallio.IO_SECONDS, smallio.QUICK_IO_SECONDS))
     p.add_argument("--tmpdir", metavar="DIR",
                    help="parent of the temporary folder (default $TMPDIR or /tmp); "
                         "it should be a real disk, not tmpfs")
@@ -80,6 +110,7 @@ def machine_info():
         "nbdkit": first_line(["nbdkit", "--version"]),
         "nbdcopy": first_line(["nbdcopy", "--version"]),
         "qemu_nbd": first_line(["qemu-nbd", "--version"]),
+        "fio": first_line(["fio", "--version"]),
         "commit": first_line(["git", "-C", REPO, "rev-parse", "--short", "HEAD"]),
     }
 
@@ -110,7 +141,8 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     folder = tempfile.mkdtemp(prefix="bench-", dir=args.tmpdir)
-    bench = Bench(folder, args.runs, size, args.quick)
+    bench = Bench(folder, args.runs, size, args.quick, threads=args.threads,
+                  io_seconds=args.io_seconds)
     t0 = time.monotonic()
     load_start = load_average()
     try:
@@ -155,7 +187,8 @@ def main(argv=None):
         "elapsed_s": round(elapsed, 1),
         "load_average": {"start": load_start, "end": load_end},
         "machine": machine,
-        "settings": {"sections": names, "runs": args.runs, "size": size, "quick": args.quick},
+        "settings": {"sections": names, "runs": args.runs, "size": size, "quick": args.quick,
+                     "threads": args.threads, "io_seconds": args.io_seconds},
         "groups": [g.to_json() for g in bench.groups],
     }
     with open(json_path, "w") as f:

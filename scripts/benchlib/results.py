@@ -12,20 +12,34 @@ import statistics
 
 @dataclasses.dataclass
 class Goal:
-    """A target for a row: its ratio to the anchor (relative) or its median (absolute)."""
+    """A target for a row: its ratio to the anchor (relative) or its median (absolute).
+
+    at_least: the value must reach the limit (for rates such as IOPS) rather
+    than stay under it (for times).  ref: divide by that row of the group
+    instead of the anchor (e.g. "at least qemu-nbd's figure").
+    """
     limit: float
     relative: bool = True
-    strict: bool = False     # "<" rather than "<="
+    strict: bool = False     # "<" rather than "<=" (">" rather than ">=" with at_least)
+    at_least: bool = False
+    ref: str = None
 
     def met(self, median, ratio):
         value = ratio if self.relative else median
         if value is None:
             return None
+        if self.at_least:
+            return value > self.limit if self.strict else value >= self.limit
         return value < self.limit if self.strict else value <= self.limit
 
     def text(self, unit):
-        op = "<" if self.strict else "<="
-        return "%s %g%s" % (op, self.limit, "" if self.relative else " " + unit)
+        if self.at_least:
+            op = ">" if self.strict else ">="
+        else:
+            op = "<" if self.strict else "<="
+        if not self.relative:
+            return "%s %g %s" % (op, self.limit, unit)
+        return "%s %g%s" % (op, self.limit, "x " + self.ref if self.ref else "")
 
 
 @dataclasses.dataclass
@@ -44,12 +58,13 @@ class Row:
 class Group:
     """One table of a section; rows keep the order they were declared in."""
 
-    def __init__(self, section, name, title, unit, data_bytes=None):
+    def __init__(self, section, name, title, unit, data_bytes=None, refs=()):
         self.section = section
         self.name = name
         self.title = title
         self.unit = unit
         self.data_bytes = data_bytes    # bytes moved per sample: adds a MiB/s column
+        self.refs = tuple(refs)         # more rows to divide by: one "/KEY" column each
         self.rows = {}
 
     def row(self, key, label, anchor=False, goal=None):
@@ -65,14 +80,14 @@ class Group:
     def anchor(self):
         return next((r for r in self.rows.values() if r.anchor), None)
 
-    def ratio(self, row):
-        """The row relative to the anchor: the median of the per-run ratios.
+    def ratio(self, row, ref=None):
+        """The row relative to the anchor (or to row `ref`): the median of the per-run ratios.
 
         Sample i of every row comes from the same run, measured next to each
         other, so dividing within a run cancels the load drifts of a shared
         machine that a ratio of medians would keep.
         """
-        anchor = self.anchor
+        anchor = self.rows.get(ref) if ref else self.anchor
         if anchor is None or not anchor.samples or not row.samples:
             return None
         if len(anchor.samples) == len(row.samples) and all(anchor.samples):
@@ -85,6 +100,11 @@ class Group:
             return None
         return self.data_bytes / row.median / 2**20
 
+    def goal_met(self, row):
+        if not row.goal:
+            return None
+        return row.goal.met(row.median, self.ratio(row, row.goal.ref))
+
     def to_json(self):
         rows = []
         for r in self.rows.values():
@@ -95,8 +115,9 @@ class Group:
                 "min": min(r.samples) if r.samples else None,
                 "max": max(r.samples) if r.samples else None,
                 "mib_per_s": self.rate(r), "ratio": ratio,
+                "ratios": {ref: self.ratio(r, ref) for ref in self.refs},
                 "goal": r.goal.text(self.unit) if r.goal else None,
-                "goal_met": r.goal.met(r.median, ratio) if r.goal else None,
+                "goal_met": self.goal_met(r),
             })
         return {"section": self.section, "group": self.name, "title": self.title,
                 "unit": self.unit, "data_bytes": self.data_bytes, "rows": rows}
@@ -107,6 +128,8 @@ def _fmt(value, unit):
         return "-"
     if unit == "s":
         return "%.3f" % value
+    if unit == "IOPS":
+        return "%.0f" % value
     return "%.1f" % value
 
 
@@ -118,6 +141,7 @@ def render(group):
         header.append("MiB/s")
     if anchor:
         header.append("ratio")
+    header += ["/" + ref for ref in group.refs]
     header += ["goal", ""]
     lines = []
     for r in group.rows.values():
@@ -131,8 +155,11 @@ def render(group):
             cells.append("%.0f" % rate if rate else "-")
         if anchor:
             cells.append("%.2f" % ratio if ratio is not None else "-")
+        for ref in group.refs:
+            other = group.ratio(r, ref)
+            cells.append("%.2f" % other if other is not None else "-")
         if r.goal:
-            met = r.goal.met(r.median, ratio)
+            met = group.goal_met(r)
             cells += [r.goal.text(group.unit), {True: "ok", False: "MISSED", None: "?"}[met]]
         else:
             cells += ["", ""]
@@ -154,6 +181,6 @@ def missed_goals(groups):
     out = []
     for g in groups:
         for r in g.rows.values():
-            if r.goal and r.goal.met(r.median, g.ratio(r)) is False:
+            if g.goal_met(r) is False:
                 out.append((g, r))
     return out

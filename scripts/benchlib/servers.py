@@ -131,14 +131,18 @@ class Servers:
         return self.start(name, lambda sock: ["nbdkit", "-f", "-U", sock, *args],
                           env=env, ready=ready)
 
-    def qemu_nbd(self, name, image, fmt):
+    def qemu_nbd(self, name, image, fmt, shared=None):
         """qemu-nbd as in the issue (`qemu-nbd -k SOCK -f FMT IMAGE`) plus -t.
 
         -t (persistent) keeps it serving after a client disconnects, which the
         readiness probe and repeated runs need; cache/aio stay at their
-        defaults (writeback, threads).
+        defaults (writeback, threads).  shared: -e N, how many clients it serves
+        at once; its default is 1, and a second connection then waits until
+        the first one closes.
         """
-        return self.start(name, lambda sock: ["qemu-nbd", "-t", "-k", sock, "-f", fmt, image])
+        extra = ["-e", str(shared)] if shared else []
+        return self.start(name, lambda sock: ["qemu-nbd", "-t", *extra, "-k", sock,
+                                              "-f", fmt, image])
 
     def stop(self, server):
         """Read the server's peak RSS, stop it; returns the peak RSS in bytes."""

@@ -1,0 +1,533 @@
+"""Section "smallio": guest-sized random I/O (fio, nbd engine): IOPS and p99 latency.
+
+A guest does 4K-64K random requests at queue depths up to 32, not 256K
+sequential copies.  Every row serves the same disk (--size bytes, default
+1 GiB, made once from /dev/urandom and page-cached) and is driven by fio's
+nbd engine (`--ioengine=nbd --uri=nbd+unix:///?socket=S`), one fio job of
+--io-seconds (default 1 s) per workload and row:
+
+    randread/randwrite 4K at QD1 (iodepth=1, numjobs=1), 4K at QD32x2
+    (iodepth=32, numjobs=2: two NBD connections, up to 64 requests in flight,
+    as in issue 14's table), and 64K at QD8 (iodepth=8, numjobs=1).
+
+Rows (every Python plugin under the same `nbdkit --threads T`, option
+--threads; the C servers at their defaults):
+
+    null      nbdkit null (C): no data at all, the NBD round trip and fio's own cost
+    file      nbdkit file (C) on a page-cached copy of the base
+    qemu      qemu-nbd -e 8, a fresh qcow2 overlay on the base per fio invocation
+    noop      a Python plugin whose pread/pwrite do nothing (the ceiling)
+    naive     a Python plugin doing one os.preadv/os.pwritev on the copy (the anchor)
+    ours-empty  plugin/overlaydisk.py, a fresh empty overlay on the base per invocation
+    ours-full   the same with every cluster in the overlay (filled once with nbdcopy)
+    ours-cache  nbdkit's C cache filter (cache-on-read=true, cache=writethrough) in
+                front of ours-full, warm: the whole disk was read through it first
+
+One fio invocation per workload runs it against every row in turn (one
+stonewalled fio job per server; fio itself takes ~0.4 s to start).  The
+servers whose state does not change in a way that matters stay up for the
+whole section (null, file, noop, naive, ours-full, and ours-cache, whose cache
+must stay warm); qemu and ours-empty get a fresh overlay and server per
+invocation, so every write run starts on an empty overlay.  Writes are not
+flushed (no fsync in the fio jobs: a guest with a writeback cache); `sync` runs
+before each invocation.  Besides IOPS and p99 completion latency (fio's clat),
+the section reads each server's CPU time (utime+stime of the process, from
+/proc/PID/stat) around the invocation, while fio drives the others that server
+is idle: server CPU microseconds per request.
+
+--quick: one run (not --runs), 0.2 s per fio job, on a 64 MiB disk.
+
+With several --threads values (e.g. --threads 1,2,4,8,16) the section sweeps
+them instead, for the naive plugin and ours (empty and full) on the 4K
+workloads: one table per workload and thread count, anchor the naive plugin
+under the same thread count.
+
+Ratios: to the naive plugin (the anchor, where the goals are) and to the
+no-op ceiling ("/noop" column).  Rows are interleaved and rotated per run and
+workload.  `python -m benchlib.smallio RESULTS.json` prints the IOPS and
+latency of a result file as one markdown table (for docs/benchmarks.md).
+"""
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+
+from benchlib.bench import REPO, human_size
+from benchlib.overlay import make_base, rotated
+from benchlib.results import Goal
+
+TITLE = "fio 4K/64K random I/O over NBD: IOPS, p99 latency, CPU per request"
+SECTION = "smallio"
+PLUGIN = os.path.join(REPO, "plugin", "overlaydisk.py")
+DEFAULT_THREADS = 2
+IO_SECONDS = 1.0
+QUICK_IO_SECONDS = 0.2
+CHUNK = 4 << 20
+
+# The ceiling of nbdkit's Python plugin: a request that does no work at all.
+# pread leaves nbdkit's buffer as it is (whatever it held), pwrite drops the data.
+NOOP_PLUGIN = '''\
+import nbdkit
+API_VERSION = 2
+size = 1 << 30
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+def config(key, value):
+    global size
+    size = int(value)
+def open(readonly):
+    return 1
+def get_size(h):
+    return size
+def can_multi_conn(h):
+    return True
+def pread(h, buf, offset, flags):
+    pass
+def pwrite(h, buf, offset, flags):
+    pass
+def flush(h, flags):
+    pass
+'''
+
+# The least a Python plugin can do per request: one preadv/pwritev on a file.
+NAIVE_PLUGIN = '''\
+import os
+import nbdkit
+API_VERSION = 2
+fd = None
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+def config(key, value):
+    global fd
+    fd = os.open(value, os.O_RDWR)
+def open(readonly):
+    return 1
+def get_size(h):
+    return os.fstat(fd).st_size
+def can_multi_conn(h):
+    return True
+def pread(h, buf, offset, flags):
+    os.preadv(fd, [buf], offset)
+def pwrite(h, buf, offset, flags):
+    os.pwritev(fd, [buf], offset)
+def flush(h, flags):
+    os.fdatasync(fd)
+'''
+
+
+@dataclasses.dataclass
+class Workload:
+    key: str
+    rw: str          # fio rw=
+    bs: int
+    iodepth: int
+    numjobs: int
+
+    @property
+    def op(self):
+        """The key of fio's JSON that holds the numbers: read or write."""
+        return "write" if "write" in self.rw else "read"
+
+    @property
+    def title(self):
+        qd = "QD%d" % self.iodepth + ("x%d" % self.numjobs if self.numjobs > 1 else "")
+        return "fio %s %s %s (iodepth=%d numjobs=%d)" % (
+            self.rw, human_size(self.bs).replace(" ", ""), qd, self.iodepth, self.numjobs)
+
+
+WORKLOADS = [
+    Workload("randread-4k-qd1", "randread", 4096, 1, 1),
+    Workload("randread-4k-qd32", "randread", 4096, 32, 2),
+    Workload("randwrite-4k-qd1", "randwrite", 4096, 1, 1),
+    Workload("randwrite-4k-qd32", "randwrite", 4096, 32, 2),
+    Workload("randread-64k-qd8", "randread", 65536, 8, 1),
+    Workload("randwrite-64k-qd8", "randwrite", 65536, 8, 1),
+]
+CPU_WORKLOADS = {w.key for w in WORKLOADS if w.bs == 4096}
+SWEEP_WORKLOADS = [w for w in WORKLOADS if w.bs == 4096]
+
+# Issue 14's goals, against the naive plugin under the same --threads.
+GOALS = {
+    ("randread-4k-qd32", "ours-empty"): Goal(0.95, at_least=True),
+    ("randread-4k-qd32", "ours-full"): Goal(0.95, at_least=True),
+    ("randread-4k-qd1", "ours-empty"): Goal(0.9, at_least=True),
+    ("randread-4k-qd1", "ours-full"): Goal(0.9, at_least=True),
+    ("randwrite-4k-qd32", "ours-full"): Goal(0.95, at_least=True),
+    ("randwrite-4k-qd1", "ours-full"): Goal(0.9, at_least=True),
+    # Copy-on-write of a partial cluster: at least qemu-nbd's qcow2 (also 64K clusters).
+    ("randwrite-4k-qd1", "ours-empty"): Goal(1.0, at_least=True, ref="qemu"),
+}
+
+
+@dataclasses.dataclass
+class Target:
+    """A row: how to start its server.  start() -> (server, paths to remove after the batch).
+
+    persistent: started on first use and kept for the whole section (its state
+    does not change in a way that matters: a full overlay, the warm cache, the
+    stateless servers); else a new server (a fresh overlay) per fio invocation.
+    """
+    key: str
+    label: str
+    start: object
+    persistent: bool = False
+    server: object = None
+
+
+class Files:
+    """The section's data: the base, a writable copy, the no-op and naive plugins."""
+
+    def __init__(self, bench):
+        self.bench = bench
+        self.base = make_base(bench)
+        self.work = bench.path("work.img")
+        bench.progress("smallio: copying the base for the file and naive rows")
+        shutil.copyfile(self.base, self.work)
+        with open(self.work, "rb+") as f:
+            os.fsync(f.fileno())
+        _read_all(self.work)
+        self.noop = bench.path("noop_plugin.py")
+        self.naive = bench.path("naive_plugin.py")
+        for path, text in ((self.noop, NOOP_PLUGIN), (self.naive, NAIVE_PLUGIN)):
+            with open(path, "w") as f:
+                f.write(text)
+
+
+def _read_all(path):
+    with open(path, "rb") as f:
+        while f.read(CHUNK):
+            pass
+
+
+def _remove(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.unlink(path)
+
+
+def _ours(bench, files, name, state, threads, filters=(), params=(), env=None):
+    return bench.servers.nbdkit(name, "--threads", str(threads), *filters, "python", PLUGIN,
+                                "overlay=" + state, "base=" + files.base, *params, env=env)
+
+
+def _fill(bench, files, server):
+    """Write the whole base into an overlay: every cluster allocated."""
+    bench.run(["nbdcopy", files.base, server.uri])
+
+
+def targets(bench, files, threads):
+    """The rows of one --threads value (not a sweep)."""
+    t = str(threads)
+    sv = bench.servers
+    full = bench.path("state-full")
+    bench.progress("smallio: filling an overlay with every cluster (nbdcopy, not timed)")
+    server = _ours(bench, files, "ours-full", full, threads)
+    _fill(bench, files, server)
+    sv.stop(server)
+
+    def qemu():
+        path = bench.path("overlay.qcow2")
+        bench.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", files.base, "-F", "raw", path])
+        # -e 8: with qemu-nbd's default of one client, fio's second job (numjobs=2)
+        # waits for the first to disconnect, the two run one after the other,
+        # and group_reporting adds their IOPS up: twice the real figure.
+        return sv.qemu_nbd("qemu-nbd", path, "qcow2", shared=8), [path]
+
+    def ours_empty():
+        state = bench.path("state-empty")
+        return _ours(bench, files, "ours-empty", state, threads), [state]
+
+    def ours_cache():
+        state = bench.path("state-cache")
+        tmp = bench.path("cache-tmp")
+        os.mkdir(tmp)
+        server = _ours(bench, files, "ours-cache", state, threads, filters=["--filter=cache"],
+                       params=["cache=writethrough", "cache-on-read=true",
+                               "cache-max-size=%d" % (bench.size * 5 // 4)],
+                       env=dict(os.environ, TMPDIR=tmp))
+        bench.progress("smallio: filling the cache row's overlay through the filter, "
+                       "then reading it all once (warm cache; not timed)")
+        _fill(bench, files, server)
+        bench.run(["nbdcopy", server.uri, "null:"])
+        return server, []
+
+    return [
+        Target("null", "nbdkit null (C): no data, the NBD + fio floor",
+               lambda: (sv.nbdkit("null", "null", "size=%d" % bench.size), []), True),
+        Target("file", "nbdkit file (C), page-cached copy of the base",
+               lambda: (sv.nbdkit("file", "file", files.work), []), True),
+        Target("qemu", "qemu-nbd, fresh qcow2 overlay on base", qemu),
+        Target("noop", "no-op Python plugin (the ceiling)",
+               lambda: (sv.nbdkit("noop", "--threads", t, "python", files.noop,
+                                  "size=%d" % bench.size), []), True),
+        Target("naive", "naive Python plugin: one preadv/pwritev",
+               lambda: (sv.nbdkit("naive", "--threads", t, "python", files.naive,
+                                  "file=" + files.work), []), True),
+        Target("ours-empty", "ours, fresh empty overlay on base", ours_empty),
+        Target("ours-full", "ours, every cluster in the overlay",
+               lambda: (_ours(bench, files, "ours-full", full, threads), []), True),
+        Target("ours-cache", "EXTRA: cache filter (C, warm) + ours-full", ours_cache,
+               persistent=True),
+    ]
+
+
+def sweep_targets(bench, files, threads_list):
+    """naive, ours-empty and ours-full under each --threads value: {threads: [Target]}."""
+    sv = bench.servers
+    full = bench.path("state-full")
+    bench.progress("smallio: filling an overlay with every cluster (nbdcopy, not timed)")
+    server = _ours(bench, files, "ours-full", full, threads_list[0])
+    _fill(bench, files, server)
+    sv.stop(server)
+    out = {}
+    for threads in threads_list:
+        def ours_empty(threads=threads):
+            state = bench.path("state-empty")
+            return _ours(bench, files, "ours-empty", state, threads), [state]
+        out[threads] = [
+            Target("naive", "naive Python plugin: one preadv/pwritev",
+                   lambda threads=threads: (sv.nbdkit("naive", "--threads", str(threads), "python",
+                                                      files.naive, "file=" + files.work), []),
+                   True),
+            Target("ours-empty", "ours, fresh empty overlay on base", ours_empty),
+            Target("ours-full", "ours, every cluster in the overlay",
+                   lambda threads=threads: (_ours(bench, files, "ours-full", full, threads), [])),
+        ]
+    return out
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process (all its threads), in seconds."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def job_file(workload, jobs, seconds):
+    """A fio job file: the workload once per (name, uri), one after the other (stonewall)."""
+    lines = ["[global]", "ioengine=nbd", "rw=" + workload.rw, "bs=%d" % workload.bs,
+             "iodepth=%d" % workload.iodepth, "numjobs=%d" % workload.numjobs,
+             "group_reporting", "time_based", "runtime=%dms" % round(seconds * 1000),
+             "norandommap", "randrepeat=0", ""]
+    for name, uri in jobs:
+        # fio's job files expand ${VAR} and treat ';' and '#' as comments: a socket
+        # path in our temporary folder has none of them.
+        lines += ["[%s]" % name, "uri=" + uri, "stonewall", ""]
+    return "\n".join(lines)
+
+
+def fio(bench, workload, jobs, seconds):
+    """One fio invocation running the workload against each (name, uri) in turn.
+
+    Returns {name: (IOPS, p99 completion latency in us, requests completed)}.
+    One invocation for many servers: fio itself takes ~0.4 s to start and stop.
+    """
+    path = bench.path("jobs.fio")
+    out = bench.path("fio.json")
+    with open(path, "w") as f:
+        f.write(job_file(workload, jobs, seconds))
+    try:
+        bench.run(["fio", "--eta=never", "--output-format=json", "--output=" + out, path])
+        with open(out) as f:
+            result = json.load(f)
+    finally:
+        _remove(path)
+        _remove(out)
+    measured = {}
+    for job in result["jobs"]:
+        stats = job[workload.op]
+        if job.get("error") or not stats.get("total_ios"):
+            raise RuntimeError("fio %s on %s: error %s, %s requests" % (
+                workload.key, job["jobname"], job.get("error"), stats.get("total_ios")))
+        p99 = stats["clat_ns"]["percentile"]["99.000000"] / 1000
+        measured[job["jobname"]] = (stats["iops"], p99, stats["total_ios"])
+    missing = [name for name, _ in jobs if name not in measured]
+    if missing:
+        raise RuntimeError("fio %s: no result for %s" % (workload.key, ", ".join(missing)))
+    return measured
+
+
+def measure(bench, targets_in_order, workload, seconds):
+    """Run the workload against every target, in this order, in one fio invocation.
+
+    Persistent targets keep their server (started on first use); the others get
+    a new one (a fresh overlay) for this batch, stopped after it.  The server
+    CPU time is read around the whole invocation: a server is idle while fio
+    drives the others.  Returns {key: (IOPS, p99 us, server CPU us per request)}.
+    """
+    started = []
+    try:
+        servers = {}
+        for target in targets_in_order:
+            if target.persistent:
+                if target.server is None:
+                    target.server, _ = target.start()
+                servers[target.key] = target.server
+            else:
+                server, paths = target.start()
+                started.append((server, paths))
+                servers[target.key] = server
+        os.sync()   # no writeback of an earlier batch's dirty pages during this one
+        cpu0 = {key: cpu_seconds(server.pid) for key, server in servers.items()}
+        measured = fio(bench, workload, [(t.key, servers[t.key].uri) for t in targets_in_order],
+                       seconds)
+        out = {}
+        for key, (iops, p99, requests) in measured.items():
+            cpu = (cpu_seconds(servers[key].pid) - cpu0[key]) / requests * 1e6
+            out[key] = (iops, p99, cpu)
+        return out
+    finally:
+        for server, paths in started:
+            bench.servers.stop(server)
+            for path in paths:
+                _remove(path)
+
+
+def _groups(bench, workload, rows, suffix="", title_suffix="", latency=True, cpu=True):
+    """IOPS, p99 and CPU tables of one workload, rows declared in order."""
+    made = []
+    iops = bench.group(SECTION, workload.key + suffix, workload.title + title_suffix + ": IOPS",
+                       "IOPS", refs=["noop"] if "noop" in rows else [])
+    made.append(("iops", iops))
+    if latency:
+        made.append(("p99", bench.group(
+            SECTION, workload.key + suffix + "-p99",
+            workload.title + title_suffix + ": p99 completion latency (lower is better)", "us",
+            refs=["noop"] if "noop" in rows else [])))
+    if cpu:
+        made.append(("cpu", bench.group(
+            SECTION, workload.key + suffix + "-cpu",
+            workload.title + title_suffix + ": server CPU per request (utime+stime)", "us",
+            refs=["noop"] if "noop" in rows else [])))
+    for kind, group in made:
+        for key, label in rows.items():
+            goal = GOALS.get((workload.key, key)) if kind == "iops" else None
+            group.row(key, label, anchor=(key == "naive"), goal=goal)
+    return dict(made)
+
+
+def run(bench):
+    threads_list = bench.threads or [DEFAULT_THREADS]
+    seconds = bench.io_seconds or (QUICK_IO_SECONDS if bench.quick else IO_SECONDS)
+    # A smoke run measures everything once: fio needs ~0.26 s per job on top of
+    # its runtime (it polls its jobs every 100 ms), so 3 runs would take 90 s.
+    runs = 1 if bench.quick else bench.runs
+    files = Files(bench)
+    if len(threads_list) > 1:
+        return sweep(bench, files, threads_list, seconds, runs)
+    threads = threads_list[0]
+    rows = targets(bench, files, threads)
+    labels = {t.key: t.label for t in rows}
+    tables = {w.key: _groups(bench, w, labels, title_suffix=", Python plugins --threads %d"
+                             % threads, cpu=w.key in CPU_WORKLOADS)
+              for w in WORKLOADS}
+    for target in rows:
+        if target.persistent:
+            target.server, _ = target.start()
+    for i in range(runs):
+        bench.progress("smallio: run %d/%d (%d fio runs of %gs)" % (
+            i + 1, runs, len(WORKLOADS) * len(rows), seconds))
+        for n, workload in enumerate(WORKLOADS):
+            t = tables[workload.key]
+            for key, (iops, p99, cpu) in measure(bench, rotated(rows, i + n), workload,
+                                                 seconds).items():
+                t["iops"].add(key, iops)
+                t["p99"].add(key, p99)
+                if "cpu" in t:
+                    t["cpu"].add(key, cpu)
+    for target in rows:
+        if target.server is not None:
+            bench.servers.stop(target.server)
+            target.server = None
+
+
+def sweep(bench, files, threads_list, seconds, runs):
+    by_threads = sweep_targets(bench, files, threads_list)
+    tables = {}
+    for workload in SWEEP_WORKLOADS:
+        for threads, rows in by_threads.items():
+            labels = {t.key: t.label for t in rows}
+            tables[workload.key, threads] = _groups(
+                bench, workload, labels, suffix="-t%d" % threads,
+                title_suffix=", nbdkit --threads %d" % threads, latency=False)
+    # One fio invocation per workload and thread count (ours-full of every
+    # thread count shares one overlay, so only one of them runs at a time).
+    count = sum(len(rows) for rows in by_threads.values()) * len(SWEEP_WORKLOADS)
+    for i in range(runs):
+        bench.progress("smallio: sweep run %d/%d (%d fio runs of %gs)" % (
+            i + 1, runs, count, seconds))
+        for n, workload in enumerate(SWEEP_WORKLOADS):
+            for m, threads in enumerate(rotated(list(by_threads), i + n)):
+                rows = rotated(by_threads[threads], i + n + m)
+                t = tables[workload.key, threads]
+                for key, (iops, _, cpu) in measure(bench, rows, workload, seconds).items():
+                    t["iops"].add(key, iops)
+                    t["cpu"].add(key, cpu)
+    for rows in by_threads.values():
+        for target in rows:
+            if target.server is not None:
+                bench.servers.stop(target.server)
+                target.server = None
+
+
+def sweep_markdown(result, groups):
+    """A sweep's IOPS (ratio to naive) and server CPU us per request: rows x workloads."""
+    keys = [w.key for w in SWEEP_WORKLOADS]
+    threads = sorted({int(m.group(2)) for m in map(re.compile(r"^(.*)-t(\d+)$").match, groups)
+                      if m and m.group(1) in keys})
+    lines = ["| row | --threads | " + " | ".join(keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    for key in ("naive", "ours-empty", "ours-full"):
+        for t in threads:
+            cells = []
+            for w in keys:
+                iops = next(r for r in groups["%s-t%d" % (w, t)]["rows"] if r["key"] == key)
+                cpu_group = groups.get("%s-t%d-cpu" % (w, t))
+                cpu = next(r for r in cpu_group["rows"] if r["key"] == key) if cpu_group else None
+                text = "%.1fk" % (iops["median"] / 1000)
+                if not iops["anchor"]:
+                    text += " (%.2f)" % iops["ratio"]
+                if cpu:
+                    text += ", %.0f us CPU" % cpu["median"]
+                cells.append(text)
+            lines.append("| %s | %d | %s |" % (key, t, " | ".join(cells)))
+    return "\n".join(lines)
+
+
+def markdown(result):
+    """The IOPS (and p99) tables of a result file as one markdown table: rows x workloads."""
+    groups = {g["group"]: g for g in result["groups"] if g["section"] == SECTION}
+    keys = [w.key for w in WORKLOADS if w.key in groups]
+    if not keys and groups:
+        return sweep_markdown(result, groups)
+    if not keys:
+        return "no smallio results"
+    heads = [groups[k]["title"].split(" (")[0].replace("fio ", "") for k in keys]
+    lines = ["| server | " + " | ".join(heads) + " |",
+             "|---|" + "---|" * len(keys)]
+    for row in groups[keys[0]]["rows"]:
+        cells = []
+        for k in keys:
+            r = next(x for x in groups[k]["rows"] if x["key"] == row["key"])
+            p99 = groups.get(k + "-p99")
+            lat = next((x["median"] for x in p99["rows"] if x["key"] == row["key"]), None) \
+                if p99 else None
+            text = "%.1fk" % (r["median"] / 1000)
+            if r["ratio"] is not None and not r["anchor"]:
+                text += " (%.2f)" % r["ratio"]
+            if lat is not None:
+                text += ", %.0f us" % lat
+            cells.append(text)
+        lines.append("| %s | %s |" % (row["label"], " | ".join(cells)))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m benchlib.smallio RESULTS.json")
+    with open(sys.argv[1]) as f:
+        print(markdown(json.load(f)))
