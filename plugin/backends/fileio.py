@@ -22,7 +22,11 @@ def fallocate(fd, mode, offset, length):
 
 def pread_all(fd, buf, offset):
     """Fill the writable buffer buf from fd at offset; raise EIO on a short file."""
-    view = memoryview(buf)
+    n = os.preadv(fd, [buf], offset)
+    if n == len(buf):             # the usual case: one call, no memoryview
+        return
+    view = memoryview(buf)[n:]
+    offset += n
     while view:
         n = os.preadv(fd, [view], offset)
         if n == 0:
@@ -32,7 +36,11 @@ def pread_all(fd, buf, offset):
 
 
 def pwrite_all(fd, buf, offset):
-    view = memoryview(buf)
+    n = os.pwrite(fd, buf, offset)
+    if n == len(buf):             # the usual case: one call, no memoryview
+        return
+    view = memoryview(buf)[n:]
+    offset += n
     while view:
         n = os.pwrite(fd, view, offset)
         view = view[n:]

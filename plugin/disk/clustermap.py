@@ -48,6 +48,12 @@ class ClusterMap:
     def get(self, cluster):
         return self._map[cluster]
 
+    def all_in(self, first, end, state):
+        """True if every cluster of [first, end) is in state (the request fast path)."""
+        if end - first == 1:
+            return self._map[first] == state
+        return self._map.count(_STATE_BYTES[state], first, end) == end - first
+
     def run_end(self, first, end):
         """End of the run of equal states that starts at first (at most end)."""
         m = self._map

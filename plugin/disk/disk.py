@@ -18,6 +18,7 @@ jobs need:
   retried, so nothing acknowledged is lost and the client never sees the error.
 """
 
+import collections
 import contextlib
 import errno
 import logging
@@ -33,30 +34,45 @@ _NOT_FAILURES = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL, errno.
 
 
 class Gate:
-    """Requests share the gate; close() excludes them until reopened."""
+    """Requests share the gate; close() excludes them until reopened.
+
+    The request side takes no lock: entering appends to a deque and leaving
+    pops from it (each one atomic under the GIL), so the count of requests
+    inside is len(deque).  A request appends *before* it looks at `closed`
+    and a closer sets `closed` *before* it looks at the count, so one of
+    them always sees the other: either the closer waits for the request, or
+    the request backs out and waits for the gate to open.  Only the closed
+    path (quiesce, QMP stop) uses the condition.
+    """
 
     def __init__(self):
-        self._cond = threading.Condition(threading.Lock())   # a plain lock: cheaper than RLock
-        self._active = 0
+        self._inside = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
         self._closed = 0
 
     def enter(self):
-        with self._cond:
-            while self._closed:
-                self._cond.wait()
-            self._active += 1
+        inside = self._inside
+        while True:
+            inside.append(None)
+            if not self._closed:
+                return
+            inside.pop()
+            with self._cond:
+                self._cond.notify_all()          # a closer may be counting us
+                while self._closed:
+                    self._cond.wait()
 
     def leave(self):
-        with self._cond:
-            self._active -= 1
-            if self._closed and not self._active:
+        self._inside.pop()
+        if self._closed:
+            with self._cond:
                 self._cond.notify_all()
 
     def close(self):
         """Stop new requests and wait for those in progress."""
         with self._cond:
             self._closed += 1
-            while self._active:
+            while self._inside:
                 self._cond.wait()
 
     def open(self):

@@ -112,14 +112,14 @@ class OverlayStore:
     def read(self, buf, offset):
         """Fill buf with the disk's bytes at offset."""
         length = len(buf)
-        first, end = self._clusters(offset, length)
-        states = self.map.states(first, end)
-        if states.count(DATA) == len(states):
+        cs = self.cluster_size
+        first, end = offset // cs, (offset + length + cs - 1) // cs
+        if self.map.all_in(first, end, DATA):
             pread_all(self._fd, buf, offset)
             return
         base = self.base
-        if (base is not None and states.count(ABSENT) == len(states)
-                and offset + length <= self._base_size):
+        if (base is not None and offset + length <= self._base_size
+                and self.map.all_in(first, end, ABSENT)):
             base.readinto(buf, offset)
             return
         view = memoryview(buf)
@@ -135,9 +135,9 @@ class OverlayStore:
             pos = piece_end
 
     def write(self, buf, offset, fua=False):
-        first, end = self._clusters(offset, len(buf))
-        states = self.map.states(first, end)
-        if states.count(DATA) == len(states):
+        cs = self.cluster_size
+        first, end = offset // cs, (offset + len(buf) + cs - 1) // cs
+        if self.map.all_in(first, end, DATA):
             pwrite_all(self._fd, buf, offset)
         else:
             with self._ranges.hold(first, end):
