@@ -119,6 +119,8 @@ def test_qemu_img_reads_and_writes_the_disk_served_with_nbdkit_tls_psk(servers, 
 
 
 def test_another_uid_cannot_negotiate_even_with_mode_0666(servers, tmp_path, connect):
+    if os.geteuid() != 0:
+        pytest.skip("setpriv to another uid needs root")
     folder = pathlib.Path(tempfile.mkdtemp(prefix="ovctl-"))
     try:
         folder.chmod(0o755)
@@ -130,7 +132,7 @@ def test_another_uid_cannot_negotiate_even_with_mode_0666(servers, tmp_path, con
                  "try:\n"
                  "    s.sendall(json.dumps({'execute': 'qmp_capabilities'}).encode())\n"
                  "    print(repr(s.recv(4096)))\n"
-                 "except ConnectionResetError:\n"
+                 "except (ConnectionResetError, BrokenPipeError):\n"
                  "    print(repr(b''))\n" % str(ctl))
         other = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup",
                                 "--clear-groups", "/usr/bin/python3", "-c", probe],
@@ -231,6 +233,8 @@ def test_sigtermed_target_restarted_a_stop_paused_job_resumes_on_the_new_server(
 
 @pytest.fixture
 def netns():
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
     ns = Netns()
     yield ns
     ns.delete()
@@ -257,6 +261,7 @@ def test_forced_cancel_during_a_link_stall_is_prompt_and_the_disk_keeps_serving(
     target = nbdkit_tcp(servers, "far", ["file", str(rig.target_path)], addr=netns.there,
                         prefix=netns.exec_prefix)
     _busy_mirror(rig, target, copy_mode=copy_mode, reconnect_delay=30)
+    rig.h.pwrite(b"before" * 1000, 10 * MiB)        # write-blocking: the through link is up
     netns.link_down()
     try:
         client = connect(rig.disk.uri)
@@ -270,6 +275,7 @@ def test_forced_cancel_during_a_link_stall_is_prompt_and_the_disk_keeps_serving(
         client.pwrite(b"after cancel", 3 * MiB)
         client.flush()
         assert bytes(rig.h.pread(12, 3 * MiB)) == b"after cancel"
+        assert rig.errors() == []        # a stall within reconnect-delay is no error
     finally:
         netns.link_up()
 
@@ -387,7 +393,9 @@ def test_complete_onto_qemu_nbd_with_its_default_single_client(servers, tmp_path
     rig.h.pwrite(b"after pivot", 9 * MiB)              # served through the handed-over link
     rig.h.flush()
     expected = rig.disk_bytes()
-    rig.disk.stop()
+    rig.qmp.close()
+    rig.h.shutdown()
+    assert rig.disk.stop() == 0
     qemu_nbd.proc.wait(30)                             # its one client went away
     assert rig.target_bytes() == expected
 
@@ -412,5 +420,7 @@ def test_complete_onto_a_qemu_storage_daemon_nbd_export(servers, tmp_path, conne
     rig.h.pwrite(b"after pivot", 9 * MiB)
     rig.h.flush()
     expected = rig.disk_bytes()
-    rig.disk.stop()
+    rig.qmp.close()
+    rig.h.shutdown()
+    assert rig.disk.stop() == 0
     assert rig.target_bytes() == expected

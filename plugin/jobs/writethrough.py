@@ -15,7 +15,8 @@ the job copies nothing over its granules meanwhile (:meth:`blocks`); while
 anything is abandoned, changes fall back at once.  The job thread calls
 :meth:`reap` to collect those late answers.  A real error (the target
 answered with an errno, or the connection died) raises OSError: the
-job's policy applies.
+job's policy applies; a connect that fails falls back (the job's own
+connection and its reconnect-delay decide about a target that is gone).
 """
 
 import errno
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # The longest a client change waits for the target in write-blocking mode.
 THROUGH_TIMEOUT = 2.0
+# After a failed connect, changes fall back without trying again for this long.
+RETRY_CONNECT = 1.0
 
 
 class WriteThrough:
@@ -45,6 +48,7 @@ class WriteThrough:
         self._file = None                 # a file target: plain synchronous writes
         self._abandoned = []              # [(cookie, first, end)] that timed out
         self._written = False             # written since the last flush
+        self._next_attempt = 0.0          # no new connect before (after one failed)
         self.fallbacks = 0
 
     # -- client threads ----------------------------------------------------
@@ -137,11 +141,25 @@ class WriteThrough:
         if self._h is not None:
             return self._h
         if self._attempt is None:
+            if self._clock() < self._next_attempt:
+                return None
+            # Only the change that starts a connect waits for it.
             self._attempt = Attempt(self.address, "mirror-through", meta=False)
-        if not self._attempt.wait(max(0.0, deadline - self._clock())):
+            wait = max(0.0, deadline - self._clock())
+        else:
+            wait = 0.0
+        if not self._attempt.wait(wait):
             return None
         attempt, self._attempt = self._attempt, None
-        self._h = attempt.take()          # a failed connect raises: the policy applies
+        try:
+            self._h = attempt.take()
+        except OSError as e:
+            # Unreachable, refused, silent: the job's own connection finds out
+            # too, and its reconnect-delay and policy decide; changes fall back.
+            log.info("Mirror write-through cannot connect target=%s error=%s",
+                     redact(self.address), e)
+            self._next_attempt = self._clock() + RETRY_CONNECT
+            return None
         return self._h
 
     def _wait(self, h, cookie, deadline):
