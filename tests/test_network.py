@@ -424,3 +424,49 @@ def test_complete_onto_a_qemu_storage_daemon_nbd_export(servers, tmp_path, conne
     rig.h.shutdown()
     assert rig.disk.stop() == 0
     assert rig.target_bytes() == expected
+
+
+# -- the base over the network: reconnect-delay plugin key -------------------------------
+
+
+def test_base_restarted_within_reconnect_delay_reads_wait_and_succeed(servers, tmp_path,
+                                                                      connect):
+    from conftest import make_image
+    base_img = tmp_path / "net-base.img"
+    make_image(base_img, 4 * MiB, [(0, 4 * MiB)], seed=9)
+    base = nbdkit_tcp(servers, "base", ["--readonly", "file", str(base_img)])
+    disk = servers.overlay(tmp_path / "ov", base=base.uri, size="4M", reconnect_delay="20")
+    h = connect(disk.uri)
+    assert bytes(h.pread(MiB, 0)) == base_img.read_bytes()[:MiB]
+    base.kill9()
+    got = {}
+    reader = threading.Thread(target=lambda: got.setdefault("data", bytes(h.pread(MiB, MiB))))
+    reader.start()
+    restart_tcp(servers, base)
+    reader.join(60)
+    assert got["data"] == base_img.read_bytes()[MiB:2 * MiB]
+    assert "NBD connection lost" in disk.log()
+
+
+def test_base_gone_without_reconnect_delay_fails_the_read(servers, tmp_path, connect):
+    from conftest import make_image
+    base_img = tmp_path / "net-base.img"
+    make_image(base_img, 4 * MiB, [(0, 4 * MiB)], seed=9)
+    base = nbdkit_tcp(servers, "base", ["--readonly", "file", str(base_img)])
+    disk = servers.overlay(tmp_path / "ov", base=base.uri, size="4M")
+    h = connect(disk.uri)
+    assert bytes(h.pread(4096, 0)) == base_img.read_bytes()[:4096]
+    base.kill9()
+    import nbd
+    with pytest.raises(nbd.Error):
+        h.pread(4096, MiB)
+    assert disk.proc.poll() is None
+
+
+def test_redact_drops_only_the_password():
+    from plugin.backends.nbdconnect import redact
+    assert redact("nbds://alice:pw@host:10809/x?tls-psk-file=/k") == \
+        "nbds://alice@host:10809/x?tls-psk-file=/k"
+    assert redact("nbds://alice@host/?tls-psk-file=/k") == "nbds://alice@host/?tls-psk-file=/k"
+    assert redact("nbd+unix:///?socket=/a@b:c") == "nbd+unix:///?socket=/a@b:c"
+    assert redact("/plain/file.img") == "/plain/file.img"
