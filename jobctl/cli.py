@@ -137,6 +137,9 @@ def build_parser():
     p.add_argument("--on-source-error", choices=POLICIES)
     p.add_argument("--on-target-error", choices=POLICIES)
     p.add_argument("--copy-mode", choices=COPY_MODES)
+    p.add_argument("--reconnect-delay", type=_delay, metavar="SECONDS",
+                   help="how long a dropped target connection may stay down unnoticed "
+                        "(default: the server's reconnect-delay key)")
     _add_auto_options(p)
     _add_wait_options(p, default_until="ready")
     p.set_defaults(func=cmd_mirror)
@@ -355,6 +358,7 @@ def cmd_mirror(client, args):
     _put(arguments, "on-source-error", args.on_source_error)
     _put(arguments, "on-target-error", args.on_target_error)
     _put(arguments, "copy-mode", args.copy_mode)
+    _put(arguments, "reconnect-delay", args.reconnect_delay)
     _put_auto(arguments, args)
     client.execute("drive-mirror", arguments)
     return _started(client, args)
@@ -471,6 +475,16 @@ def _wait(client, job_id, until, timeout, cancel_ok=False):
                        cancel_ok=cancel_ok)
     print(waiter.run())
     return EXIT_OK
+
+
+def _delay(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError("%r is not a number of seconds from 0 to 86400" % text)
+    return int(value) if value == int(value) else value
 
 
 def _put(arguments, key, value):

@@ -21,6 +21,21 @@ def parse_size(text, what="size"):
     return int(m.group(1)) << (10 * _UNITS[m.group(2).lower()])
 
 
+MAX_RECONNECT_DELAY = 86400
+
+
+def parse_seconds(text, what):
+    """A number of seconds from 0 to a day (reconnect-delay=5, 0.5)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= MAX_RECONNECT_DELAY:
+        raise ConfigError("%s=%s: must be a number of seconds from 0 to %d"
+                          % (what, text, MAX_RECONNECT_DELAY))
+    return value
+
+
 ERROR_ACTIONS = ("report", "stop", "enospc")
 
 
@@ -34,8 +49,10 @@ class Config:
     cluster_size: int = None
     werror: str = "report"
     rerror: str = "report"
+    reconnect_delay: float = 0.0
 
-    KEYS = ("overlay", "base", "size", "control", "device", "cluster-size", "werror", "rerror")
+    KEYS = ("overlay", "base", "size", "control", "device", "cluster-size", "werror", "rerror",
+            "reconnect-delay")
 
     def set(self, key, value):
         """Take one key=value from the command line."""
@@ -60,6 +77,8 @@ class Config:
             if value not in ERROR_ACTIONS:
                 raise ConfigError("%s=%s: must be one of %s" % (key, value, ", ".join(ERROR_ACTIONS)))
             setattr(self, key, value)
+        elif key == "reconnect-delay":
+            self.reconnect_delay = parse_seconds(value, key)
         else:
             raise ConfigError("unknown parameter %r (known: %s)" % (key, ", ".join(self.KEYS)))
 

@@ -48,7 +48,8 @@ class Service:
         if base_address is not None:
             try:
                 base = backends.open_backend(base_address, readonly=True,
-                                             connections=BASE_CONNECTIONS)
+                                             connections=BASE_CONNECTIONS,
+                                             reconnect_delay=cfg.reconnect_delay)
             except OSError as e:
                 raise ConfigError("base=%s: %s" % (base_address, e.strerror or e)) from None
         try:
@@ -65,7 +66,8 @@ class Service:
             if base:
                 base.close()
             try:
-                store = BackendStore(backends.open_backend(active["target"], readonly=False))
+                store = BackendStore(backends.open_backend(
+                    active["target"], readonly=False, reconnect_delay=cfg.reconnect_delay))
             except OSError as e:
                 raise ConfigError("pivoted disk %s: %s" % (active["target"], e.strerror or e)) \
                     from None
@@ -94,9 +96,14 @@ class Service:
         """cont: retry requests held by werror/rerror=stop (see plugin/disk/disk.py)."""
         self.disk.resume_io()
 
-    def pivot_to(self, address):
-        """Serve the mirror target from now on; called inside disk.quiesce()."""
-        new = BackendStore(backends.open_backend(address, readonly=False))
+    def pivot_to(self, address, handle=None, reconnect_delay=0.0):
+        """Serve the mirror target from now on; called inside disk.quiesce().
+
+        handle: the job's connection to it, handed over (a server that takes
+        one client at a time accepts no second connection).
+        """
+        new = BackendStore(backends.open_backend(address, readonly=False, handle=handle,
+                                                 reconnect_delay=reconnect_delay))
         self.state.update(active={"target": address})
         old = self.disk.pivot(new)
         old.close()

@@ -90,3 +90,10 @@ def test_restart_with_same_values_repeated_is_fine(servers, tmp_path):
     a = make_image(tmp_path / "a.img", MiB)
     servers.overlay(tmp_path / "ov", base=a).stop()
     servers.overlay(tmp_path / "ov", base=a, size=str(MiB)).stop()
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "1e9"])
+def test_bad_reconnect_delay(tmp_path, value):
+    line = start_fails(tmp_path, "overlay=%s" % (tmp_path / "ov"), "size=1M",
+                       "reconnect-delay=" + value)
+    assert "reconnect-delay=%s: must be a number of seconds" % value in line

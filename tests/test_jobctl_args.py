@@ -45,6 +45,14 @@ def test_mirror_policies_and_flags():
     assert args.no_auto_finalize and args.no_auto_dismiss
 
 
+def test_mirror_reconnect_delay_is_seconds():
+    assert parse_args(["mirror", "d", "t", "--reconnect-delay", "30"]).reconnect_delay == 30
+    assert parse_args(["mirror", "d", "t", "--reconnect-delay", "0.5"]).reconnect_delay == 0.5
+    assert parse_args(["mirror", "d", "t"]).reconnect_delay is None
+    with pytest.raises(UsageError, match="not a number of seconds"):
+        parse_args(["mirror", "d", "t", "--reconnect-delay", "-3"])
+
+
 def test_mirror_rejects_unknown_sync_mode():
     with pytest.raises(UsageError, match="mirror: argument --sync: invalid choice: 'bogus'"):
         parse_args(["mirror", "d", "t", "--sync", "bogus"])

@@ -4,18 +4,17 @@ import errno
 import logging
 import queue
 import threading
+import time
 
 from ..core.extent import Extent, append_merged
+from .nbdconnect import connect, hang_up, is_finished, nbd_errno, redact
 
 log = logging.getLogger(__name__)
 
+__all__ = ["NbdBackend", "nbd_errno", "nbd_extents"]
 
-def nbd_errno(e):
-    """libnbd's Error carries the errno as a name ("ENOSPC"); map it to the number."""
-    name = getattr(e, "errno", None)
-    if isinstance(name, int):
-        return name
-    return getattr(errno, name, errno.EIO) if name else errno.EIO
+# Within reconnect-delay, a failed reconnect is tried again this often.
+RECONNECT_INTERVAL = 0.25
 
 
 class NbdBackend:
@@ -25,44 +24,59 @@ class NbdBackend:
     concurrent readers each take a connection from the pool.  A writable backend
     uses one connection unless the server offers multi-conn (otherwise a flush on
     one connection would not cover writes made on another).
+
+    A connection that is finished (dead, closed, or answering ESHUTDOWN) is
+    replaced.  Within ``reconnect_delay`` seconds of the loss the request
+    waits and runs again on the new connection; after it the request fails.
+    Reads and block status are always tried once more on a new connection
+    (a restarted server is picked up at once).
+
+    ``handle``: an already connected libnbd handle to adopt as the first
+    connection (a mirror's target connection handed over at the pivot: a
+    server that takes one client, as qemu-nbd by default, accepts no other).
     """
 
-    def __init__(self, uri, readonly, connections=1):
+    def __init__(self, uri, readonly, connections=1, reconnect_delay=0.0, handle=None):
         import nbd  # only here: unit tests of other modules need no libnbd
         self._nbd = nbd
         self.address = uri
+        self.reconnect_delay = reconnect_delay
         self._pool = queue.LifoQueue()
         self._handles = []
         self._lock = threading.Lock()
-        first = self._connect()
+        if handle is not None:
+            with self._lock:
+                self._handles.append(handle)
+            first = handle
+        else:
+            first = self._connect()
         self._size = first.get_size()
+        if not readonly and first.is_read_only():
+            hang_up(first)
+            raise OSError(errno.EROFS, "%s is read-only" % redact(uri))
         self._zero_ok = bool(first.can_zero()) if not readonly else False
         self._extents_ok = bool(first.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
         multi = readonly or bool(first.can_multi_conn())
         self._max = max(1, connections if multi else 1)
         self._pool.put(first)
-        log.info("open backend kind=nbd uri=%s size=%d readonly=%s connections=%d",
-                 uri, self._size, readonly, self._max)
+        log.info("open backend kind=nbd uri=%s size=%d readonly=%s connections=%d "
+                 "reconnect_delay=%s", redact(uri), self._size, readonly, self._max,
+                 reconnect_delay)
 
     def _connect(self):
-        h = self._nbd.NBD()
-        h.set_handle_name("overlay")
-        h.add_meta_context(self._nbd.CONTEXT_BASE_ALLOCATION)
-        try:
-            h.connect_uri(self.address)
-        except self._nbd.Error as e:
-            raise OSError(nbd_errno(e), "cannot connect to %s: %s" % (self.address, e)) from None
+        h = connect(self.address, "overlay")
         with self._lock:
             self._handles.append(h)
         return h
 
     def _call(self, fn, retry=False):
-        """Run fn(handle) on a pooled connection; a dead connection is replaced.
+        """Run fn(handle) on a pooled connection; a finished connection is replaced.
 
-        With retry=True (reads, extents: no durability at stake) a command that
-        failed because the connection died runs once more on a new connection,
-        so a restarted NBD server is picked up transparently.  Writes and
-        flushes report the failure; the next call reconnects.
+        Within reconnect_delay of a lost connection every command waits for
+        a new one and runs again (the NBD commands we send are idempotent).
+        Otherwise, with retry=True (reads, extents: no durability at stake)
+        a command runs once more on a new connection; writes and flushes
+        report the failure and the next call reconnects.
         """
         try:
             h = self._pool.get_nowait()
@@ -70,29 +84,46 @@ class NbdBackend:
             with self._lock:
                 grow = len(self._handles) < self._max
             h = self._connect() if grow else self._pool.get()
+        lost_at = None
         try:
-            return fn(h)
-        except self._nbd.Error as e:
-            if not (h.aio_is_dead() or h.aio_is_closed()):
-                raise OSError(nbd_errno(e), str(e)) from None
-            log.warning("NBD connection lost uri=%s error=%s", self.address, e)
-            self._forget(h)
-            h = None
-            if not retry:
-                raise OSError(nbd_errno(e), str(e)) from None
-            h = self._connect()
-            try:
-                return fn(h)
-            except self._nbd.Error as e2:
-                raise OSError(nbd_errno(e2), str(e2)) from None
+            while True:
+                try:
+                    return fn(h)
+                except self._nbd.Error as e:
+                    err = nbd_errno(e)
+                    if not is_finished(h, err):
+                        raise OSError(err, str(e)) from None
+                    log.warning("NBD connection lost uri=%s error=%s", redact(self.address), e)
+                    self._forget(h)
+                    h = None
+                    if lost_at is None:
+                        lost_at = time.monotonic()
+                    if not (retry or self._within(lost_at)):
+                        raise OSError(err, str(e)) from None
+                    retry = False
+                h = self._reconnect(lost_at)
         finally:
             if h is not None:
                 self._pool.put(h)
+
+    def _within(self, lost_at):
+        return time.monotonic() - lost_at < self.reconnect_delay
+
+    def _reconnect(self, lost_at):
+        """A new connection, trying again until reconnect_delay after lost_at is over."""
+        while True:
+            try:
+                return self._connect()
+            except OSError:
+                if not self._within(lost_at):
+                    raise
+            time.sleep(RECONNECT_INTERVAL)
 
     def _forget(self, h):
         with self._lock:
             if h in self._handles:
                 self._handles.remove(h)
+        hang_up(h)
 
     def size(self):
         return self._size
@@ -127,13 +158,11 @@ class NbdBackend:
                            self._extents_ok)
 
     def close(self):
+        """Hang up every connection without waiting for the server (it may be stalled)."""
         with self._lock:
             handles, self._handles = self._handles, []
         for h in handles:
-            try:
-                h.shutdown()
-            except self._nbd.Error:
-                pass
+            hang_up(h, grace=0.5)
         # libnbd closes each handle when the last reference goes.
         while not self._pool.empty():
             self._pool.get_nowait()

@@ -9,11 +9,11 @@ file target uses a small thread pool of pwrite()s (they release the GIL).
 
 A failed request comes back from wait() with its errno; the caller decides
 what it means (the job's error policy).  Nothing is ever dropped: a request
-that could not even be sent (the connection is dead or gone) comes back as a
-failed completion too, and so do requests still pending on a connection that
-reconnect() replaces.  A target whose connection died is reopened by
-reconnect(), so a restarted target server lets the job go on; errors seen on
-a dead connection are reported as ENOTCONN, whatever libnbd's own text says.
+that could not even be sent comes back as a failed completion too.  An NBD
+target whose connection is finished reconnects in the background; within
+its reconnect delay that is invisible to the caller (requests wait and are
+sent again), after it requests come back as ENOTCONN, whatever libnbd's own
+text says, and reconnect() brings a new connection once the server is back.
 """
 
 import concurrent.futures
@@ -21,10 +21,15 @@ import errno
 import logging
 import os
 import socket
+import time
 
 from ..core.errors import errno_of
 from .file import FileBackend
-from .nbd import nbd_errno, nbd_extents
+from .nbd import nbd_extents
+from .nbdconnect import CONNECT_TIMEOUT, Attempt, hang_up, is_finished, nbd_errno, redact
+
+# Not connected: a new connect attempt starts at most this often.
+RECONNECT_INTERVAL = 0.25
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +41,11 @@ class FileTarget:
 
     # fdatasync covers writes made through any descriptor of the file.
     multi_conn = True
+    losses = 0              # files never lose their connection
 
     def __init__(self, path, workers=4):
         self.address = path
+        self.on_loss = None
         self._backend = FileBackend(path, readonly=False)
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="mirror-io")
         self._pending = {}
@@ -78,9 +85,17 @@ class FileTarget:
             result.append((tag, errno_of(exc) if exc else 0))
         return result
 
-    def reconnect(self):
-        """Files do not disconnect: never a new connection (False)."""
-        return False
+    def wait_open(self, timeout):
+        """A file is open once made."""
+        return True
+
+    def reconnect(self, timeout=0.0):
+        """Files do not disconnect: always connected."""
+        return True
+
+    def detach(self):
+        """Nothing to hand over: the pivot opens the file itself."""
+        return None
 
     def close(self):
         self._pool.shutdown(wait=True)
@@ -88,156 +103,282 @@ class FileTarget:
 
 
 class NbdTarget:
-    """An NBD export through one libnbd handle, asynchronously."""
+    """An NBD export through one libnbd handle, asynchronously.
 
-    def __init__(self, uri):
+    Connecting never blocks the caller: the first connection and every
+    reconnect run in an :class:`~.nbdconnect.Attempt` thread; wait_open()
+    waits for the first as long as its caller chooses.
+
+    A finished connection (dead, closed, or a request answered with
+    ESHUTDOWN) is hung up and replaced in the background.  Within
+    ``reconnect_delay`` seconds of the loss every request pending on it,
+    and every request submitted meanwhile, waits and is sent on the new
+    connection; nothing completes in the meantime.  After the delay (at
+    once when it is 0) they come back from wait() as ENOTCONN.  Whatever
+    the delay, on_loss() is called (in the caller's thread, inside the call
+    that noticed the loss) before anything is sent on a new connection:
+    writes acknowledged on the lost connection but not flushed may be lost,
+    and the caller copies them again.  A batch of completions from wait()
+    never mixes the two connections: completions collected together with a
+    loss are sent again rather than reported.
+    """
+
+    def __init__(self, uri, reconnect_delay=0.0, on_loss=None, clock=time.monotonic):
         import nbd
         self._nbd = nbd
         self.address = uri
-        self._pending = {}           # cookie -> (tag, buffer kept alive)
+        self.reconnect_delay = reconnect_delay
+        self.on_loss = on_loss
+        self._clock = clock
+        self._pending = {}           # cookie -> (tag, buffer kept alive, send)
+        self._waiting = []           # [(tag, buffer, send)] to send on the next connection
         self._failed = []            # [(tag, errno)] that wait() returns next
         self._h = None
-        self._connect()
+        self._size = None
+        self._can_zero = False
+        self.multi_conn = False
+        self.losses = 0
+        self._lost_at = None         # when the connection was lost (None: connected)
+        self._attempt = Attempt(uri, "mirror-target")
+        self._next_attempt = 0.0
 
-    def _connect(self):
+    # -- connecting --------------------------------------------------------
+
+    def wait_open(self, timeout):
+        """Wait up to timeout for the first connection: True when open, False if
+        still connecting; raises the OSError of a failed connect."""
+        if self._size is not None:
+            return True
+        if not self._attempt.wait(timeout):
+            return False
+        attempt, self._attempt = self._attempt, None
+        self._adopt(attempt.take())
+        return True
+
+    def _adopt(self, h):
         nbd = self._nbd
-        h = nbd.NBD()
-        h.set_handle_name("mirror-target")
-        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-        try:
-            h.connect_uri(self.address)
-        except nbd.Error as e:
-            raise OSError(nbd_errno(e),
-                          "cannot connect to %s: %s" % (self.address, e)) from None
         if h.is_read_only():
-            raise OSError(errno.EROFS, "target %s is read-only" % self.address)
+            hang_up(h)
+            raise OSError(errno.EROFS, "target %s is read-only" % redact(self.address))
+        size = h.get_size()
+        if self._size is not None and size != self._size:
+            hang_up(h)
+            raise OSError(errno.EIO, "target %s came back with size %d instead of %d"
+                          % (redact(self.address), size, self._size))
         self._h = h
         _grow_send_buffer(h.aio_get_fd())
-        self._size = h.get_size()
+        self._size = size
         self._can_zero = bool(h.can_zero())
+        self._extents_ok = bool(h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
         self.multi_conn = bool(h.can_multi_conn())
-        log.info("Mirror target connected uri=%s size=%d", self.address, self._size)
+        if self._lost_at is None:
+            log.info("Mirror target connected uri=%s size=%d", redact(self.address), size)
+        else:
+            log.info("Mirror target reconnected uri=%s after=%.1fs resending=%d",
+                     redact(self.address), self._clock() - self._lost_at, len(self._waiting))
+        self._lost_at = None
+        waiting, self._waiting = self._waiting, []
+        for tag, keep, send in waiting:
+            self._send(tag, send, keep)
+
+    def _poll_attempt(self, timeout=0.0):
+        """Not connected: advance the reconnect (start one, or adopt a finished one)."""
+        if self._attempt is None:
+            if self._clock() < self._next_attempt:
+                return
+            self._attempt = Attempt(self.address, "mirror-target")
+        if not self._attempt.wait(timeout):
+            return
+        attempt, self._attempt = self._attempt, None
+        self._next_attempt = self._clock() + RECONNECT_INTERVAL
+        try:
+            self._adopt(attempt.take())
+        except OSError as e:
+            log.warning("Mirror target reconnect failed uri=%s error=%s",
+                        redact(self.address), e)
+
+    def _within_delay(self):
+        return (self._lost_at is not None
+                and self._clock() - self._lost_at < self.reconnect_delay)
+
+    def _lose(self):
+        """The connection is finished: hang up, park what was pending, tell the caller."""
+        h, self._h = self._h, None
+        if h is None:
+            return
+        self.losses += 1
+        if self._lost_at is None:
+            self._lost_at = self._clock()
+        log.info("Mirror target connection lost uri=%s pending=%d reconnect_delay=%s",
+                 redact(self.address), len(self._pending), self.reconnect_delay)
+        pending = list(self._pending.values())
+        self._pending.clear()
+        hang_up(h)
+        for tag, keep, send in pending:
+            self._park(tag, send, keep)
+        if self.on_loss is not None:
+            self.on_loss()
+        self._poll_attempt()
+
+    def _park(self, tag, send, keep):
+        """Not connected: hold the request for the next connection, or fail it."""
+        if self._within_delay():
+            self._waiting.append((tag, keep, send))
+        else:
+            self._failed.append((tag, errno.ENOTCONN))
+
+    def _expire(self):
+        """The reconnect delay is over: what waits fails."""
+        if self._waiting and not self._within_delay():
+            log.warning("Mirror target not back within reconnect-delay uri=%s delay=%s "
+                        "failing=%d", redact(self.address), self.reconnect_delay,
+                        len(self._waiting))
+            self._failed += [(tag, errno.ENOTCONN) for tag, _, _ in self._waiting]
+            self._waiting.clear()
+
+    def reconnect(self, timeout=0.0):
+        """After errors: make sure a new connection is on its way, waiting up to
+        timeout for it.  True if connected now."""
+        if self._h is not None and is_finished(self._h):
+            self._lose()
+        if self._h is None:
+            self._next_attempt = 0.0
+            self._poll_attempt(timeout)
+        return self._h is not None
+
+    # -- requests ------------------------------------------------------------
 
     def size(self):
         return self._size
 
-    def extents(self, offset, length):
-        """Synchronous block status on the job's connection (only used at start)."""
-        ok = bool(self._h.can_meta_context(self._nbd.CONTEXT_BASE_ALLOCATION))
-        return nbd_extents(lambda fn: self._guard(lambda: fn(self._h)),
-                                    offset, length, self._size, ok)
+    def extents(self, offset, length, timeout=CONNECT_TIMEOUT):
+        """Block status on the job's connection (only used at start), bounded in time."""
+        deadline = self._clock() + timeout
 
-    def _connected(self):
-        return self._h is not None and not self._h.aio_is_dead() and not self._h.aio_is_closed()
+        def call(fn):
+            if self._h is None:
+                raise OSError(errno.ENOTCONN, "not connected to %s" % redact(self.address))
+            return fn(_BoundedBlockStatus(self._h, deadline, self._clock))
 
-    def _errno(self, e):
-        # A dead connection refuses commands with EINVAL-like errors: say what happened.
-        if not self._connected():
-            return errno.ENOTCONN
-        return nbd_errno(e)
-
-    def _guard(self, fn):
-        if self._h is None:
-            raise OSError(errno.ENOTCONN, "not connected to %s" % self.address)
         try:
-            return fn()
+            return nbd_extents(call, offset, length, self._size, self._extents_ok)
         except self._nbd.Error as e:
-            raise OSError(self._errno(e), str(e)) from None
+            raise OSError(nbd_errno(e), str(e)) from None
 
     def in_flight(self):
-        return len(self._pending) + len(self._failed)
+        return len(self._pending) + len(self._failed) + len(self._waiting)
 
-    def _submit(self, tag, send, keep=None):
+    def _send(self, tag, send, keep=None):
         """Send one request (send(handle) -> cookie); a failure to send is a completion."""
         if self._h is None:
-            self._failed.append((tag, errno.ENOTCONN))
+            self._poll_attempt()
+        if self._h is None:
+            self._park(tag, send, keep)
             return
         try:
             cookie = send(self._h)
         except self._nbd.Error as e:
-            self._failed.append((tag, self._errno(e)))
+            err = nbd_errno(e)
+            if is_finished(self._h, err):
+                self._lose()
+                self._park(tag, send, keep)
+            else:
+                self._failed.append((tag, err))
             return
-        self._pending[cookie] = (tag, keep)
+        self._pending[cookie] = (tag, keep, send)
 
     def submit_write(self, buf, offset, tag):
         abuf = self._nbd.Buffer.from_buffer(buf)
-        self._submit(tag, lambda h: h.aio_pwrite(abuf, offset), abuf)
+        self._send(tag, lambda h: h.aio_pwrite(abuf, offset), abuf)
 
     def submit_zero(self, offset, length, tag):
         if not self._can_zero:
             self.submit_write(bytearray(length), offset, tag)
             return
-        self._submit(tag, lambda h: h.aio_zero(length, offset))
+        self._send(tag, lambda h: h.aio_zero(length, offset))
 
     def submit_flush(self, tag):
         """Flush the writes that completed before this call."""
-        self._submit(tag, lambda h: h.aio_flush())
+        self._send(tag, lambda h: h.aio_flush())
 
     def wait(self, timeout):
-        """Completions so far (polling up to timeout for one): [(tag, errno or 0)]."""
+        """Completions so far (waiting up to timeout for one): [(tag, errno or 0)]."""
         result = self._collect()
-        if result or not self._pending:
+        if result:
+            return result
+        if self._h is None:
+            if self._waiting:
+                self._poll_attempt(timeout)
+                self._expire()
+            return self._collect()
+        if not self._pending:
             return result
         try:
-            if self._connected():
-                self._h.poll(int(timeout * 1000))
+            self._h.poll(int(timeout * 1000))
         except self._nbd.Error as e:
-            log.warning("Mirror target poll failed uri=%s error=%s", self.address, e)
+            log.warning("Mirror target poll failed uri=%s error=%s", redact(self.address), e)
         return self._collect()
 
     def _collect(self):
         result, self._failed = self._failed, []
         if not self._pending:
             return result
-        dead = not self._connected()
+        h = self._h
+        lost = is_finished(h)
+        ended = []                   # (cookie, errno) of requests that completed
         for cookie in list(self._pending):
-            tag, _ = self._pending[cookie]
             try:
-                done = self._h.aio_command_completed(cookie)
+                done = h.aio_command_completed(cookie)
             except self._nbd.Error as e:
-                del self._pending[cookie]
-                result.append((tag, self._errno(e) if dead else
-                               nbd_errno(e) or errno.EIO))
+                err = nbd_errno(e) or errno.EIO
+                lost = lost or is_finished(h, err)
+                ended.append((cookie, err))
                 continue
             if done:
-                del self._pending[cookie]
-                result.append((tag, 0))
-            elif dead:
-                del self._pending[cookie]
-                result.append((tag, errno.ENOTCONN))
+                ended.append((cookie, 0))
+        if lost:
+            # Nothing of this batch is reported: _lose() sends it all again
+            # (or fails it with ENOTCONN).
+            self._lose()
+            result, self._failed = result + self._failed, []
+            return result
+        for cookie, err in ended:
+            tag, _, _ = self._pending.pop(cookie)
+            result.append((tag, err))
         return result
 
-    def reconnect(self):
-        """Open a new connection if the old one died.
-
-        Returns True if a new connection was made (writes acknowledged on
-        the old one but not flushed may be lost: the caller copies them
-        again), False if the connection is fine.  Requests still pending on
-        a dead connection come back from wait() as ENOTCONN.  Raises OSError
-        if the server cannot be reached (call again later).
-        """
-        if self._connected():
-            return False
-        if self._h is not None:
-            log.info("Mirror target connection lost uri=%s pending=%d", self.address,
-                     len(self._pending))
-            self._failed += [(tag, errno.ENOTCONN) for tag, _ in self._pending.values()]
-            self._pending.clear()
-            self._h = None           # libnbd closes the handle when it is collected
-        self._connect()
-        return True
+    def detach(self):
+        """Hand the connection over (to the pivoted disk); nothing may be in flight.
+        None if not connected."""
+        h, self._h = self._h, None
+        return h
 
     def close(self):
         """Drop the connection; requests still in flight are abandoned."""
-        if self._h is not None:
-            try:
-                if not self._h.aio_is_dead() and not self._h.aio_in_flight():
-                    self._h.shutdown()
-            except self._nbd.Error:
-                pass
-            self._h = None          # libnbd closes the handle when it is collected
+        if self._attempt is not None:
+            self._attempt.cancel()
+            self._attempt = None
+        h, self._h = self._h, None
+        hang_up(h, grace=0.5)       # libnbd closes the handle when it is collected
         self._pending.clear()
         self._failed.clear()
+        self._waiting.clear()
+
+
+class _BoundedBlockStatus:
+    """Stands in for a handle in nbd_extents(): block_status with a deadline."""
+
+    def __init__(self, h, deadline, clock):
+        self._h, self._deadline, self._clock = h, deadline, clock
+
+    def block_status(self, count, offset, callback):
+        h = self._h
+        cookie = h.aio_block_status(count, offset, callback)
+        while not h.aio_command_completed(cookie):
+            left = self._deadline - self._clock()
+            if left <= 0:
+                raise OSError(errno.ETIMEDOUT, "block status of the target timed out")
+            h.poll(max(1, int(min(left, 0.1) * 1000)))
 
 
 SEND_BUFFER = 4 << 20

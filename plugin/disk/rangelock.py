@@ -11,12 +11,14 @@ class RangeLock:
         self._cond = threading.Condition()
         self._held = []
 
-    def acquire(self, first, end):
-        """Wait until no held range overlaps [first, end), then hold it; returns a token."""
+    def acquire(self, first, end, timeout=None):
+        """Wait until no held range overlaps [first, end), then hold it; returns a
+        token, or None if timeout seconds passed first."""
         token = (first, end, object())
         with self._cond:
-            while any(f < end and first < e for f, e, _ in self._held):
-                self._cond.wait()
+            if not self._cond.wait_for(
+                    lambda: not any(f < end and first < e for f, e, _ in self._held), timeout):
+                return None
             self._held.append(token)
         return token
 

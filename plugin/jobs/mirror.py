@@ -19,7 +19,8 @@ Phases, as QEMU's block/mirror.c:
 
 copy-mode=write-blocking: client writes are also written to the target
 synchronously (a second connection), so the job converges under any write
-load.  Background copies and write-throughs of overlapping ranges exclude each
+load; a target that does not answer within THROUGH_TIMEOUT makes them fall
+back to the background copy (writethrough.py).  Background copies and write-throughs of overlapping ranges exclude each
 other with a range lock, so an older background copy never lands after a newer
 write-through.
 
@@ -29,11 +30,17 @@ flight finish, and applies the policy once per operation through
 Job.report_io_error (the one decision point): report ends the job, ignore
 hands the failed ranges to a RetrySchedule (plugin/jobs/backoff.py: per-range and
 job-wide back-off), stop pauses the job (Job.report_io_error blocks until
-resume or cancel) and retries the ranges at once.  After a write error a
-dead target connection is reopened; copies acknowledged on it since the last
-flush are copied again, since a restarted server may have lost them.
+resume or cancel) and retries the ranges at once.
+
+The target connection (backends/target.py) connects in the background and
+reconnects when it is lost: within reconnect-delay that is invisible here,
+after it the requests fail and the policy applies; after a write error the
+job waits (cancellably) for a new connection.  Whenever a connection is
+lost, copies acknowledged on it since the last flush are copied again
+(_target_lost), since a restarted server may have lost them.
 Errors in the final copy of prepare() end the job (the disk is quiesced
-then: pausing would hold every client).
+then: pausing would hold every client), and so does a final copy, flush or
+pivot that does not finish within FINAL_SYNC_TIMEOUT (+ reconnect-delay).
 
 One module on purpose: the copy loop, its in-flight bookkeeping (_Op,
 _Flush), the unflushed record and the failure handling share the job
@@ -42,10 +49,12 @@ thread's state and are only correct together; write-blocking lives apart
 """
 
 import collections
+import errno
 import logging
 import threading
 
 from ..backends import open_target
+from ..backends.nbdconnect import CONNECT_TIMEOUT, redact
 from ..backends.target import MAX_ZERO
 from ..core.errors import CommandError, errno_name, errno_of, os_error
 from ..disk.rangelock import RangeLock
@@ -64,6 +73,9 @@ READY_COPY_INTERVAL = 0.1
 # While ready, flush the target this often (if something was copied), so that
 # a lost target connection costs a re-copy of at most this much work.
 READY_FLUSH_INTERVAL = 1.0
+# complete / soft cancel: the final copy, flush and pivot must finish within
+# this (plus reconnect-delay), or the job ends with an error.
+FINAL_SYNC_TIMEOUT = 10.0
 
 
 class _Op:
@@ -103,7 +115,7 @@ class MirrorJob(Job):
     def __init__(self, job_id, bus, disk, target, sync="full", granularity=None,
                  buf_size=None, speed=0, on_source_error="report", on_target_error="report",
                  copy_mode="background", auto_finalize=True, auto_dismiss=True, pivot=None,
-                 clock=None):
+                 clock=None, reconnect_delay=0.0):
         super().__init__(job_id, "mirror", bus, device=disk.device, speed=speed,
                          auto_finalize=auto_finalize, auto_dismiss=auto_dismiss, clock=clock)
         self.disk = disk
@@ -116,10 +128,14 @@ class MirrorJob(Job):
         self.on_target_error = on_target_error
         self.copy_mode = copy_mode
         self._pivot = pivot
-        self.target = open_target(target)
-        if self.target.size() != disk.size:
-            self.target.close()
-            raise CommandError("Source and target image have different sizes")
+        self.reconnect_delay = reconnect_delay
+        self.target_name = redact(target)
+        # Connects in the background: see open_target_within() and run().
+        self.target = open_target(target, reconnect_delay)
+        self.target.on_loss = self._target_lost
+        self._flushes = set()         # _Flush in flight
+        self._leave_asked = None      # when run() first saw complete / cancel
+        self._last_answer = 0.0       # when the target last completed a request
         self.bitmap = DirtyBitmap(disk.size, self.granularity)
         # Copied but not yet flushed on the target: copied again if the
         # target connection is lost or a flush fails.
@@ -131,7 +147,7 @@ class MirrorJob(Job):
         self._retries = RetrySchedule(self.chunk, clock=self.clock.now)
         self._failures = []           # _Failure records not yet handled
         self._ranges = RangeLock()
-        self._through = WriteThrough(target, self._ranges, self.granularity)
+        self._through = WriteThrough(target, self._ranges, self.granularity, clock=self.clock.now)
         self._zero_queue = []         # (offset, length) to zero on the target first
         self._ops = set()             # copies in flight
         self._buffers = []            # free copy buffers of `chunk` bytes
@@ -142,6 +158,43 @@ class MirrorJob(Job):
         self._fatal = None
         self._listening = False
         self.set_progress(0, 0)
+
+    # -- the target connection ------------------------------------------------
+
+    def open_target_within(self, timeout):
+        """Wait up to timeout for the target connection (the command's thread).
+
+        True if connected and the sizes agree; False if still connecting
+        (run() waits for it); raises OSError (cannot connect) or
+        CommandError (different sizes).
+        """
+        if not self.target.wait_open(timeout):
+            return False
+        self._check_size()
+        return True
+
+    def _check_size(self):
+        if self.target.size() != self.disk.size:
+            raise CommandError("Source and target image have different sizes")
+
+    def _await_target(self):
+        """run(): wait for a connect still under way; False if cancelled first."""
+        while not self.target.wait_open(0.1):
+            if self.pause_point():
+                return False
+        self._check_size()
+        return True
+
+    def _target_lost(self):
+        """The target connection was lost (called inside the target's call that
+        noticed it, before anything goes to a new connection): what it
+        acknowledged since the last flush may be lost, copy it again."""
+        self._through.drop()
+        for flush in self._flushes:
+            if flush.covered is not None:
+                self._copy_again(flush.covered)
+                flush.covered = DirtyBitmap(self.disk.size, self.chunk)
+        self._copy_unflushed_again()
 
     # -- policies (block-job-change) ---------------------------------------
 
@@ -170,13 +223,18 @@ class MirrorJob(Job):
         """Disk listener: runs in the client's thread after its change completed."""
         if self.copy_mode == "write-blocking" and self._fatal is None and not self.user_paused:
             try:
-                self._through.apply(kind, offset, length, buf)
+                through = self._through.apply(kind, offset, length, buf)
             except OSError as e:
                 log.warning("Mirror write-through failed id=%s offset=%d length=%d error=%s",
                             self.id, offset, length, e)
                 self.bitmap.mark(offset, length)
                 self._through.drop()
                 self._client_side_error(e)
+                self.kick()
+                return
+            if not through:
+                # The target did not answer in time: the background copy takes it.
+                self.bitmap.mark(offset, length)
                 self.kick()
                 return
             # Marked after the write completed: a flush that starts later covers it.
@@ -197,6 +255,8 @@ class MirrorJob(Job):
     # -- the job thread -------------------------------------------------------
 
     def run(self):
+        if not self._await_target():
+            return
         self.disk.add_listener(self._on_change)
         self._listening = True
         self._initial_dirty()
@@ -206,8 +266,13 @@ class MirrorJob(Job):
                 raise self._fatal
             if self.pause_point():
                 return
+            if self.should_complete or self.cancel_requested:
+                if self._leave_asked is None:
+                    self._leave_asked = self.clock.now()
+                self._check_stall()
             for off, n in self._retries.due():
                 self.bitmap.mark(off, n)
+            self._through.reap()
             self._update_progress()
             copied_before = self._copied
             pos = self._issue_some(pos)
@@ -346,7 +411,8 @@ class MirrorJob(Job):
         """
         g = self.granularity
         first, end = offset // g, (offset + length + g - 1) // g
-        if any(o.first < end and first < o.end for o in self._ops):
+        if (any(o.first < end and first < o.end for o in self._ops)
+                or self._through.blocks(first, end)):
             # A copy of these granules is in flight: a second one could land
             # before it on the target.  Retry once it has completed.
             if zero:
@@ -409,6 +475,8 @@ class MirrorJob(Job):
         op.buf = None
 
     def _reap(self, completions):
+        if completions:
+            self._last_answer = self.clock.now()
         for op, err in completions:
             if isinstance(op, _Flush):
                 self._flush_done(op, err)
@@ -426,7 +494,7 @@ class MirrorJob(Job):
                 log.warning("Mirror write failed id=%s offset=%d length=%d errno=%s",
                             self.id, op.offset, op.length, errno_name(op.error))
                 self._failures.append(_Failure("write", op.error, op.offset, op.length,
-                                               "write to %s" % self.target_address))
+                                               "write to %s" % self.target_name))
             else:
                 self._copied += op.length
                 self._written += op.data
@@ -481,13 +549,14 @@ class MirrorJob(Job):
         return False
 
     def _recover_target(self):
-        """After a write error: reopen a dead target connection."""
-        try:
-            if self.target.reconnect():
-                self._through.drop()
-                self._copy_unflushed_again()
-        except OSError as e:
-            log.warning("Mirror target reconnect failed id=%s error=%s", self.id, e)
+        """After a write error: wait (cancellably, at most CONNECT_TIMEOUT) for a
+        working target connection; _target_lost() did the bookkeeping."""
+        deadline = self.clock.now() + CONNECT_TIMEOUT
+        while not self.target.reconnect(0.1):
+            if self.cancelled or self.clock.now() > deadline:
+                log.warning("Mirror target not reconnected id=%s target=%s", self.id,
+                            self.target_name)
+                return
 
     def _copy_unflushed_again(self):
         with self._unflushed_lock:
@@ -520,22 +589,28 @@ class MirrorJob(Job):
         self._copied_since_flush = False
         if not self.target.multi_conn:
             # Write-throughs went over another connection that this flush
-            # does not cover (the only synchronous flush).
+            # does not cover (synchronous, bounded by THROUGH_TIMEOUT).
             try:
-                self._through.flush()
+                flushed = self._through.flush()
             except OSError as e:
                 self._flush_done(flush, errno_of(e))
                 return
+            if not flushed:
+                # The target did not answer: copy it all again later, no error.
+                self._copy_again(flush.covered)
+                return
+        self._flushes.add(flush)
         self.target.submit_flush(flush)
 
     def _flush_done(self, flush, err):
         """A flush completed.  After a failed one nothing written since the last
         good flush can be trusted (the target may have dropped it): copy it again."""
+        self._flushes.discard(flush)
         if err:
             log.warning("Mirror target flush failed id=%s errno=%s", self.id, errno_name(err))
             self._copy_again(flush.covered)
             self._failures.append(_Failure("write", err, 0, 0,
-                                           "flush of %s" % self.target_address))
+                                           "flush of %s" % self.target_name))
             return
         self._last_flush = self.clock.now()
         if flush.leaving:
@@ -553,31 +628,58 @@ class MirrorJob(Job):
 
         Any error here fails the job (no pivot), with BLOCK_JOB_ERROR action
         report whatever the policy: the disk is quiesced, so pausing or
-        retrying would hold the clients' I/O.
+        retrying would hold the clients' I/O.  So does a target that does
+        not let it finish within FINAL_SYNC_TIMEOUT + reconnect-delay.
         """
+        if self._leave_asked is None:
+            self._leave_asked = self.clock.now()
         self._drain_or_fail()
         with self.disk.quiesce():
             self._stop_listening()
             for off, n in self._retries.drain():
                 self.bitmap.mark(off, n)
             pos = 0
-            while self._zero_queue or not self.bitmap.is_clean() or self.target.in_flight():
-                pos = self._issue_some(pos, final=True)
-                self._raise_failures()
-                self._reap(self.target.wait(1.0))
-                self._raise_failures()
-            self._update_progress()
-            self._start_flush(final=True)
-            self._drain_or_fail()
+            while True:
+                while self._zero_queue or not self.bitmap.is_clean() or self.target.in_flight():
+                    self._check_stall()
+                    self._through.reap()
+                    pos = self._issue_some(pos, final=True)
+                    self._raise_failures()
+                    self._reap(self.target.wait(0.1))
+                    self._raise_failures()
+                self._update_progress()
+                self._start_flush(final=True)
+                self._drain_or_fail()
+                # Clean unless the write-through's flush went unanswered (its
+                # ranges are dirty again) or the connection was lost meanwhile.
+                if not self._zero_queue and self.bitmap.is_clean():
+                    break
             if self.should_complete and self._pivot is not None:
-                self._pivot(self.target_address)
+                # Hand the job's connection over: a server that takes one
+                # client (qemu-nbd's default --shared=1) accepts no other.
+                self._through.drop()
+                self._pivot(self.target_address, self.target.detach(), self.reconnect_delay)
         log.info("Mirror finished id=%s pivot=%s copied=%d", self.id, self.should_complete,
                  self._copied)
 
     def _drain_or_fail(self):
         while self.target.in_flight():
-            self._reap(self.target.wait(1.0))
+            self._check_stall()
+            self._reap(self.target.wait(0.1))
         self._raise_failures()
+
+    def _check_stall(self):
+        """Once complete or cancel was asked: a target that answers nothing for
+        FINAL_SYNC_TIMEOUT + reconnect-delay ends the job (BLOCK_JOB_ERROR
+        action report, then the job fails), so that complete ends in bounded
+        time.  A target that is slow but answering is waited for."""
+        bound = FINAL_SYNC_TIMEOUT + self.reconnect_delay
+        if self.clock.now() - max(self._leave_asked, self._last_answer) > bound:
+            self._failures.insert(0, _Failure(
+                "write", errno.ETIMEDOUT, 0, 0,
+                "%s answered nothing for %gs while the job was finishing"
+                % (self.target_name, bound)))
+            self._raise_failures()
 
     def _raise_failures(self):
         """In prepare(): any failure ends the job, whatever the policy says."""

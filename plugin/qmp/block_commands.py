@@ -7,6 +7,7 @@ spelling (job-id, buf-size), so handlers take **args.
 
 import logging
 
+from ..backends.nbdconnect import redact
 from ..core import policy
 from ..core.errors import CommandError
 from ..jobs.mirror import MirrorJob
@@ -15,6 +16,11 @@ from ..jobs.stream import StreamJob
 log = logging.getLogger(__name__)
 
 _POLICY = list(policy.POLICIES)
+
+# drive-mirror waits this long for the target connection on the control
+# thread; a connect still under way then goes on in the job, which fails if
+# it does not succeed (so a target that never answers freezes nothing).
+COMMAND_CONNECT_WAIT = 1.0
 
 
 def _power_of_two(n):
@@ -44,6 +50,9 @@ def register_block_commands(registry, service):
         speed = args.get("speed", 0)
         if speed < 0:
             raise CommandError("Parameter 'speed' expects a non-negative value")
+        reconnect_delay = args.get("reconnect-delay", service.config.reconnect_delay)
+        if not 0 <= reconnect_delay <= 86400:
+            raise CommandError("Parameter 'reconnect-delay' expects a value in range [0, 86400]")
         why = service.self_reference(args["target"])
         if why is not None:
             raise CommandError("Target '%s' cannot be used: %s" % (args["target"], why))
@@ -61,9 +70,19 @@ def register_block_commands(registry, service):
                 copy_mode=args.get("copy-mode", "background"),
                 auto_finalize=args.get("auto-finalize", True),
                 auto_dismiss=args.get("auto-dismiss", True),
-                pivot=service.pivot_to)
+                pivot=service.pivot_to, reconnect_delay=reconnect_delay)
         except OSError as e:
-            raise CommandError("Could not open '%s': %s" % (args["target"], e.strerror or e)) from None
+            raise CommandError("Could not open '%s': %s" % (redact(args["target"]),
+                                                            e.strerror or e)) from None
+        try:
+            job.open_target_within(COMMAND_CONNECT_WAIT)
+        except OSError as e:
+            job.clean()
+            raise CommandError("Could not open '%s': %s" % (redact(args["target"]),
+                                                            e.strerror or e)) from None
+        except CommandError:
+            job.clean()
+            raise
         try:
             service.jobs.add(job)
         except CommandError:
@@ -78,6 +97,7 @@ def register_block_commands(registry, service):
         "*on-source-error": _POLICY, "*on-target-error": _POLICY,
         "*copy-mode": ["background", "write-blocking"],
         "*auto-finalize": "bool", "*auto-dismiss": "bool", "*unmap": "bool",
+        "*reconnect-delay": "number",
     })
 
     def block_stream(**args):

@@ -37,6 +37,7 @@ import os
 import selectors
 import socket
 import stat
+import struct
 import threading
 import time
 
@@ -103,6 +104,7 @@ class ControlServer:
         self._selector = None
         self._wake_r = self._wake_w = None
         self._accept_resume_at = None
+        self._uid = os.getuid()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -240,6 +242,8 @@ class ControlServer:
                 self._selector.unregister(self._listener)
                 self._accept_resume_at = time.monotonic() + _ACCEPT_BACKOFF
                 return
+            if not self._peer_allowed(sock):
+                continue
             sock.setblocking(False)
             client = _Client(sock, self._next_client)
             self._next_client += 1
@@ -247,6 +251,24 @@ class ControlServer:
             self._selector.register(sock, client.mask, client)
             log.info("QMP client connected client=%d", client.number)
             self._send(client, self._greeting)
+
+    def _peer_allowed(self, sock: socket.socket) -> bool:
+        """Only our own uid and root may talk to us, whatever the socket's mode
+        (SO_PEERCRED: the credentials of the connecting process).  Others are
+        closed before the greeting."""
+        try:
+            pid, uid, _ = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        except OSError as err:
+            log.warning("QMP client refused: no peer credentials error=%s", err)
+            sock.close()
+            return False
+        if uid in (0, self._uid):
+            return True
+        log.warning("QMP client refused: uid %d is neither the server's (%d) nor root pid=%d",
+                    uid, self._uid, pid)
+        sock.close()
+        return False
 
     def _maybe_resume_accept(self) -> None:
         if self._accept_resume_at is not None and time.monotonic() >= self._accept_resume_at:
