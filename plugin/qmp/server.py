@@ -59,6 +59,9 @@ DEFAULT_MAX_CLIENTS = 64
 # File descriptors kept free for nbdkit's NBD clients: a control connection is
 # refused when fewer than this many would remain under RLIMIT_NOFILE.
 DEFAULT_FD_RESERVE = 128
+# Dropping a client that held this much input/output returns freed heap to the
+# system (glibc keeps it otherwise, and RSS would stay at the high-water mark).
+_TRIM_AFTER = 256 * 1024
 # A condition that repeats (refusals, accept failures) is logged once per interval.
 _LOG_INTERVAL = 60.0
 
@@ -441,6 +444,7 @@ class ControlServer:
             log.warning("QMP client dropped client=%d reason=%s pending_output=%d",
                         client.number, reason, len(client.out))
         self._clients.pop(client.number, None)
+        held = client.decoder.buffered + len(client.out)
         if client.subscription is not None:
             self.bus.unsubscribe(client.subscription)
         try:
@@ -448,6 +452,10 @@ class ControlServer:
         except (KeyError, ValueError):
             pass
         client.sock.close()
+        client.decoder.clear()
+        client.out = bytearray()
+        if held >= _TRIM_AFTER:
+            _release_free_memory()
 
     # -- teardown ------------------------------------------------------------
 
@@ -497,6 +505,22 @@ class _OncePerInterval:
         log.log(level, fmt, *args)
         self._last[key] = (now, 0)
         return True
+
+
+def _release_free_memory() -> None:
+    """malloc_trim(0): give freed heap pages back (glibc only; elsewhere a no-op)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _free_descriptors():

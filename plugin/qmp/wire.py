@@ -153,6 +153,15 @@ class StreamDecoder:
         self._escape = False
         self._discarding = False
 
+    def clear(self) -> None:
+        """Drop any partial value (the connection is gone)."""
+        self._reset()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of a partial value held (at most max_size)."""
+        return len(self._buf)
+
     @property
     def idle(self) -> bool:
         """True when no partial value is buffered (useful at EOF)."""
