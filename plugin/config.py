@@ -1,8 +1,13 @@
-"""Command-line configuration of the plugin (nbdkit key=value parameters)."""
+"""Command-line configuration of the plugin (nbdkit key=value parameters).
+
+Every key is described in docs/plugin-keys.md; keep that page and KEYS in step.
+"""
 
 import dataclasses
 import os
 import re
+
+from .disk.statecheck import DEVICE_RE
 
 
 class ConfigError(Exception):
@@ -45,7 +50,7 @@ class Config:
     base: str = None
     size: int = None
     control: str = None
-    device: str = "disk0"
+    device: str = None           # None: what the state directory remembers, else disk0
     cluster_size: int = None
     werror: str = "report"
     rerror: str = "report"
@@ -65,7 +70,7 @@ class Config:
         elif key == "control":
             self.control = os.path.abspath(value)
         elif key == "device":
-            if not re.match(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$", value):
+            if not DEVICE_RE.match(value):
                 raise ConfigError("device=%s: use a letter then letters, digits, '_', '.', '-'" % value)
             self.device = value
         elif key == "cluster-size":
@@ -80,7 +85,8 @@ class Config:
         elif key == "reconnect-delay":
             self.reconnect_delay = parse_seconds(value, key)
         else:
-            raise ConfigError("unknown parameter %r (known: %s)" % (key, ", ".join(self.KEYS)))
+            raise ConfigError("unknown parameter %r (known: %s; see docs/plugin-keys.md)"
+                              % (key, ", ".join(self.KEYS)))
 
     def check(self):
         if not self.overlay:

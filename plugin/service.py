@@ -10,7 +10,7 @@ import os
 
 from . import backends
 from .config import Config, ConfigError
-from .disk import identity, statedir
+from .disk import identity, statecheck, statedir
 from .disk.disk import Disk
 from .disk.passthrough import BackendStore
 from .disk.store import OverlayStore
@@ -24,6 +24,8 @@ from .qmp.server import ControlServer
 log = logging.getLogger(__name__)
 
 BASE_CONNECTIONS = 4
+CONTROL_SOCK = "control.sock"
+DEFAULT_DEVICE = "disk0"
 
 
 class Service:
@@ -39,43 +41,41 @@ class Service:
         self.config.set(key, value)
 
     def open(self):
-        """Open base, state directory and store (config_complete: before nbdkit forks)."""
+        """Check and open state directory, base and store (config_complete: before nbdkit forks).
+
+        Nothing in the state directory is opened for writing until every check
+        passed (plugin/disk/statecheck.py); a failed start leaves it as it was.
+        """
         cfg = self.config
         cfg.check()
-        remembered = _remembered_meta(cfg.overlay)
-        base_address = cfg.base or (remembered or {}).get("base")
-        base = None
-        if base_address is not None:
-            try:
-                base = backends.open_backend(base_address, readonly=True,
-                                             connections=BASE_CONNECTIONS,
-                                             reconnect_delay=cfg.reconnect_delay)
-            except OSError as e:
-                raise ConfigError("base=%s: %s" % (base_address, e.strerror or e)) from None
         try:
-            self.state = statedir.open_state_dir(
-                cfg.overlay, base=cfg.base, size=cfg.size, cluster_size=cfg.cluster_size,
-                base_size=base.size() if base else None)
+            statecheck.check_control(cfg.control or os.path.join(cfg.overlay, CONTROL_SOCK),
+                                     given=cfg.control is not None)
+        except statecheck.Damaged as e:
+            raise ConfigError(str(e)) from None
+        try:
+            self.state, base = statedir.open_state_dir(
+                cfg.overlay, lambda address: _open_base(address, cfg.reconnect_delay),
+                base=cfg.base, size=cfg.size,
+                cluster_size=cfg.cluster_size, device=cfg.device)
         except statedir.StateError as e:
-            if base:
-                base.close()
             raise ConfigError(str(e)) from None
         active = self.state.active
         if active:
             # A mirror pivoted to its target: serve the target, not the overlay.
-            if base:
-                base.close()
             try:
                 store = BackendStore(backends.open_backend(
                     active["target"], readonly=False, reconnect_delay=cfg.reconnect_delay))
             except OSError as e:
+                self.state.close()
                 raise ConfigError("pivoted disk %s: %s" % (active["target"], e.strerror or e)) \
                     from None
         else:
             store = OverlayStore(self.state, base)
-        self.disk = Disk(store, cfg.device, self.bus, werror=cfg.werror, rerror=cfg.rerror)
+        device = cfg.device or self.state.device or DEFAULT_DEVICE
+        self.disk = Disk(store, device, self.bus, werror=cfg.werror, rerror=cfg.rerror)
         log.info("serving device=%s size=%d overlay=%s base=%r active=%r",
-                 cfg.device, store.size, cfg.overlay, base_address, active)
+                 device, store.size, cfg.overlay, self.state.base, active)
 
     def base_address(self):
         return None if self.state.active else self.state.base
@@ -114,7 +114,7 @@ class Service:
         register_builtin_commands(registry)
         register_job_commands(registry, self.jobs)
         register_block_commands(registry, self)
-        path = self.config.control or self.state.file("control.sock")
+        path = self.config.control or self.state.file(CONTROL_SOCK)
         self.control = ControlServer(path, registry, self.bus)
         self.control.start()
         log.info("control server listening path=%s", path)
@@ -138,9 +138,6 @@ class Service:
             self.state = None
 
 
-def _remembered_meta(path):
-    """meta.json of an existing state directory, else None (errors surface later)."""
-    try:
-        return statedir._load_meta(os.path.join(path, statedir.META))
-    except (OSError, statedir.StateError):
-        return None
+def _open_base(address, reconnect_delay=0.0):
+    return backends.open_backend(address, readonly=True, connections=BASE_CONNECTIONS,
+                                 reconnect_delay=reconnect_delay)

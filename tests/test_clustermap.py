@@ -3,7 +3,12 @@
 import threading
 
 from plugin.jobs.bitmap import DirtyBitmap
-from plugin.disk.clustermap import ABSENT, DATA, ZERO, ClusterMap
+import errno
+import os
+
+import pytest
+
+from plugin.disk.clustermap import ABSENT, DATA, ZERO, ClusterMap, create
 from plugin.disk.rangelock import RangeLock
 
 
@@ -12,8 +17,13 @@ def reopen(path, n):
     return m
 
 
+def new_map(path, n):
+    create(str(path), n)
+    return ClusterMap(str(path), n)
+
+
 def test_commit_persists_states(tmp_path):
-    m = ClusterMap(str(tmp_path / "map"), 10000)
+    m = new_map(tmp_path / "map", 10000)
     m.set(5, 9000, DATA)
     m.set(9000, 9500, ZERO)
     m.commit(lambda: None)
@@ -23,7 +33,7 @@ def test_commit_persists_states(tmp_path):
 
 
 def test_uncommitted_changes_are_not_on_disk(tmp_path):
-    m = ClusterMap(str(tmp_path / "map"), 100)
+    m = new_map(tmp_path / "map", 100)
     m.set(0, 10, DATA)
     m.close()
     assert reopen(tmp_path / "map", 100).count(DATA) == 0
@@ -31,7 +41,7 @@ def test_uncommitted_changes_are_not_on_disk(tmp_path):
 
 def test_a_change_made_while_the_data_syncs_is_not_claimed_by_that_commit(tmp_path):
     """The durability rule: the map written names only data written before the sync."""
-    m = ClusterMap(str(tmp_path / "map"), 100)
+    m = new_map(tmp_path / "map", 100)
     m.set(0, 1, DATA)
 
     def sync_data():
@@ -45,7 +55,7 @@ def test_a_change_made_while_the_data_syncs_is_not_claimed_by_that_commit(tmp_pa
 
 
 def test_a_failed_data_sync_keeps_the_pages_dirty(tmp_path):
-    m = ClusterMap(str(tmp_path / "map"), 100)
+    m = new_map(tmp_path / "map", 100)
     m.set(3, 4, DATA)
 
     def failing():
@@ -61,7 +71,7 @@ def test_a_failed_data_sync_keeps_the_pages_dirty(tmp_path):
 
 
 def test_run_end_finds_the_end_of_equal_states(tmp_path):
-    m = ClusterMap(str(tmp_path / "map"), 100)
+    m = new_map(tmp_path / "map", 100)
     m.set(10, 20, DATA)
     m.set(20, 25, ZERO)
     assert m.run_end(0, 100) == 10
@@ -70,13 +80,28 @@ def test_run_end_finds_the_end_of_equal_states(tmp_path):
     assert m.run_end(12, 15) == 15
 
 
-def test_short_map_file_means_absent_tail(tmp_path):
-    m = ClusterMap(str(tmp_path / "map"), 10)
+def test_a_new_map_is_written_out_not_sparse(tmp_path):
+    create(str(tmp_path / "map"), 1 << 20)
+    st = os.stat(tmp_path / "map")
+    assert st.st_size == 1 << 20 and st.st_blocks * 512 >= 1 << 20
+    assert ClusterMap(str(tmp_path / "map"), 1 << 20).count(ABSENT) == 1 << 20
+
+
+def test_a_map_of_the_wrong_length_is_refused_and_left_alone(tmp_path):
+    m = new_map(tmp_path / "map", 10)
     m.set(0, 10, DATA)
     m.commit(lambda: None)
     m.close()
-    m = reopen(tmp_path / "map", 20)
-    assert m.states(0, 20) == b"\x01" * 10 + bytes(10)
+    with pytest.raises(OSError) as e:
+        ClusterMap(str(tmp_path / "map"), 20)
+    assert e.value.errno == errno.EINVAL
+    assert (tmp_path / "map").read_bytes() == b"\x01" * 10
+
+
+def test_create_never_replaces_a_map(tmp_path):
+    new_map(tmp_path / "map", 10).close()
+    with pytest.raises(FileExistsError):
+        create(str(tmp_path / "map"), 10)
 
 
 def test_bitmap_take_returns_aligned_runs_and_clears_them():

@@ -25,7 +25,14 @@ def test_missing_overlay(tmp_path):
 
 def test_unknown_key(tmp_path):
     line = start_fails(tmp_path, "overlay=%s" % (tmp_path / "ov"), "size=1M", "colour=blue")
-    assert "unknown parameter 'colour'" in line
+    assert "unknown parameter 'colour'" in line and "see docs/plugin-keys.md" in line
+
+
+def test_plugin_keys_page_lists_every_key():
+    from plugin.config import Config
+    page = (PLUGIN.parent.parent / "docs" / "plugin-keys.md").read_text()
+    for key in Config.KEYS:
+        assert "| `%s` |" % key in page, key
 
 
 def test_base_not_found(tmp_path):

@@ -481,7 +481,7 @@ from plugin.qmp.events import EventBus
 from plugin.qmp.dispatch import CommandRegistry, register_builtin_commands
 registry = CommandRegistry()
 register_builtin_commands(registry)
-server = ControlServer(sys.argv[1], registry, EventBus())
+server = ControlServer(sys.argv[1], registry, EventBus(), fd_reserve=0)  # test EMFILE itself
 server.start()
 spare = int(sys.argv[2])
 in_use = len(os.listdir("/proc/self/fd")) - 1

@@ -10,10 +10,14 @@ it syncs the data file, so everything the snapshot claims was written before
 the data sync; only then are the pages written and the map synced.
 """
 
+import errno
+import logging
 import os
 import threading
 
-from ..backends.fileio import pwrite_all
+from ..backends.fileio import pread_all, pwrite_all
+
+log = logging.getLogger(__name__)
 
 ABSENT = 0   # the overlay does not hold the cluster: read the base (or zeros)
 DATA = 1     # data.img holds the cluster
@@ -24,19 +28,52 @@ PAGE = 4096
 _STATE_BYTES = {ABSENT: b"\x00", DATA: b"\x01", ZERO: b"\x02"}
 
 
+def create(path, nclusters):
+    """A new map file of nclusters ABSENT bytes, written out in full (not sparse)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        chunk = bytes(min(nclusters, 1 << 20))
+        offset = 0
+        while offset < nclusters:
+            n = min(len(chunk), nclusters - offset)
+            pwrite_all(fd, memoryview(chunk)[:n], offset)
+            offset += n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _allocate(fd, length):
+    """Make sure the map's blocks exist, so a commit never needs new space (a map
+    made by an older server may be sparse).  Content is unchanged."""
+    if not length:
+        return
+    try:
+        os.posix_fallocate(fd, 0, length)
+    except OSError as e:
+        log.warning("cannot allocate the cluster map error=%s: a flush on a full "
+                    "filesystem may fail", e)
+
+
 class ClusterMap:
     """In-memory cluster states with dirty-page tracking and a durable commit."""
 
     def __init__(self, path, nclusters):
         self.nclusters = nclusters
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        # A short file means the tail was never committed: those clusters stay
-        # absent (bytearray starts as zeros).
-        self._map = bytearray(nclusters)
-        if nclusters:
-            os.preadv(self._fd, [self._map], 0)
-        if os.fstat(self._fd).st_size != nclusters:
-            os.ftruncate(self._fd, nclusters)
+        # The file exists with one byte per cluster (statedir.py makes it,
+        # statecheck.py checked it): it is never created, cut or extended here.
+        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if os.fstat(self._fd).st_size != nclusters:
+                raise OSError(errno.EINVAL, "%s: %d bytes, not one per cluster (%d)"
+                              % (path, os.fstat(self._fd).st_size, nclusters))
+            self._map = bytearray(nclusters)
+            if nclusters:
+                pread_all(self._fd, self._map, 0)
+            _allocate(self._fd, nclusters)
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._dirty = set()
         self._lock = threading.Lock()          # guards _map writes and _dirty
         self._commit_lock = threading.Lock()   # one commit at a time

@@ -38,11 +38,13 @@ class OverlayStore:
         self.size = state.size
         self.cluster_size = cs = state.cluster_size
         self.nclusters = (self.size + cs - 1) // cs
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-        self._fd = os.open(state.file(statedir.DATA), flags, 0o600)
-        if os.fstat(self._fd).st_size != self.size:
-            os.ftruncate(self._fd, self.size)
-        self.map = clustermap.ClusterMap(state.file(statedir.MAP), self.nclusters)
+        # data.img exists and was checked (statecheck.py): never created, cut or extended here.
+        self._fd = os.open(state.file(statedir.DATA), os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self.map = clustermap.ClusterMap(state.file(statedir.MAP), self.nclusters)
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._ranges = RangeLock()
         self._zeros = bytes(cs)
         self._base_size = base.size() if base is not None else 0

@@ -12,6 +12,7 @@ from ..core import policy
 from ..core.errors import CommandError
 from ..jobs.mirror import MirrorJob
 from ..jobs.stream import StreamJob
+from .target_paths import check_target_paths
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def register_block_commands(registry, service):
 
     def drive_mirror(**args):
         disk = find_device(args["device"])
+        check_target_paths(args["target"])
         if args.get("mode", "existing") != "existing":
             raise CommandError("Only mode 'existing' is supported: create the target first")
         granularity = args.get("granularity", 0)

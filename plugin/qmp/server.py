@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import selectors
 import socket
 import stat
@@ -54,6 +55,16 @@ _RECV_SIZE = 64 * 1024
 # After accept() fails for lack of resources (EMFILE...), the listener stays
 # readable; ignore it this long instead of spinning.
 _ACCEPT_BACKOFF = 0.5
+# Control connections served at once; more are answered with an error and closed.
+DEFAULT_MAX_CLIENTS = 64
+# File descriptors kept free for nbdkit's NBD clients: a control connection is
+# refused when fewer than this many would remain under RLIMIT_NOFILE.
+DEFAULT_FD_RESERVE = 128
+# Dropping a client that held this much input/output returns freed heap to the
+# system (glibc keeps it otherwise, and RSS would stay at the high-water mark).
+_TRIM_AFTER = 256 * 1024
+# A condition that repeats (refusals, accept failures) is logged once per interval.
+_LOG_INTERVAL = 60.0
 
 _LISTENER = object()
 _WAKER = object()
@@ -79,7 +90,8 @@ class ControlServer:
 
     def __init__(self, path, registry, bus, greeting_version=(0, 1, 0),
                  package: str = "overlay-nbd", max_output: int = DEFAULT_MAX_OUTPUT,
-                 event_queue: int = DEFAULT_EVENT_QUEUE):
+                 event_queue: int = DEFAULT_EVENT_QUEUE,
+                 max_clients: int = DEFAULT_MAX_CLIENTS, fd_reserve: int = DEFAULT_FD_RESERVE):
         if not registry.allowed_before_negotiation("qmp_capabilities"):
             raise ValueError("registry lacks qmp_capabilities: call register_builtin_commands()")
         self.path = os.fspath(path)
@@ -93,6 +105,9 @@ class ControlServer:
         }})
         self.max_output = max_output
         self.event_queue = event_queue
+        self.max_clients = max_clients
+        self.fd_reserve = fd_reserve
+        self._quiet = _OncePerInterval(_LOG_INTERVAL)
         self._lock = threading.Lock()
         self._thread = None
         self._stopping = False
@@ -238,11 +253,16 @@ class ControlServer:
             except OSError as err:
                 # EMFILE and friends: keep serving the clients we have and
                 # retry later, rather than spin on a readable listener.
-                log.warning("QMP accept failed error=%s retry_in=%s", err, _ACCEPT_BACKOFF)
+                self._quiet.log(logging.WARNING, "accept-failed",
+                                "QMP accept failed error=%s retry_in=%s", err, _ACCEPT_BACKOFF)
                 self._selector.unregister(self._listener)
                 self._accept_resume_at = time.monotonic() + _ACCEPT_BACKOFF
                 return
             if not self._peer_allowed(sock):
+                continue
+            refusal = self._refusal()
+            if refusal is not None:
+                self._refuse(sock, refusal)
                 continue
             sock.setblocking(False)
             client = _Client(sock, self._next_client)
@@ -269,6 +289,27 @@ class ControlServer:
                     uid, self._uid, pid)
         sock.close()
         return False
+
+    def _refusal(self):
+        """Why a new control connection cannot be served now, or None."""
+        if len(self._clients) >= self.max_clients:
+            return "too many control connections (%d)" % self.max_clients
+        free = _free_descriptors()
+        if free is not None and free < self.fd_reserve:
+            return ("too few file descriptors left (%d free, %d kept for NBD clients)"
+                    % (free, self.fd_reserve))
+        return None
+
+    def _refuse(self, sock, desc) -> None:
+        """Answer with a QMP error instead of a greeting, and close."""
+        self._quiet.log(logging.WARNING, "refused",
+                        "QMP client refused reason=%r clients=%d", desc, len(self._clients))
+        try:
+            sock.setblocking(False)
+            sock.send(encode(CommandError(desc).to_reply()))
+        except OSError:
+            pass
+        sock.close()
 
     def _maybe_resume_accept(self) -> None:
         if self._accept_resume_at is not None and time.monotonic() >= self._accept_resume_at:
@@ -425,6 +466,7 @@ class ControlServer:
             log.warning("QMP client dropped client=%d reason=%s pending_output=%d",
                         client.number, reason, len(client.out))
         self._clients.pop(client.number, None)
+        held = client.decoder.buffered + len(client.out)
         if client.subscription is not None:
             self.bus.unsubscribe(client.subscription)
         try:
@@ -432,6 +474,10 @@ class ControlServer:
         except (KeyError, ValueError):
             pass
         client.sock.close()
+        client.decoder.clear()
+        client.out = bytearray()
+        if held >= _TRIM_AFTER:
+            _release_free_memory()
 
     # -- teardown ------------------------------------------------------------
 
@@ -459,6 +505,56 @@ class ControlServer:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+class _OncePerInterval:
+    """Log a repeating condition once per interval, saying how often it happened."""
+
+    def __init__(self, interval, clock=time.monotonic):
+        self.interval = interval
+        self._clock = clock
+        self._last = {}       # key -> (time logged, times suppressed since)
+
+    def log(self, level, key, fmt, *args) -> bool:
+        now = self._clock()
+        last, suppressed = self._last.get(key, (None, 0))
+        if last is not None and now - last < self.interval:
+            self._last[key] = (last, suppressed + 1)
+            return False
+        if suppressed:
+            fmt += " (and %d more in the last %ds)"
+            args += (suppressed, int(now - last))
+        log.log(level, fmt, *args)
+        self._last[key] = (now, 0)
+        return True
+
+
+def _release_free_memory() -> None:
+    """malloc_trim(0): give freed heap pages back (glibc only; elsewhere a no-op)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
+def _free_descriptors():
+    """File descriptors still free under RLIMIT_NOFILE (None if unlimited or unknown)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        used = len(os.listdir("/proc/self/fd")) - 1     # less listdir's own descriptor
+    except OSError:
+        return None
+    return soft - used
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -23,11 +23,15 @@ reply, as QEMU does.  Recovery rules:
   ignored, so a client can send them to force a known-good state.
 - A value that is valid JSON but not an object is reported as
   "QMP input must be a JSON object".
+- Numbers are taken as QEMU takes them: an integer that fits neither int64
+  nor uint64 becomes a double (commands then refuse it where they expect an
+  int, with QEMU's text); a number beyond a double's range is a parse error.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -60,8 +64,36 @@ class DecodeError:
 
 
 def encode(obj) -> bytes:
-    """Serialise one QMP message: compact JSON plus CRLF, as QEMU sends."""
-    return json.dumps(obj, separators=(",", ":")).encode("ascii") + b"\r\n"
+    """Serialise one QMP message: compact JSON plus CRLF, as QEMU sends.
+
+    A non-finite float is a ValueError (JSON has none; the decoder never makes one).
+    """
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\r\n"
+
+
+_INT_MIN, _UINT_MAX = -(1 << 63), (1 << 64) - 1
+
+
+def _parse_int(text):
+    """An integer as QEMU's parser takes it: int64 or uint64, beyond that a double.
+
+    So a command then refuses it as QEMU does ("Parameter 'speed' expects int"),
+    and Python's own limit on digits (4300) never shows.  A number beyond a
+    double's range is a parse error.
+    """
+    if len(text) <= 21:
+        value = int(text)
+        if _INT_MIN <= value <= _UINT_MAX:
+            return value
+    return _parse_float(text)
+
+
+def _parse_float(text):
+    value = float(text)
+    if math.isinf(value):
+        shown = text if len(text) <= 24 else text[:20] + "..."
+        raise ValueError(f"number '{shown}' ({len(text)} characters) is out of range")
+    return value
 
 
 def _reject_constant(name):
@@ -88,6 +120,8 @@ def parse_message(raw: bytes):
         value = json.loads(
             text,
             parse_constant=_reject_constant,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
             object_pairs_hook=_object_without_duplicates,
         )
     except (ValueError, RecursionError) as err:
@@ -118,6 +152,15 @@ class StreamDecoder:
         self._in_container_string = False
         self._escape = False
         self._discarding = False
+
+    def clear(self) -> None:
+        """Drop any partial value (the connection is gone)."""
+        self._reset()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of a partial value held (at most max_size)."""
+        return len(self._buf)
 
     @property
     def idle(self) -> bool:
