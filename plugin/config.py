@@ -22,6 +22,8 @@ def parse_size(text, what="size"):
 
 
 ERROR_ACTIONS = ("report", "stop", "enospc")
+# auto: a saved job comes back as it was (running, or paused); pause: user-paused.
+JOB_RESTART = ("auto", "pause")
 
 
 @dataclasses.dataclass
@@ -34,8 +36,10 @@ class Config:
     cluster_size: int = None
     werror: str = "report"
     rerror: str = "report"
+    job_restart: str = "auto"
 
-    KEYS = ("overlay", "base", "size", "control", "device", "cluster-size", "werror", "rerror")
+    KEYS = ("overlay", "base", "size", "control", "device", "cluster-size", "werror", "rerror",
+            "job-restart")
 
     def set(self, key, value):
         """Take one key=value from the command line."""
@@ -60,6 +64,11 @@ class Config:
             if value not in ERROR_ACTIONS:
                 raise ConfigError("%s=%s: must be one of %s" % (key, value, ", ".join(ERROR_ACTIONS)))
             setattr(self, key, value)
+        elif key == "job-restart":
+            if value not in JOB_RESTART:
+                raise ConfigError("job-restart=%s: must be one of %s"
+                                  % (value, ", ".join(JOB_RESTART)))
+            self.job_restart = value
         else:
             raise ConfigError("unknown parameter %r (known: %s)" % (key, ", ".join(self.KEYS)))
 

@@ -1,12 +1,16 @@
 """The state directory: where the overlay disk lives between runs.
 
-Layout (format version 1, see docs/state-directory.md):
+Layout (format version 2, see docs/overlay.md):
 
     STATE_DIR/meta.json      what the disk is: size, cluster size, base, pivot target
     STATE_DIR/data.img       sparse file, overlay data at the disk's own offsets
     STATE_DIR/clusters.map   one byte per cluster: 0 absent (read the base), 1 data, 2 zero
     STATE_DIR/lock           flock()ed while a server uses the directory
     STATE_DIR/control.sock   default control socket
+    STATE_DIR/jobs/          one record per job that outlives the process (plugin/jobs/record.py)
+
+Version 1 had no jobs/ folder; a version 1 directory is upgraded in place when
+opened (meta.json rewritten with version 2).  A newer version is refused.
 
 meta.json is only ever replaced atomically (write a temporary file, fsync it,
 rename it over the old one, fsync the directory), so a crash leaves either the
@@ -22,11 +26,13 @@ import os
 log = logging.getLogger(__name__)
 
 FORMAT = "overlay-nbd-state"
-VERSION = 1
+VERSION = 2
+UPGRADABLE = (1,)          # older versions opened and upgraded in place
 META = "meta.json"
 DATA = "data.img"
 MAP = "clusters.map"
 LOCK = "lock"
+JOBS = "jobs"
 
 
 class StateError(Exception):
@@ -81,6 +87,14 @@ class StateDir:
     def file(self, name):
         return os.path.join(self.path, name)
 
+    def jobs_dir(self):
+        """STATE_DIR/jobs, created (durably) on first use: where job records live."""
+        path = self.file(JOBS)
+        if not os.path.isdir(path):
+            os.makedirs(path, exist_ok=True)
+            fsync_dir(self.path)
+        return path
+
     def update(self, **changes):
         """Change metadata durably (atomic replace of meta.json)."""
         meta = dict(self.meta, **changes)
@@ -116,6 +130,12 @@ def open_state_dir(path, base=None, size=None, cluster_size=None, base_size=None
         if os.path.exists(meta_path):
             meta = _load_meta(meta_path)
             _check_conflicts(path, meta, base, size, cluster_size)
+            if meta["version"] != VERSION:
+                old = meta["version"]
+                meta = dict(meta, version=VERSION)
+                write_json_atomic(meta_path, meta)
+                log.info("state upgraded path=%s from_version=%s to_version=%d",
+                         path, old, VERSION)
         else:
             meta = _new_meta(base, size, cluster_size, base_size)
             write_json_atomic(meta_path, meta)
@@ -135,9 +155,10 @@ def _load_meta(meta_path):
         raise StateError("%s is corrupt: %s" % (meta_path, e)) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise StateError("%s is not an overlay state file" % meta_path)
-    if meta.get("version") != VERSION:
-        raise StateError("%s has format version %r, this server reads version %d"
-                         % (meta_path, meta.get("version"), VERSION))
+    if meta.get("version") != VERSION and meta.get("version") not in UPGRADABLE:
+        raise StateError("%s has format version %r, this server reads versions %s to %d"
+                         " (a newer server wrote it?)"
+                         % (meta_path, meta.get("version"), min(UPGRADABLE), VERSION))
     return meta
 
 
