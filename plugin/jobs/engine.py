@@ -320,11 +320,17 @@ class Job:
         job thread's business.
         """
         with self._cond:
+            if self._pause_count == 0 or self._force_cancel:
+                return self._force_cancel
+            if threading.current_thread() is not self._thread:
+                while self._pause_count > 0 and not self._force_cancel:
+                    self._cond.wait()
+                return self._force_cancel
+        # Pausing: the record keeps the progress as of now, before "paused" is
+        # announced (a crash right after the event finds the record saved).
+        self._save()
+        with self._cond:
             if self._pause_count > 0 and not self._force_cancel:
-                if threading.current_thread() is not self._thread:
-                    while self._pause_count > 0 and not self._force_cancel:
-                        self._cond.wait()
-                    return self._force_cancel
                 resume_to = self._status
                 self._transition("standby" if resume_to == "ready" else "paused")
                 self._busy = False
@@ -400,14 +406,17 @@ class Job:
         with self._cond:
             if self._status in ("ready", "standby"):
                 return
+            first = not self._ready_seen
+            self._ready_seen = True
+        if first:
+            self._save()          # before the event: a crash after it finds ready-seen
+        with self._cond:
+            if self._status in ("ready", "standby"):
+                return
             self._transition("ready")
             self._emit("BLOCK_JOB_READY", {
                 "type": self.type, "device": self.id, "len": self._total,
                 "offset": self._offset, "speed": self._rate.speed})
-            first = not self._ready_seen
-            self._ready_seen = True
-        if first:
-            self._save()
 
     def report_io_error(self, operation: str, error_errno: int, on_error: str) -> str:
         """Apply the error policy to a failed request; return the action.
