@@ -222,7 +222,7 @@ class Job:
         if durable is None:
             return
         try:
-            durable.save(self)
+            durable.save(self, shutdown=self.suspended)
         except OSError as e:
             log.error("Job record not saved id=%s error=%s", self.id, e)
 

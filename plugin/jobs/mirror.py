@@ -57,6 +57,7 @@ import collections
 import errno
 import logging
 import threading
+import time
 
 from ..backends import open_target
 from ..backends.target import MAX_ZERO
@@ -81,7 +82,9 @@ READY_FLUSH_INTERVAL = 1.0
 # this often, or after CHECKPOINT_FRACTION of the disk was copied.
 CHECKPOINT_INTERVAL = 1.0
 CHECKPOINT_FRACTION = 32
-CHECKPOINT_MIN_BYTES = 8 * MiB
+CHECKPOINT_MIN_BYTES = 1 * MiB
+# At shutdown (SIGTERM) the job tries one last checkpoint for at most this long.
+SHUTDOWN_CHECKPOINT_TIMEOUT = 2.0
 CONNECT_BACKOFF_MAX = 5.0
 
 
@@ -256,6 +259,31 @@ class MirrorJob(Job):
     # -- the job thread -------------------------------------------------------
 
     def run(self):
+        try:
+            self._run()
+        finally:
+            if self.suspended and self.target is not None:
+                self._shutdown_checkpoint()
+
+    def _shutdown_checkpoint(self):
+        """Shutdown: let the copies in flight land and checkpoint once, so the
+        restarted job copies little; given up after SHUTDOWN_CHECKPOINT_TIMEOUT
+        (a stalled target), the intent log is right either way."""
+        deadline = time.monotonic() + SHUTDOWN_CHECKPOINT_TIMEOUT
+        try:
+            while self.target.in_flight() and time.monotonic() < deadline:
+                self._reap(self.target.wait(0.1))
+            if self.target.in_flight() or self._failures or self.intent is None:
+                return
+            self._start_flush(to_ready=False)
+            while self._flushing is not None and time.monotonic() < deadline:
+                self._reap(self.target.wait(0.1))
+            log.info("Mirror shutdown checkpoint id=%s done=%s intent=%d bytes", self.id,
+                     self._flushing is None, self.intent.set_bytes())
+        except Exception:
+            log.exception("Mirror shutdown checkpoint failed id=%s", self.id)
+
+    def _run(self):
         self.attach()
         if self.target is None and not self._connect_target():
             return
