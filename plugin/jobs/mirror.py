@@ -710,6 +710,9 @@ class MirrorJob(Job):
         if err:
             log.warning("Mirror target flush failed id=%s errno=%s", self.id, errno_name(err))
             self._copy_again(flush.covered)
+            # Copies since it started are no safer (a failed fsync may drop later
+            # writes too): nothing since the last good flush is trusted.
+            self._copy_unflushed_again()
             self._failures.append(_Failure("write", err, 0, 0,
                                            "flush of %s" % self.target_address))
             return
