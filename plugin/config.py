@@ -42,6 +42,8 @@ def parse_seconds(text, what):
 
 
 ERROR_ACTIONS = ("report", "stop", "enospc")
+# auto: a saved job comes back as it was (running, or paused); pause: user-paused.
+JOB_RESTART = ("auto", "pause")
 
 
 @dataclasses.dataclass
@@ -55,9 +57,10 @@ class Config:
     werror: str = "report"
     rerror: str = "report"
     reconnect_delay: float = 0.0
+    job_restart: str = "auto"
 
     KEYS = ("overlay", "base", "size", "control", "device", "cluster-size", "werror", "rerror",
-            "reconnect-delay")
+            "reconnect-delay", "job-restart")
 
     def set(self, key, value):
         """Take one key=value from the command line."""
@@ -84,6 +87,11 @@ class Config:
             setattr(self, key, value)
         elif key == "reconnect-delay":
             self.reconnect_delay = parse_seconds(value, key)
+        elif key == "job-restart":
+            if value not in JOB_RESTART:
+                raise ConfigError("job-restart=%s: must be one of %s"
+                                  % (value, ", ".join(JOB_RESTART)))
+            self.job_restart = value
         else:
             raise ConfigError("unknown parameter %r (known: %s; see docs/plugin-keys.md)"
                               % (key, ", ".join(self.KEYS)))

@@ -14,6 +14,8 @@ from .disk import identity, statecheck, statedir
 from .disk.disk import Disk
 from .disk.passthrough import BackendStore
 from .disk.store import OverlayStore
+from .jobs import factory
+from .jobs.record import JobRecords, RecordError
 from .jobs.registry import JobRegistry
 from .qmp.block_commands import register_block_commands
 from .qmp.dispatch import CommandRegistry, register_builtin_commands
@@ -35,6 +37,8 @@ class Service:
         self.disk = None
         self.bus = EventBus()
         self.jobs = JobRegistry()
+        self.records = None
+        self._saved_jobs = []
         self.control = None
 
     def configure(self, key, value):
@@ -74,6 +78,11 @@ class Service:
             store = OverlayStore(self.state, base)
         device = cfg.device or self.state.device or DEFAULT_DEVICE
         self.disk = Disk(store, device, self.bus, werror=cfg.werror, rerror=cfg.rerror)
+        self.records = JobRecords(self.state)
+        try:
+            self._saved_jobs = self.records.load_all()
+        except (RecordError, OSError) as e:
+            raise ConfigError(str(e)) from None
         log.info("serving device=%s size=%d overlay=%s base=%r active=%r",
                  device, store.size, cfg.overlay, self.state.base, active)
 
@@ -108,8 +117,24 @@ class Service:
         old = self.disk.pivot(new)
         old.close()
 
+    def job_context(self):
+        return factory.JobContext(disk=self.disk, bus=self.bus, jobs=self.jobs,
+                                  records=self.records, pivot=self.pivot_to,
+                                  active_target=self.active_target,
+                                  reconnect_delay=self.config.reconnect_delay)
+
     def start(self):
-        """after_fork: start background threads (the control server)."""
+        """after_fork: restore saved jobs, then start the control server.
+
+        Jobs come back before the control socket accepts clients (docs/jobs.md,
+        "Jobs outlive the process"); their events wait in the bus's start-up
+        backlog for the first clients.
+        """
+        saved, self._saved_jobs = self._saved_jobs, []
+        if saved:
+            self.bus.keep_backlog()
+            factory.restore_all(self.job_context(), saved,
+                                pause=self.config.job_restart == "pause")
         registry = CommandRegistry()
         register_builtin_commands(registry)
         register_job_commands(registry, self.jobs)
@@ -120,12 +145,16 @@ class Service:
         log.info("control server listening path=%s", path)
 
     def stop(self):
-        """cleanup: stop and join threads, make the disk durable, close files."""
-        if not self.jobs.stop_all():
-            log.error("some jobs did not stop in time")
+        """cleanup: save and stop the jobs (their records stay), stop the control
+        server, make the disk durable, close files; within a few seconds
+        whatever a job's target does (a thread blocked on it dies with the process)."""
         if self.control is not None:
             self.control.stop()
             self.control = None
+        if not self.jobs.suspend_all(timeout=3.0):
+            log.error("some jobs did not stop in time; their records are saved")
+        if self.records is not None:
+            self.records.close()
         if self.disk is not None:
             try:
                 self.disk.flush()

@@ -9,6 +9,14 @@ jobs need:
   the mirror's dirty bitmap and its write-blocking mode are listeners.  A
   listener runs after the change completed, so a job that copies a range and
   then sees it dirtied copies it again.
+- guards: objects with begin(offset, length) -> token, persist(token) and
+  end(token), run around every write, zero or trim: begin and persist BEFORE
+  the store is touched (persist again before each retry of a held request),
+  end after the listeners, whether the change succeeded or not.  The mirror's
+  write-intent log (plugin/jobs/intent.py) is a guard: its record that a
+  region may differ from the target must be durable before a client's bytes
+  can reach data.img.  persist() raising OSError is a write error of the disk
+  (werror applies: the record is part of the disk's storage).
 - a gate: every request passes it; quiesce() closes it and waits for the
   requests in progress, so a job can copy the last dirty bytes and pivot while
   no request runs.  hold()/release() close it for the operator (QMP stop/cont).
@@ -92,6 +100,7 @@ class Disk:
         self.werror = werror
         self.rerror = rerror
         self._listeners = ()
+        self._guards = ()
         self._lock = threading.Lock()
         self._gate = Gate()
         self._held = False
@@ -109,6 +118,15 @@ class Disk:
     def remove_listener(self, fn):
         with self._lock:
             self._listeners = tuple(f for f in self._listeners if f is not fn)
+
+    def add_guard(self, guard):
+        """Run guard.begin/persist before every change and guard.end after it."""
+        with self._lock:
+            self._guards = self._guards + (guard,)
+
+    def remove_guard(self, guard):
+        with self._lock:
+            self._guards = tuple(g for g in self._guards if g is not guard)
 
     # -- quiesce, hold, pivot --------------------------------------------
 
@@ -209,10 +227,19 @@ class Disk:
             except OSError as again:
                 e = again
 
-    def _change(self, kind, offset, length, buf, fn, args):
-        """A write, zero or trim through the gate, then the listeners (jobs)."""
+    def _change(self, kind, offset, length, buf, method, args):
+        """A write, zero or trim through the gate, then the listeners (jobs).
+
+        The store's method is looked up inside the gate: a request that waited
+        at the gate while a mirror pivoted goes to the new store.
+        """
         self._gate.enter()
         try:
+            fn = getattr(self.store, method)
+            guards = self._guards
+            if guards:
+                self._guarded_change(guards, kind, offset, length, buf, fn, args)
+                return
             try:
                 fn(*args)
             except OSError as e:
@@ -221,6 +248,25 @@ class Disk:
                 listener(kind, offset, length, buf)
         finally:
             self._gate.leave()
+
+    def _guarded_change(self, guards, kind, offset, length, buf, fn, args):
+        tokens = [g.begin(offset, length) for g in guards]
+        try:
+            try:
+                self._persist_then(guards, tokens, fn, args)
+            except OSError as e:
+                self._retry("write", e, self._persist_then, (guards, tokens, fn, args))
+            for listener in self._listeners:
+                listener(kind, offset, length, buf)
+        finally:
+            for g, token in zip(guards, tokens):
+                g.end(token)
+
+    @staticmethod
+    def _persist_then(guards, tokens, fn, args):
+        for g, token in zip(guards, tokens):
+            g.persist(token)
+        fn(*args)
 
     def read(self, buf, offset):
         self._gate.enter()
@@ -233,14 +279,14 @@ class Disk:
             self._gate.leave()
 
     def write(self, buf, offset, fua=False):
-        self._change("write", offset, len(buf), buf, self.store.write, (buf, offset, fua))
+        self._change("write", offset, len(buf), buf, "write", (buf, offset, fua))
 
     def zero(self, offset, length, may_trim=False, fast=False, fua=False):
-        self._change("zero", offset, length, None, self.store.zero,
+        self._change("zero", offset, length, None, "zero",
                      (offset, length, may_trim, fast, fua))
 
     def trim(self, offset, length, fua=False):
-        self._change("trim", offset, length, None, self.store.trim, (offset, length, fua))
+        self._change("trim", offset, length, None, "trim", (offset, length, fua))
 
     def flush(self):
         self._gate.enter()

@@ -29,8 +29,8 @@ import stat
 log = logging.getLogger(__name__)
 
 FORMAT = "overlay-nbd-state"
-VERSION = 1                   # the version this server writes
-READS = (1,)                  # the versions it reads
+VERSION = 2                   # the version this server writes (2: jobs/ records)
+READS = (1, 2)                # the versions it reads (1 is upgraded in place)
 META = "meta.json"
 DATA = "data.img"
 MAP = "clusters.map"

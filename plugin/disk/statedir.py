@@ -1,6 +1,6 @@
 """The state directory: where the overlay disk lives between runs.
 
-Layout (format version 1, docs/overlay.md "State directory"):
+Layout (format version 2, docs/overlay.md "State directory"):
 
     STATE_DIR/meta.json      what the disk is: size, cluster size, base (and its
                              fingerprint), device name, pivot target
@@ -8,6 +8,11 @@ Layout (format version 1, docs/overlay.md "State directory"):
     STATE_DIR/clusters.map   one byte per cluster: 0 absent (read the base), 1 data, 2 zero
     STATE_DIR/lock           flock()ed while a server uses the directory
     STATE_DIR/control.sock   default control socket
+    STATE_DIR/jobs/          one record per job that outlives the process (plugin/jobs/record.py)
+
+Version 1 had no jobs/ folder; a version 1 directory is upgraded in place once
+every check passed (meta.json rewritten with version 2).  A newer version is
+refused with one line.
 
 Opening an existing directory only reads until every check of statecheck.py
 passed: a damaged directory is refused with one line and left as it was.  A new
@@ -31,6 +36,7 @@ from .statecheck import DATA, FORMAT, MAP, META, VERSION, Damaged
 log = logging.getLogger(__name__)
 
 LOCK = "lock"
+JOBS = "jobs"
 DEFAULT_CLUSTER_SIZE = 65536
 
 
@@ -90,6 +96,14 @@ class StateDir:
 
     def file(self, name):
         return os.path.join(self.path, name)
+
+    def jobs_dir(self):
+        """STATE_DIR/jobs, created (durably) on first use: where job records live."""
+        path = self.file(JOBS)
+        if not os.path.isdir(path):
+            os.makedirs(path, exist_ok=True)
+            fsync_dir(self.path)
+        return path
 
     def update(self, **changes):
         """Change metadata durably (atomic replace of meta.json)."""
@@ -246,6 +260,13 @@ def _open_existing(path, meta_path, open_base, base, size, cluster_size, device)
     if os.path.lexists(tmp):
         log.info("removing a leftover %s (meta.json is valid)", tmp)
         _unlink(tmp)
+    if meta["version"] != VERSION:
+        # Every check passed: upgrade in place (version 1 differs only in
+        # having no jobs/ folder, which is made on first use).
+        old = meta["version"]
+        meta = dict(meta, version=VERSION)
+        write_json_atomic(meta_path, meta)
+        log.info("state upgraded path=%s from_version=%s to_version=%d", path, old, VERSION)
     return meta, opened
 
 

@@ -91,6 +91,10 @@ class RetrySchedule:
         self._bytes = 0
         return ready
 
+    def ranges(self):
+        """(offset, length) of every waiting range, due or not."""
+        return [(offset, length) for _, offset, length in self._waiting]
+
     def next_due(self):
         """Clock time of the earliest waiting range, or None."""
         return self._waiting[0][0] if self._waiting else None

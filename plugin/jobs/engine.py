@@ -101,6 +101,19 @@ class Job:
     prepare/commit/abort/clean run in the job thread when finalization is
     automatic, otherwise in the thread of the verb that triggered it
     (job-finalize, a cancel); they must not call pause_point() or sleep().
+
+    Durable jobs (docs/jobs.md, "Jobs outlive the process")
+      ``durable``               an object with save(job) and forget(job)
+                                (plugin/jobs/record.py), or None.  The engine
+                                saves after every change a restart must keep
+                                (pause, resume, set-speed, change, a stop on
+                                error, ready) and forgets the job as it
+                                concludes, before BLOCK_JOB_COMPLETED/CANCELLED.
+      ``settings()``            override: the type's settings for the record.
+      ``saved_state()``         the engine's part of the record.
+      ``restore_state(...)``    before start(): paused, io-status, progress.
+      ``suspend()``             process shutdown: save, stop the thread, keep
+                                the record (no events, no completion).
     """
 
     soft_cancel_when_ready = False
@@ -143,6 +156,9 @@ class Job:
         self._error_events: dict = {}   # operation -> (last emit time, suppressed count)
         self._last_error: dict | None = None   # x-last-error of query-block-jobs
         self._on_null: list = []
+        self.durable = None             # record keeper (save/forget), see plugin/jobs/record.py
+        self._ready_seen = False
+        self._suspended = False
 
     # ------------------------------------------------------------------
     # Hooks for subclasses
@@ -176,6 +192,69 @@ class Job:
     def copied_bytes(self) -> int | None:
         """Bytes actually written so far (no zero ranges): what the speed limit counts."""
         return None
+
+    def settings(self) -> dict:
+        """The job's type-specific settings, for its durable record."""
+        return {}
+
+    # ------------------------------------------------------------------
+    # Durability (plugin/jobs/record.py keeps the record)
+
+    @property
+    def suspended(self) -> bool:
+        """The process is shutting down: stop, keep the record, conclude nothing."""
+        with self._cond:
+            return self._suspended
+
+    def saved_state(self) -> dict:
+        """The engine's part of the job record."""
+        with self._cond:
+            return {"id": self.id, "type": self.type, "device": self.device,
+                    "speed": self._rate.speed, "auto-finalize": self.auto_finalize,
+                    "auto-dismiss": self.auto_dismiss, "paused": self._user_paused,
+                    "io-status": self._io_status, "ready-seen": self._ready_seen,
+                    "offset": self._offset, "len": self._total}
+
+    def restore_state(self, paused: bool, io_status: str, offset: int, total: int,
+                      ready_seen: bool) -> None:
+        """Before start(): come back as the record says (paused, io-status, progress)."""
+        with self._cond:
+            if paused and not self._user_paused:
+                self._user_paused = True
+                self._pause_count += 1
+            self._io_status = io_status if paused else "ok"
+            self._offset = offset
+            self._total = max(offset, total)
+            self._ready_seen = ready_seen
+
+    def _save(self) -> None:
+        durable = self.durable
+        if durable is None:
+            return
+        try:
+            durable.save(self, shutdown=self.suspended)
+        except OSError as e:
+            log.error("Job record not saved id=%s error=%s", self.id, e)
+
+    def suspend(self) -> None:
+        """Process shutdown: save the record, then make run() return (the record stays)."""
+        with self._cond:
+            if self._status in ("concluded", "null") or self._suspended:
+                return
+        durable = self.durable
+        if durable is None:
+            self.shutdown()           # nothing keeps it: it ends with the process
+            return
+        if durable is not None:
+            try:
+                durable.save(self, shutdown=True)
+            except OSError as e:
+                log.error("Job record not saved at shutdown id=%s error=%s", self.id, e)
+        with self._cond:
+            self._suspended = True
+            self._force_cancel = True
+            self._kick_locked()
+        log.info("Job suspended id=%s", self.id)
 
     # ------------------------------------------------------------------
     # State, read from any thread
@@ -265,11 +344,17 @@ class Job:
         job thread's business.
         """
         with self._cond:
+            if self._pause_count == 0 or self._force_cancel:
+                return self._force_cancel
+            if threading.current_thread() is not self._thread:
+                while self._pause_count > 0 and not self._force_cancel:
+                    self._cond.wait()
+                return self._force_cancel
+        # Pausing: the record keeps the progress as of now, before "paused" is
+        # announced (a crash right after the event finds the record saved).
+        self._save()
+        with self._cond:
             if self._pause_count > 0 and not self._force_cancel:
-                if threading.current_thread() is not self._thread:
-                    while self._pause_count > 0 and not self._force_cancel:
-                        self._cond.wait()
-                    return self._force_cancel
                 resume_to = self._status
                 self._transition("standby" if resume_to == "ready" else "paused")
                 self._busy = False
@@ -345,6 +430,13 @@ class Job:
         with self._cond:
             if self._status in ("ready", "standby"):
                 return
+            first = not self._ready_seen
+            self._ready_seen = True
+        if first:
+            self._save()          # before the event: a crash after it finds ready-seen
+        with self._cond:
+            if self._status in ("ready", "standby"):
+                return
             self._transition("ready")
             self._emit("BLOCK_JOB_READY", {
                 "type": self.type, "device": self.id, "len": self._total,
@@ -374,6 +466,8 @@ class Job:
                     self._kick_locked()
                 if self._io_status == "ok":
                     self._io_status = policy.io_status_for(error_errno)
+        if action == "stop":
+            self._save()
         log.info("Job I/O error id=%s operation=%s errno=%s policy=%s action=%s",
                  self.id, operation, errno_name(error_errno),
                  on_error, action)
@@ -412,15 +506,18 @@ class Job:
             self._user_paused = True
             self._pause_count += 1
             self._kick_locked()
+        self._save()
 
     def user_resume(self) -> None:
         """The resume verb; also resets io-status to ok."""
-        with self._lifecycle, self._cond:
-            if not self._user_paused or self._pause_count <= 0:
-                raise CommandError("Can't resume a job that was not paused")
-            self._apply_verb("resume")
-            self._user_resume_locked()
-            self._kick_locked()
+        with self._lifecycle:
+            with self._cond:
+                if not self._user_paused or self._pause_count <= 0:
+                    raise CommandError("Can't resume a job that was not paused")
+                self._apply_verb("resume")
+                self._user_resume_locked()
+                self._kick_locked()
+            self._save()
 
     def user_set_speed(self, speed: int) -> None:
         """The set-speed verb; 0 means unlimited."""
@@ -432,6 +529,7 @@ class Job:
             self._rate.set_speed(speed, self.clock.now())
             if speed == 0 or speed > old:
                 self._kick_locked()
+        self._save()
 
     def user_complete(self) -> None:
         """The complete verb (only in ready/standby)."""
@@ -478,6 +576,7 @@ class Job:
                     raise CommandError(f"Job type '{self.type}' does not support changing "
                                    f"'{name.replace('_', '-')}'")
             self.change(**opts)
+            self._save()
 
     def shutdown(self) -> None:
         """Force-cancel whatever the state (dismiss if concluded); for cleanup."""
@@ -554,9 +653,14 @@ class Job:
             if not self.pause_point():
                 self.run()
         except Exception as exc:  # any failure of run() ends the job with an error
+            if self.suspended:
+                log.info("Job stopped for shutdown id=%s (%s)", self.id, error_text(exc))
+                return
             log.warning("Job failed id=%s type=%s error=%s", self.id, self.type,
                         error_text(exc), exc_info=not isinstance(exc, OSError))
             failure = exc
+        if self.suspended:
+            return              # the record stays; the job goes on after a restart
         try:
             with self._lifecycle:
                 with self._cond:
@@ -598,6 +702,10 @@ class Job:
             try:
                 self.prepare()
             except Exception as exc:
+                if self.suspended:
+                    log.info("Job completion interrupted by shutdown id=%s (%s)", self.id,
+                             error_text(exc))
+                    return      # the record stays: the job resumes after a restart
                 log.warning("Job prepare failed id=%s error=%s", self.id, error_text(exc),
                             exc_info=not isinstance(exc, OSError))
                 with self._cond:
@@ -609,6 +717,13 @@ class Job:
             failed = self._update_rc_locked()
         self._call_hook(self.abort if failed else self.commit)
         self._call_hook(self.clean)
+        durable, self.durable = self.durable, None
+        if durable is not None:
+            # Concluded: the job is gone, on disk too (before the events say so).
+            try:
+                durable.forget(self)
+            except OSError as e:
+                log.error("Job record not removed id=%s error=%s", self.id, e)
         with self._cond:
             started = self._thread is not None
             if started:

@@ -42,6 +42,18 @@ Errors in the final copy of prepare() end the job (the disk is quiesced
 then: pausing would hold every client), and so does a final copy, flush or
 pivot that does not finish within FINAL_SYNC_TIMEOUT (+ reconnect-delay).
 
+Durability (docs/jobs.md, docs/overlay.md): with an intent log
+(plugin/jobs/intent.py) the job is a Disk guard, so every client change
+records "this region may differ from the target" durably before it is
+issued.  Every target flush is also a checkpoint: the regions the mirror
+holds nothing of are cleared in the log once the source and then the target
+flush have completed (IntentLog.begin_checkpoint/finish_checkpoint).  While
+copying, a checkpoint runs every CHECKPOINT_INTERVAL or every 1/32 of the
+disk copied, so a mirror killed half way copies about the other half again.
+A restored job (restored=True) starts from the log's regions instead of the
+initial scan and connects to its target in run(), where a failure is an I/O
+error for on-target-error, never a start-up failure.
+
 One module on purpose: the copy loop, its in-flight bookkeeping (_Op,
 _Flush), the unflushed record and the failure handling share the job
 thread's state and are only correct together; write-blocking lives apart
@@ -52,6 +64,7 @@ import collections
 import errno
 import logging
 import threading
+import time
 
 from ..backends import open_target
 from ..backends.nbdconnect import CONNECT_TIMEOUT, redact
@@ -76,6 +89,14 @@ READY_FLUSH_INTERVAL = 1.0
 # complete / soft cancel: the final copy, flush and pivot must finish within
 # this (plus reconnect-delay), or the job ends with an error.
 FINAL_SYNC_TIMEOUT = 10.0
+# While copying, checkpoint (source flush, target flush, clear the intent log)
+# this often, or after CHECKPOINT_FRACTION of the disk was copied.
+CHECKPOINT_INTERVAL = 1.0
+CHECKPOINT_FRACTION = 32
+CHECKPOINT_MIN_BYTES = 1 * MiB
+# At shutdown (SIGTERM) the job tries one last checkpoint for at most this long.
+SHUTDOWN_CHECKPOINT_TIMEOUT = 2.0
+CONNECT_BACKOFF_MAX = 5.0
 
 
 class _Op:
@@ -95,12 +116,13 @@ class _Op:
 class _Flush:
     """A target flush in flight: `covered` holds the copies it makes durable."""
 
-    __slots__ = ("covered", "leaving", "to_ready")
+    __slots__ = ("covered", "leaving", "to_ready", "candidates")
 
     def __init__(self, leaving, to_ready):
         self.covered = None
         self.leaving = leaving
         self.to_ready = to_ready
+        self.candidates = ()          # intent regions to clear when it succeeds
 
 
 # One failed request: operation "read" (source) or "write" (target); a flush
@@ -115,7 +137,7 @@ class MirrorJob(Job):
     def __init__(self, job_id, bus, disk, target, sync="full", granularity=None,
                  buf_size=None, speed=0, on_source_error="report", on_target_error="report",
                  copy_mode="background", auto_finalize=True, auto_dismiss=True, pivot=None,
-                 clock=None, reconnect_delay=0.0):
+                 clock=None, reconnect_delay=0.0, intent=None, restored=False):
         super().__init__(job_id, "mirror", bus, device=disk.device, speed=speed,
                          auto_finalize=auto_finalize, auto_dismiss=auto_dismiss, clock=clock)
         self.disk = disk
@@ -136,6 +158,13 @@ class MirrorJob(Job):
         self._flushes = set()         # _Flush in flight
         self._leave_asked = None      # when run() first saw complete / cancel
         self._last_answer = 0.0       # when the target last completed a request
+        self.buf_size = buf_size or DEFAULT_BUF_SIZE
+        self.intent = intent
+        self._restored = restored
+        self.created = None
+        self._checkpoint_bytes = max(CHECKPOINT_MIN_BYTES, disk.size // CHECKPOINT_FRACTION)
+        self._copied_at_checkpoint = 0
+        self._last_checkpoint = self.clock.now()
         self.bitmap = DirtyBitmap(disk.size, self.granularity)
         # Copied but not yet flushed on the target: copied again if the
         # target connection is lost or a flush fails.
@@ -178,12 +207,32 @@ class MirrorJob(Job):
             raise CommandError("Source and target image have different sizes")
 
     def _await_target(self):
-        """run(): wait for a connect still under way; False if cancelled first."""
-        while not self.target.wait_open(0.1):
-            if self.pause_point():
-                return False
-        self._check_size()
-        return True
+        """run(): wait for the target connection; False if cancelled first.
+
+        A target that cannot be reached (a restored job's target may be down)
+        is a write error for on-target-error: report ends the job, stop pauses
+        it (resume tries again), ignore tries again with a growing delay.
+        """
+        delay = 0.05
+        while True:
+            try:
+                while not self.target.wait_open(0.1):
+                    if self.pause_point():
+                        return False
+                self._check_size()
+                return True
+            except OSError as e:
+                log.warning("Mirror target unreachable id=%s target=%s error=%s",
+                            self.id, self.target_name, e)
+                action = self.report_io_error("write", errno_of(e), self.on_target_error)
+                if action == "report":
+                    raise
+                if self.cancelled or (action == "ignore" and self.sleep(delay)):
+                    return False
+                delay = min(CONNECT_BACKOFF_MAX, delay * 2)
+                self.target.close()
+                self.target = open_target(self.target_address, self.reconnect_delay)
+                self.target.on_loss = self._target_lost
 
     def _target_lost(self):
         """The target connection was lost (called inside the target's call that
@@ -195,6 +244,44 @@ class MirrorJob(Job):
                 self._copy_again(flush.covered)
                 flush.covered = DirtyBitmap(self.disk.size, self.chunk)
         self._copy_unflushed_again()
+
+    # -- the durable record ---------------------------------------------------
+
+    def settings(self):
+        return {"target": self.target_address, "sync": self.sync,
+                "granularity": self.granularity, "buf-size": self.buf_size,
+                "on-source-error": self.on_source_error,
+                "on-target-error": self.on_target_error, "copy-mode": self.copy_mode,
+                "region-size": self.intent.region_size if self.intent else None,
+                "reconnect-delay": self.reconnect_delay, "created": self.created}
+
+    def restore_state(self, paused, io_status, offset, total, ready_seen):
+        super().restore_state(paused, io_status, offset, total, ready_seen)
+        self._copied = offset
+
+    def remove_files(self):
+        if self.intent is not None:
+            self.intent.remove()
+
+    def attach(self):
+        """Start tracking client changes (before start(), or first thing in run()).
+
+        With clients quiesced, so that every change after this point passes
+        the intent guard and the dirty-bitmap listener.  A restored job's
+        dirty set is what its intent log holds.
+        """
+        if self._listening:
+            return
+        with self.disk.quiesce():
+            if self.intent is not None:
+                self.disk.add_guard(self.intent)
+            self.disk.add_listener(self._on_change)
+            self._listening = True
+        if self._restored and self.intent is not None:
+            for off, n in self.intent.regions():
+                self.bitmap.mark(off, n)
+            log.info("Mirror resumes id=%s dirty=%d of %d bytes", self.id,
+                     self.bitmap.dirty_bytes(), self.disk.size)
 
     # -- policies (block-job-change) ---------------------------------------
 
@@ -255,11 +342,36 @@ class MirrorJob(Job):
     # -- the job thread -------------------------------------------------------
 
     def run(self):
+        try:
+            self._run()
+        finally:
+            if self.suspended:
+                self._shutdown_checkpoint()
+
+    def _shutdown_checkpoint(self):
+        """Shutdown: let the copies in flight land and checkpoint once, so the
+        restarted job copies little; given up after SHUTDOWN_CHECKPOINT_TIMEOUT
+        (a stalled target), the intent log is right either way."""
+        deadline = time.monotonic() + SHUTDOWN_CHECKPOINT_TIMEOUT
+        try:
+            while self.target.in_flight() and time.monotonic() < deadline:
+                self._reap(self.target.wait(0.1))
+            if self.target.in_flight() or self._failures or self.intent is None:
+                return
+            self._start_flush(to_ready=False)
+            while self._flushes and time.monotonic() < deadline:
+                self._reap(self.target.wait(0.1))
+            log.info("Mirror shutdown checkpoint id=%s done=%s intent=%d bytes", self.id,
+                     not self._flushes, self.intent.set_bytes())
+        except Exception:
+            log.exception("Mirror shutdown checkpoint failed id=%s", self.id)
+
+    def _run(self):
+        self.attach()
         if not self._await_target():
             return
-        self.disk.add_listener(self._on_change)
-        self._listening = True
-        self._initial_dirty()
+        if not self._restored:
+            self._initial_dirty()
         pos = 0
         while True:
             if self._fatal is not None:
@@ -284,6 +396,8 @@ class MirrorJob(Job):
                 if self._handle_failures():
                     return
                 continue
+            if self._checkpoint_due():
+                self._start_flush(to_ready=False)
             if self.target.in_flight():
                 continue
             progressed = self._copied != copied_before
@@ -314,6 +428,80 @@ class MirrorJob(Job):
                 self.sleep(max(0.01, min(READY_COPY_INTERVAL,
                                          self._last_flush + READY_FLUSH_INTERVAL - now)))
 
+    def _connect_target(self):
+        """A restored job's first connection; False if cancelled first.
+
+        A target that cannot be reached is a write error for on-target-error:
+        report ends the job, stop pauses it (resume tries again), ignore
+        tries again with a growing delay.
+        """
+        delay = 0.05
+        while not self.cancelled:
+            try:
+                target = open_target(self.target_address)
+            except OSError as e:
+                log.warning("Mirror target unreachable id=%s target=%s error=%s",
+                            self.id, self.target_address, e)
+                action = self.report_io_error("write", errno_of(e), self.on_target_error)
+                if action == "report":
+                    raise
+                if action == "ignore" and self.sleep(delay):
+                    return False
+                delay = min(CONNECT_BACKOFF_MAX, delay * 2)
+                continue
+            if target.size() != self.disk.size:
+                target.close()
+                raise OSError(errno.EINVAL, "target %s has size %d, the disk %d"
+                              % (self.target_address, target.size(), self.disk.size))
+            self.target = target
+            return True
+        return False
+
+    def _checkpoint_due(self):
+        """While copying: time to make progress durable (a flush that clears the log)?"""
+        if self.intent is None or self._flushes or self.is_ready:
+            return False
+        if not self._retries.gate_open():
+            return False
+        copied = self._copied - self._copied_at_checkpoint
+        if copied <= 0:
+            return False
+        return (copied >= self._checkpoint_bytes
+                or self.clock.now() - self._last_checkpoint >= CHECKPOINT_INTERVAL)
+
+    def _busy_regions(self, unflushed):
+        """Intent regions the mirror holds something of (bytearray, 1 = busy)."""
+        intent = self.intent
+        busy = bytearray(intent.nregions)
+        shift = intent.region_size.bit_length() - 1
+        self.bitmap.mark_regions(busy, shift)
+        if unflushed:
+            with self._unflushed_lock:
+                self._unflushed.mark_regions(busy, shift)
+        ranges = [(o.offset, o.length) for o in self._ops]
+        ranges += self._zero_queue
+        ranges += self._retries.ranges()
+        ranges += [(f.offset, f.length) for f in self._failures if f.length]
+        for off, n in ranges:
+            first, end = off >> shift, ((off + max(n, 1) - 1) >> shift) + 1
+            busy[first:end] = b"\x01" * (end - first)
+        return busy
+
+    def _checkpoint_begin(self):
+        """Before a target flush: the intent regions it may let us clear.
+
+        The source is flushed first (data.img, then the cluster map), so the
+        disk keeps, after any crash, the bytes those regions' copies read.
+        """
+        candidates = self.intent.begin_checkpoint(self._busy_regions(unflushed=False))
+        if candidates:
+            try:
+                self.disk.store.flush()
+            except OSError as e:
+                log.warning("Mirror checkpoint: source flush failed id=%s error=%s", self.id, e)
+                return ()
+        return candidates
+
     def _flush_due(self, now):
         """Everything is copied: should the target be flushed now?
 
@@ -327,7 +515,11 @@ class MirrorJob(Job):
             return self._copied_since_flush
         if (self.should_complete or self.cancel_requested) and not self._exit_flushed:
             return True
-        return (not self._unflushed.is_clean()
+        # A checkpoint also clears the intent log, so an idle mirror keeps
+        # flushing until the log is clear (the regions clients wrote last
+        # are cleared one interval after their last change).
+        lagging = self.intent is not None and self.intent.set_bytes() > 0
+        return ((lagging or not self._unflushed.is_clean())
                 and now - self._last_flush >= READY_FLUSH_INTERVAL)
 
     def _initial_dirty(self):
@@ -576,13 +768,19 @@ class MirrorJob(Job):
             log.info("Mirror copies again what the target may have lost id=%s bytes=%d",
                      self.id, count)
 
-    def _start_flush(self, final=False):
+    def _start_flush(self, final=False, to_ready=True):
         """Flush the target asynchronously; it covers every copy completed so far.
 
         final: the flush of prepare() (the job state machine is past READY).
+        to_ready: the copy had converged (READY follows this flush);
+        False for a checkpoint while copying.
         """
         leaving = self.should_complete or self.cancel_requested
-        flush = _Flush(leaving and not final, not final and not self.is_ready)
+        flush = _Flush(leaving and not final, to_ready and not final and not self.is_ready)
+        if self.intent is not None and not final:
+            flush.candidates = self._checkpoint_begin()
+            self._copied_at_checkpoint = self._copied
+            self._last_checkpoint = self.clock.now()
         with self._unflushed_lock:
             flush.covered, self._unflushed = self._unflushed, DirtyBitmap(self.disk.size,
                                                                           self.chunk)
@@ -609,10 +807,20 @@ class MirrorJob(Job):
         if err:
             log.warning("Mirror target flush failed id=%s errno=%s", self.id, errno_name(err))
             self._copy_again(flush.covered)
+            # Copies since it started are no safer (a failed fsync may drop later
+            # writes too): nothing since the last good flush is trusted.
+            self._copy_unflushed_again()
             self._failures.append(_Failure("write", err, 0, 0,
                                            "flush of %s" % self.target_name))
             return
         self._last_flush = self.clock.now()
+        if flush.candidates:
+            cleared = self.intent.finish_checkpoint(flush.candidates,
+                                                    self._busy_regions(unflushed=True))
+            log.debug("Mirror checkpoint id=%s cleared=%d regions", self.id, cleared)
+        if self.intent is not None:
+            self._update_progress()
+            self._save()
         if flush.leaving:
             self._exit_flushed = True
         if flush.to_ready and not self.is_ready:
@@ -635,12 +843,14 @@ class MirrorJob(Job):
             self._leave_asked = self.clock.now()
         self._drain_or_fail()
         with self.disk.quiesce():
-            self._stop_listening()
+            # No client change runs now; the guard and listener stay until the
+            # pivot, so a shutdown that interrupts this keeps the record right.
             for off, n in self._retries.drain():
                 self.bitmap.mark(off, n)
             pos = 0
             while True:
                 while self._zero_queue or not self.bitmap.is_clean() or self.target.in_flight():
+                    self._check_suspended()
                     self._check_stall()
                     self._through.reap()
                     pos = self._issue_some(pos, final=True)
@@ -655,15 +865,20 @@ class MirrorJob(Job):
                 if not self._zero_queue and self.bitmap.is_clean():
                     break
             if self.should_complete and self._pivot is not None:
-                # Hand the job's connection over: a server that takes one
+                # The commit point: meta.json names the target (Service.pivot_to).
+                # The job record is removed after this, as the job concludes: a
+                # crash in between finds the pivot done and drops the record.
+                # The job's connection is handed over: a server that takes one
                 # client (qemu-nbd's default --shared=1) accepts no other.
                 self._through.drop()
                 self._pivot(self.target_address, self.target.detach(), self.reconnect_delay)
+            self._stop_listening()
         log.info("Mirror finished id=%s pivot=%s copied=%d", self.id, self.should_complete,
                  self._copied)
 
     def _drain_or_fail(self):
         while self.target.in_flight():
+            self._check_suspended()
             self._check_stall()
             self._reap(self.target.wait(0.1))
         self._raise_failures()
@@ -681,6 +896,10 @@ class MirrorJob(Job):
                 % (self.target_name, bound)))
             self._raise_failures()
 
+    def _check_suspended(self):
+        if self.suspended:
+            raise OSError(errno.ECANCELED, "the server is shutting down")
+
     def _raise_failures(self):
         """In prepare(): any failure ends the job, whatever the policy says."""
         if self._failures:
@@ -693,6 +912,8 @@ class MirrorJob(Job):
     def _stop_listening(self):
         if self._listening:
             self.disk.remove_listener(self._on_change)
+            if self.intent is not None:
+                self.disk.remove_guard(self.intent)
             self._listening = False
 
     def abort(self):
@@ -700,5 +921,6 @@ class MirrorJob(Job):
 
     def clean(self):
         self._stop_listening()
-        self.target.close()
+        if self.target is not None:
+            self.target.close()
         self._through.drop()

@@ -91,6 +91,29 @@ class JobRegistry:
         with self._lock:
             return self._active_on(device)
 
+    def suspend_all(self, timeout: float = 3.0) -> bool:
+        """Process shutdown: save every job and stop its thread, keeping its record.
+
+        The jobs go on after a restart (plugin/jobs/record.py).  Returns True
+        if every job thread ended within ``timeout`` seconds; one that did
+        not (blocked on a stalled storage call) is left to die with the
+        process: its record was saved first.
+        """
+        jobs = self.jobs()
+        for job in jobs:
+            try:
+                job.suspend()
+            except Exception:
+                log.exception("Job suspend failed id=%s", job.id)
+        deadline = time.monotonic() + timeout
+        stopped = True
+        for job in jobs:
+            if not job.join(max(0.0, deadline - time.monotonic())):
+                log.warning("Job thread still busy at shutdown id=%s (its record is saved)",
+                            job.id)
+                stopped = False
+        return stopped
+
     def stop_all(self, timeout: float = 10.0) -> bool:
         """Force-cancel every job and join the threads (nbdkit cleanup).
 

@@ -21,6 +21,12 @@ flushes, then the state directory forgets the base, so a restart needs none.
 Progress is QEMU's: ``len`` is the disk size, ``offset`` the bytes processed,
 skipped clusters included.
 
+Durability: the stream's progress is the cluster map itself (a cluster the
+overlay holds is never copied again).  Every CHECKPOINT_INTERVAL the job
+flushes the overlay (the map commit makes the copied clusters durable) and
+saves its record; a resumed stream walks the disk again and copies only what
+is still absent.
+
 Errors (of a populate: reading the base, or writing the overlay) go through
 ``Job.report_io_error`` as operation "read", as QEMU reports every stream
 error (its copy-on-read is a read):
@@ -45,6 +51,8 @@ MiB = 1 << 20
 CHUNK = 1 * MiB
 BACKOFF_FIRST = 0.01
 BACKOFF_MAX = 0.5
+CHECKPOINT_INTERVAL = 1.0
+CHECKPOINT_FRACTION = 32          # ... or after this fraction of the disk was copied
 
 
 class StreamJob(Job):
@@ -68,6 +76,11 @@ class StreamJob(Job):
         self._first_ignored = None    # OSError: the job fails with it at the end
         self._backoff = 0.0
         self._copied = 0
+        self._floor = 0               # a restored job's offset: progress never goes back
+        self.created = None
+        self._last_checkpoint = self.clock.now()
+        self._copied_at_checkpoint = 0
+        self._checkpoint_bytes = max(MiB, self.store.size // CHECKPOINT_FRACTION)
         self.set_progress(0, self.store.size)
 
     def policies(self):
@@ -75,6 +88,36 @@ class StreamJob(Job):
 
     def copied_bytes(self):
         return self._copied
+
+    def settings(self):
+        return {"base": getattr(self.store.state, "base", None), "on-error": self.on_error,
+                "created": self.created}
+
+    def restore_state(self, paused, io_status, offset, total, ready_seen):
+        super().restore_state(paused, io_status, offset, self.store.size, ready_seen)
+        self._floor = min(offset, self.store.size)
+
+    def set_progress(self, offset=None, total=None):
+        if offset is not None:
+            offset = max(offset, self._floor) if hasattr(self, "_floor") else offset
+        super().set_progress(offset, total)
+
+    def _checkpoint(self):
+        """Make the copied clusters durable and save the record (about once a second)."""
+        now = self.clock.now()
+        if self.durable is None:
+            return
+        if (now - self._last_checkpoint < CHECKPOINT_INTERVAL
+                and self._copied - self._copied_at_checkpoint < self._checkpoint_bytes):
+            return
+        self._last_checkpoint = now
+        self._copied_at_checkpoint = self._copied
+        try:
+            self.store.flush()
+        except OSError as e:
+            log.warning("Stream checkpoint flush failed id=%s error=%s", self.id, e)
+            return
+        self._save()
 
     def change(self, on_error=None):
         if on_error is not None:
@@ -109,6 +152,7 @@ class StreamJob(Job):
                 self._copied += copied
             pos = start + length
             self.set_progress(pos)
+            self._checkpoint()
             if copied and self.throttle(copied):
                 return
         self.set_progress(store.size)

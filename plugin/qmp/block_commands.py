@@ -10,8 +10,7 @@ import logging
 from ..backends.nbdconnect import redact
 from ..core import policy
 from ..core.errors import CommandError
-from ..jobs.mirror import MirrorJob
-from ..jobs.stream import StreamJob
+from ..jobs import factory
 from .target_paths import check_target_paths
 
 log = logging.getLogger(__name__)
@@ -63,34 +62,19 @@ def register_block_commands(registry, service):
         if busy is not None:
             raise CommandError("Node '%s' is busy: block device is in use by block job: %s"
                            % (disk.device, busy.type))
+        settings = {"id": job_id, "target": args["target"], "sync": args["sync"],
+                    "granularity": granularity or None, "buf-size": buf_size or None,
+                    "speed": speed, "reconnect-delay": reconnect_delay}
+        for name in ("on-source-error", "on-target-error", "copy-mode", "auto-finalize",
+                     "auto-dismiss"):
+            if name in args:
+                settings[name] = args[name]
         try:
-            job = MirrorJob(
-                job_id, service.bus, disk, args["target"], sync=args["sync"],
-                granularity=granularity or None, buf_size=buf_size or None, speed=speed,
-                on_source_error=args.get("on-source-error", "report"),
-                on_target_error=args.get("on-target-error", "report"),
-                copy_mode=args.get("copy-mode", "background"),
-                auto_finalize=args.get("auto-finalize", True),
-                auto_dismiss=args.get("auto-dismiss", True),
-                pivot=service.pivot_to, reconnect_delay=reconnect_delay)
+            factory.start_mirror(service.job_context(), settings,
+                                 connect_wait=COMMAND_CONNECT_WAIT)
         except OSError as e:
             raise CommandError("Could not open '%s': %s" % (redact(args["target"]),
                                                             e.strerror or e)) from None
-        try:
-            job.open_target_within(COMMAND_CONNECT_WAIT)
-        except OSError as e:
-            job.clean()
-            raise CommandError("Could not open '%s': %s" % (redact(args["target"]),
-                                                            e.strerror or e)) from None
-        except CommandError:
-            job.clean()
-            raise
-        try:
-            service.jobs.add(job)
-        except CommandError:
-            job.clean()
-            raise
-        job.start()
 
     registry.register("drive-mirror", drive_mirror, {
         "device": "str", "target": "str", "sync": ["full", "top", "none"],
@@ -117,13 +101,11 @@ def register_block_commands(registry, service):
         if busy is not None:
             raise CommandError("Node '%s' is busy: block device is in use by block job: %s"
                            % (disk.device, busy.type))
-        job = StreamJob(
-            args.get("job-id", disk.device), service.bus, disk,
-            on_error=args.get("on-error", "report"), speed=args.get("speed", 0),
-            auto_finalize=args.get("auto-finalize", True),
-            auto_dismiss=args.get("auto-dismiss", True))
-        service.jobs.add(job)
-        job.start()
+        settings = {"id": args.get("job-id", disk.device), "speed": args.get("speed", 0)}
+        for name in ("on-error", "auto-finalize", "auto-dismiss"):
+            if name in args:
+                settings[name] = args[name]
+        factory.start_stream(service.job_context(), settings)
 
     registry.register("block-stream", block_stream, {
         "device": "str", "*job-id": "str", "*base": "str", "*speed": "int",

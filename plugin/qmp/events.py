@@ -90,11 +90,28 @@ class Subscription:
 
 
 class EventBus:
-    """Fan-out of QMP events to any number of subscribers."""
+    """Fan-out of QMP events to any number of subscribers.
+
+    Start-up backlog: after ``keep_backlog()`` (the service calls it when it
+    restores saved jobs, before the control socket accepts clients) the
+    events are also kept, up to BACKLOG_MAX, until the first subscriber
+    comes; every subscriber then receives that backlog first, with the
+    original timestamps, so whoever connects after a restart sees what the
+    recovery did (JOB_RECOVERED, JOB_STATUS_CHANGE created, running...).
+    """
+
+    BACKLOG_MAX = 1000
 
     def __init__(self):
         self._lock = threading.Lock()
         self._subscribers: list[Subscription] = []
+        self._backlog: list | None = None
+        self._backlog_open = False
+
+    def keep_backlog(self) -> None:
+        with self._lock:
+            self._backlog = []
+            self._backlog_open = True
 
     def emit(self, name: str, data: dict | None = None) -> None:
         """Thread-safe, never blocks on a slow reader.
@@ -114,6 +131,8 @@ class EventBus:
         # Holding the bus lock across the fan-out gives every subscriber
         # the same order; each delivery is a bounded, non-blocking append.
         with self._lock:
+            if self._backlog_open and len(self._backlog) < self.BACKLOG_MAX:
+                self._backlog.append(event)
             for sub in self._subscribers:
                 was_overflowed = sub.overflowed
                 sub._deliver(event)
@@ -128,6 +147,10 @@ class EventBus:
         """
         sub = Subscription(maxlen, notify)
         with self._lock:
+            if self._backlog:
+                self._backlog_open = False
+                for event in self._backlog:
+                    sub._deliver(event)
             self._subscribers.append(sub)
         return sub
 

@@ -5,11 +5,12 @@ tables with bench.group(...) and adds one sample per run to each row.  To add a
 benchmark, write such a module and list it here.
 """
 
-from benchlib import mirror, overlay, smallio, stream
+from benchlib import durable, mirror, overlay, smallio, stream
 
 SECTIONS = {
     "overlay": overlay,
     "stream": stream,
     "mirror": mirror,
     "smallio": smallio,
+    "durable": durable,
 }

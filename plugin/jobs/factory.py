@@ -1,0 +1,177 @@
+"""Building jobs: one path for drive-mirror, block-stream and restore after a restart.
+
+A JobContext carries what a job needs from the composition root (the disk,
+the event bus, the registry, the job records, the pivot).  start_mirror() and
+start_stream() build a new job from its settings (the QMP handlers in
+plugin/qmp/block_commands.py check the arguments first); restore_all()
+brings back every job the state directory holds (plugin/jobs/record.py).
+
+Launch order, for a crash at any point between two steps:
+
+1. JobRegistry.add (id and device checks; JOB_STATUS_CHANGE created);
+2. a mirror's intent log, every region set, fdatasync()ed;
+3. the job record (atomic replace): from here a restart brings the job back;
+4. attach: the intent guard and the dirty-bitmap listener, clients quiesced;
+5. start (JOB_STATUS_CHANGE running; paused if it comes back paused).
+"""
+
+import dataclasses
+import logging
+import os
+import time
+
+from ..core.errors import CommandError
+from .intent import IntentLog, region_size_for
+from .mirror import MirrorJob
+from .record import RecordError
+from .stream import StreamJob
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class JobContext:
+    disk: object
+    bus: object
+    jobs: object                   # JobRegistry
+    records: object = None         # JobRecords, or None: jobs live only in the process
+    pivot: object = None           # pivot(address): serve the mirror target from now on
+    active_target: object = None   # () -> the pivot target meta.json names, or None
+    reconnect_delay: float = 0.0   # the plugin's reconnect-delay (a target's default)
+
+
+def start_mirror(ctx, settings, connect_wait=None):
+    """A new mirror from checked settings (record spelling: 'buf-size', 'on-target-error').
+
+    connect_wait: wait up to that long for the target connection (the QMP
+    command's thread), so a target that refuses at once is an error of the
+    command and no job exists; a slower one is waited for by the job.
+    """
+    job = _mirror(ctx, settings, intent=None, restored=False)
+    if connect_wait is not None:
+        try:
+            job.open_target_within(connect_wait)
+        except (OSError, CommandError):
+            job.clean()
+            raise
+    _launch(ctx, job)
+    return job
+
+
+def start_stream(ctx, settings):
+    job = _stream(ctx, settings)
+    _launch(ctx, job)
+    return job
+
+
+def _mirror(ctx, s, intent, restored):
+    return MirrorJob(
+        s["id"], ctx.bus, ctx.disk, s["target"], sync=s.get("sync", "full"),
+        granularity=s.get("granularity") or None, buf_size=s.get("buf-size") or None,
+        speed=s.get("speed", 0), on_source_error=s.get("on-source-error", "report"),
+        on_target_error=s.get("on-target-error", "report"),
+        copy_mode=s.get("copy-mode", "background"),
+        auto_finalize=s.get("auto-finalize", True), auto_dismiss=s.get("auto-dismiss", True),
+        pivot=ctx.pivot, intent=intent, restored=restored,
+        reconnect_delay=s.get("reconnect-delay", ctx.reconnect_delay))
+
+
+def _stream(ctx, s):
+    return StreamJob(
+        s["id"], ctx.bus, ctx.disk, on_error=s.get("on-error", "report"),
+        speed=s.get("speed", 0), auto_finalize=s.get("auto-finalize", True),
+        auto_dismiss=s.get("auto-dismiss", True))
+
+
+def _launch(ctx, job):
+    try:
+        ctx.jobs.add(job)
+    except CommandError:
+        job.clean()
+        raise
+    if ctx.records is not None:
+        try:
+            if isinstance(job, MirrorJob):
+                job.intent = IntentLog(ctx.records.intent_path(job.id), ctx.disk.size,
+                                       region_size_for(ctx.disk.size, job.granularity),
+                                       create=True)
+            job.created = time.time()
+            job.durable = ctx.records
+            ctx.records.save(job)
+        except OSError as e:
+            job.durable = None
+            ctx.records.forget_id(job.id)
+            job.shutdown()
+            raise CommandError("Cannot save the job record in %s: %s"
+                               % (ctx.records.state.path, e.strerror or e)) from None
+    if isinstance(job, MirrorJob):
+        job.attach()
+    job.start()
+
+
+def restore_all(ctx, saved, pause=False):
+    """Bring back every saved job (before the control socket accepts clients).
+
+    pause: job-restart=pause, every job comes back user-paused.  Returns the
+    jobs restored.  A job whose work had finished before the stop (a mirror
+    whose pivot meta.json records, a stream whose base is gone) is dropped.
+    """
+    restored = []
+    for rec in saved:
+        job = _restore_one(ctx, rec, pause)
+        if job is not None:
+            restored.append(job)
+    return restored
+
+
+def _restore_one(ctx, rec, pause):
+    job_id, kind = rec["id"], rec["type"]
+    if kind == "mirror" and ctx.active_target is not None and \
+            ctx.active_target() == rec.get("target"):
+        log.info("Job record dropped id=%s: the mirror had pivoted to %s before the stop",
+                 job_id, rec.get("target"))
+        ctx.records.forget_id(job_id)
+        return None
+    if kind == "stream" and not getattr(ctx.disk.store, "has_base", False):
+        log.info("Job record dropped id=%s: the stream had finished (no base) before the stop",
+                 job_id)
+        ctx.records.forget_id(job_id)
+        return None
+    try:
+        if kind == "mirror":
+            path = ctx.records.intent_path(job_id)
+            granularity = rec.get("granularity") or ctx.disk.store.cluster_size
+            region = rec.get("region-size") or region_size_for(ctx.disk.size, granularity)
+            exists = os.path.exists(path)
+            if not exists:
+                log.warning("Mirror intent log missing id=%s: every region counts as dirty",
+                            job_id)
+            intent = IntentLog(path, ctx.disk.size, region, create=not exists)
+            job = _mirror(ctx, rec, intent, restored=True)
+        else:
+            job = _stream(ctx, rec)
+    except (CommandError, ValueError, KeyError, TypeError) as e:
+        raise RecordError("job record %s cannot be restored: %s"
+                          % (ctx.records.path(job_id), e)) from None
+    job.created = rec.get("created")
+    job.restore_state(paused=rec["paused"] or pause, io_status=rec["io-status"],
+                      offset=rec["offset"], total=rec["len"],
+                      ready_seen=bool(rec.get("ready-seen")))
+    ctx.jobs.add(job)
+    job.durable = ctx.records
+    if isinstance(job, MirrorJob):
+        job.attach()
+    ctx.records.save(job)
+    job.start()
+    after = "shutdown" if rec.get("shutdown") else "crash"
+    status = "paused" if (rec["paused"] or pause) else "running"
+    info = {"id": job_id, "type": kind, "status": status, "after": after,
+            "io-status": rec["io-status"], "ready-seen": bool(rec.get("ready-seen")),
+            "offset": rec["offset"], "len": rec["len"]}
+    if isinstance(job, MirrorJob):
+        info["dirty"] = job.bitmap.dirty_bytes()
+    log.info("Job recovered id=%s type=%s after=%s status=%s offset=%d len=%d%s", job_id, kind,
+             after, status, rec["offset"], rec["len"],
+             " dirty=%d" % info["dirty"] if "dirty" in info else "")
+    ctx.bus.emit("JOB_RECOVERED", info)
+    return job

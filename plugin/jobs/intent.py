@@ -1,0 +1,208 @@
+"""The mirror's write-intent log: which regions of the disk may differ from the target.
+
+As Linux md's write-intent bitmap, over coarse regions (1 MiB or more, at
+most MAX_REGIONS of them), one byte per region, in memory and on disk
+(STATE_DIR/jobs/<id>.intent; byte i is region i, so a torn page write
+leaves each entry old or new).
+
+The rule (docs/overlay.md, "Mirror durability"):
+
+- SET before write: a region's byte is set in memory, written and
+  fdatasync()ed BEFORE a client change into it is issued to the store.  A
+  change into a region already set costs a few in-memory operations and no
+  system call.  The log is a Disk guard (plugin/disk/disk.py): begin()
+  registers the change (no I/O), persist() makes the record durable, end()
+  runs after the change and its listeners.
+- CLEAR lazily: a region is cleared only when it is known in sync on the
+  target and on the disk: no change into it is in progress, none began since
+  the checkpoint started (nor in the interval before, to avoid clearing and
+  setting a busy region every second), the mirror holds nothing of it (not
+  dirty, not in flight, not waiting for a retry), the source was flushed
+  after its last copy was read and a target flush that covers that copy has
+  completed.  begin_checkpoint()/finish_checkpoint() do that.
+- A new log starts with every region set: until the first checkpoint the
+  whole disk may differ.  So the log also serves as the bulk copy's record:
+  a mirror killed half way copies again what it had not reached (plus what
+  it copied after its last checkpoint), not everything.
+
+Concurrency: client threads call begin/persist/end; the job thread calls the
+checkpoint methods.  Set and clear agree through an ordering argument, not a
+lock on the fast path: a change registers itself (begin) before it tests the
+bit (persist); the clearer clears the bit before it looks for registered
+changes, and sets it back if it finds one.  Either the clearer sees the
+change, or the change sees the cleared bit and takes the slow path (set,
+write, fdatasync under the file lock).
+"""
+
+import itertools
+import logging
+import os
+import threading
+
+from ..backends.fileio import pwrite_all
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+MIN_REGION = 1 * MiB
+MAX_REGIONS = 65536
+
+_SET = b"\x01"
+_CLEAR = b"\x00"
+
+
+def region_size_for(size, granularity):
+    """The region size for a disk of `size` bytes: a power of two >= 1 MiB and
+    >= granularity, with at most MAX_REGIONS regions."""
+    region = max(MIN_REGION, granularity)
+    while (size + region - 1) // region > MAX_REGIONS:
+        region *= 2
+    return region
+
+
+class IntentLog:
+    """The on-disk write-intent bitmap of one mirror job."""
+
+    def __init__(self, path, size, region_size, create=False):
+        if region_size < 512 or region_size & (region_size - 1):
+            raise ValueError("region size must be a power of 2")
+        self.path = path
+        self.size = size
+        self.region_size = region_size
+        self._shift = region_size.bit_length() - 1
+        self.nregions = n = max(1, (size + region_size - 1) // region_size)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock = threading.Lock()        # file writes, the slow path, checkpoints
+        if create:
+            self._bits = bytearray(_SET * n)
+            os.ftruncate(self._fd, 0)
+            pwrite_all(self._fd, self._bits, 0)
+            os.fdatasync(self._fd)
+        else:
+            data = os.pread(self._fd, n, 0)
+            if len(data) != n:
+                # Never written completely: every region may differ.
+                log.warning("intent log %s has %d bytes, not %d: every region counts as dirty",
+                            path, len(data), n)
+                data = _SET * n
+            self._bits = bytearray(1 if b else 0 for b in data)
+        self._touched = bytearray(n)          # changes began since the last checkpoint
+        self._writing = {}                    # token -> (first, end) of changes in progress
+        self._tokens = itertools.count()
+        self.sets = 0                         # slow paths taken (for tests, the log)
+
+    # -- the guard (client threads) -------------------------------------
+
+    def _span(self, offset, length):
+        first = offset >> self._shift
+        end = min(((offset + max(length, 1) - 1) >> self._shift) + 1, self.nregions)
+        return first, end
+
+    def begin(self, offset, length):
+        first, end = self._span(offset, length)
+        token = next(self._tokens)
+        self._writing[token] = (first, end)
+        if end - first == 1:
+            self._touched[first] = 1
+        else:
+            self._touched[first:end] = _SET * (end - first)
+        return token
+
+    def persist(self, token):
+        """Make sure the regions of the change are set on disk before it is issued."""
+        first, end = self._writing[token]
+        bits = self._bits
+        if end - first == 1:
+            if bits[first]:
+                return
+        elif bits.find(_CLEAR, first, end) < 0:
+            return
+        with self._lock:
+            if self._fd is None:
+                return            # the job is gone (a change that began as it ended)
+            bits[first:end] = _SET * (end - first)
+            pwrite_all(self._fd, bits[first:end], first)
+            os.fdatasync(self._fd)
+            self.sets += 1
+
+    def end(self, token):
+        self._writing.pop(token, None)
+
+    # -- queries -----------------------------------------------------------
+
+    def regions(self):
+        """(offset, length) of every run of set regions (what a resumed mirror copies)."""
+        bits, shift = self._bits, self._shift
+        i = bits.find(_SET)
+        while i >= 0:
+            j = bits.find(_CLEAR, i)
+            if j < 0:
+                j = self.nregions
+            start = i << shift
+            yield start, min(j << shift, self.size) - start
+            i = bits.find(_SET, j) if j < self.nregions else -1
+
+    def set_bytes(self):
+        return min(self._bits.count(_SET) << self._shift, self.size)
+
+    # -- checkpoints (the job thread) ---------------------------------------
+
+    def region_of(self, offset):
+        return offset >> self._shift
+
+    def begin_checkpoint(self, busy):
+        """Regions that may be cleared once the coming source and target flushes
+        complete: set, not busy (a bytearray, 1 = the mirror holds some of it),
+        and untouched by clients since the previous checkpoint.  Resets the
+        touched marks: the next checkpoint sees only changes that began after now."""
+        bits, touched = self._bits, self._touched
+        candidates = []
+        i = bits.find(_SET)
+        while i >= 0:
+            if not touched[i] and not busy[i]:
+                candidates.append(i)
+            i = bits.find(_SET, i + 1)
+        self._touched[:] = bytes(self.nregions)
+        return candidates
+
+    def finish_checkpoint(self, candidates, busy):
+        """The flushes completed: clear the candidates still untouched and idle.
+
+        busy: the mirror's holdings now.  Returns the number of regions cleared.
+        """
+        if not candidates:
+            return 0
+        with self._lock:
+            if self._fd is None:
+                return 0
+            bits, touched = self._bits, self._touched
+            cleared = []
+            for r in candidates:
+                if bits[r] and not touched[r] and not busy[r]:
+                    bits[r] = 0                      # (a) clear, then (b) look
+                    cleared.append(r)
+            if not cleared:
+                return 0
+            writing = list(self._writing.values())
+            restored = 0
+            if writing:
+                for r in cleared:
+                    if any(first <= r < end for first, end in writing):
+                        bits[r] = 1
+                        restored += 1
+            pwrite_all(self._fd, bytes(bits), 0)
+            os.fdatasync(self._fd)
+        return len(cleared) - restored
+
+    def remove(self):
+        self.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def close(self):
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None

@@ -1,0 +1,546 @@
+"""Jobs outlive the process (docs/jobs.md): real nbdkit, real kills, a client writing.
+
+The target is served by `nbdkit --filter=log file`, so the bytes written to it
+after each restart are counted from its log and printed (run with -s to see
+them).  A kill -9 may lose the writes after the client's last completed
+flush: the model of the disk treats those bytes as uncertain until they are
+read back after the restart; every other byte must be exactly what the
+client wrote.
+"""
+
+import json
+import os
+import random
+import re
+import signal
+import threading
+import time
+
+import nbd
+import pytest
+
+from conftest import Server, make_image
+from faults import PauseControl, wait_until
+from qmp_helpers import Control
+
+MiB = 1 << 20
+SIZE = 32 * MiB
+SPEED = 24 * MiB
+
+_WRITE_RE = re.compile(r"connection=\d+ Write id=\d+ offset=0x[0-9a-f]+ count=0x([0-9a-f]+) ")
+
+
+def target_written(log_path, since=0):
+    """Bytes the target's log filter saw written from byte `since` of its log; (bytes, end)."""
+    with open(log_path, "rb") as f:
+        f.seek(since)
+        text = f.read().decode(errors="replace")
+        end = f.tell()
+    return sum(int(m.group(1), 16) for m in _WRITE_RE.finditer(text)), end
+
+
+class Writer(threading.Thread):
+    """Random 4K-64K writes, a flush after every few; knows which ones a crash may lose."""
+
+    def __init__(self, uri, model, seed, pace=0.01):
+        super().__init__(daemon=True)
+        self.h = nbd.NBD()
+        self.h.connect_uri(uri)
+        self.model = model
+        self.rnd = random.Random(seed)
+        self.pace = pace
+        self.stop = threading.Event()
+        self.pending = []            # written (or being written) since the last good flush
+        self.writes = 0
+
+    def run(self):
+        try:
+            while not self.stop.is_set():
+                length = self.rnd.randrange(4096, 65537) // 512 * 512
+                offset = self.rnd.randrange(0, (SIZE - length) // 512) * 512
+                data = self.rnd.randbytes(length)
+                self.pending.append((offset, data))
+                self.h.pwrite(data, offset)
+                self.writes += 1
+                if self.writes % 4 == 0:
+                    self.h.flush()
+                    for off, d in self.pending:
+                        self.model.data[off:off + len(d)] = d
+                    self.pending = []
+                self.stop.wait(self.pace)
+        except nbd.Error:
+            pass                     # the server was killed under us
+
+    def finish(self, flush=True):
+        """Stop; with flush, make every write certain (the server is alive)."""
+        self.stop.set()
+        self.join()
+        if flush:
+            self.h.flush()
+            for off, d in self.pending:
+                self.model.data[off:off + len(d)] = d
+            self.pending = []
+        else:
+            self.model.uncertain += [(off, len(d)) for off, d in self.pending]
+        try:
+            self.h.shutdown()
+        except nbd.Error:
+            pass
+
+
+class Model:
+    """What the disk must hold: exact bytes, and ranges a crash may have left either way."""
+
+    def __init__(self, data):
+        self.data = bytearray(data)
+        self.uncertain = []
+
+    def check_and_adopt(self, actual):
+        mask = bytearray(len(self.data))
+        for off, n in self.uncertain:
+            mask[off:off + n] = b"\x01" * n
+        pos = 0
+        while pos < len(mask):
+            start = mask.find(b"\x00", pos)
+            if start < 0:
+                break
+            end = mask.find(b"\x01", start)
+            if end < 0:
+                end = len(mask)
+            assert actual[start:end] == self.data[start:end], \
+                "flushed data lost in [%d, %d)" % (start, end)
+            pos = end
+        self.data = bytearray(actual)
+        self.uncertain = []
+
+
+class Rig:
+    """Overlay server (restartable), a target behind the log filter, QMP, the model."""
+
+    def __init__(self, servers, tmp_path, name="r", **params):
+        self.servers, self.tmp = servers, tmp_path
+        self.base = make_image(tmp_path / ("%s-base.img" % name), SIZE,
+                               [(0, SIZE // 2), (SIZE // 2 + MiB, SIZE // 2 - MiB)], seed=5)
+        self.model = Model(open(self.base, "rb").read())
+        self.overlay_dir = tmp_path / ("%s-ov" % name)
+        self.ctl = tmp_path / ("%s-ctl.sock" % name)
+        self.target_path = tmp_path / ("%s-target.img" % name)
+        with open(self.target_path, "wb") as f:
+            f.truncate(SIZE)
+        self.target_log = tmp_path / ("%s-target.log" % name)
+        self.target = servers.nbdkit("file", str(self.target_path), "logfile=%s" % self.target_log,
+                                     filters=["log"])
+        self.log_pos = 0
+        self.params = params
+        self.disk = servers.overlay(self.overlay_dir, base=self.base, control=str(self.ctl),
+                                    **params)
+        self.qmp = Control(self.ctl)
+
+    def mirror(self, **args):
+        args.setdefault("sync", "full")
+        args.setdefault("speed", SPEED)
+        args.setdefault("granularity", 65536)
+        self.qmp("drive-mirror", device="disk0", target=self.target.uri, **args)
+
+    def writer(self, seed):
+        w = Writer(self.disk.uri, self.model, seed)
+        w.start()
+        return w
+
+    def kill9(self):
+        self.qmp.close()
+        self.disk.kill9()
+
+    def restart(self, **params):
+        if params:
+            argv = [a for a in self.disk.argv if not a.startswith("job-restart=")]
+            argv += ["%s=%s" % (k.replace("_", "-"), v) for k, v in params.items()]
+            self.disk.argv = argv
+        self.disk = self.servers.restart(self.disk)
+        self.qmp = Control(self.ctl)
+        return self.qmp
+
+    def disk_bytes(self):
+        h = nbd.NBD()
+        h.connect_uri(self.disk.uri)
+        try:
+            return bytes(h.pread(SIZE, 0)) if SIZE <= 32 * MiB else b"".join(
+                bytes(h.pread(32 * MiB, o)) for o in range(0, SIZE, 32 * MiB))
+        finally:
+            h.shutdown()
+
+    def check_disk(self):
+        self.model.check_and_adopt(self.disk_bytes())
+
+    def recopied(self):
+        """Bytes written to the target since the last call."""
+        n, self.log_pos = target_written(self.target_log, self.log_pos)
+        return n
+
+    def records(self):
+        folder = self.overlay_dir / "jobs"
+        if not folder.exists():
+            return {}
+        return {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
+
+    def recovered(self):
+        return self.qmp.wait_event("JOB_RECOVERED")["data"]
+
+    def active(self):
+        return self.qmp.execute("query-block")[0]["active"]
+
+
+def _ready_or_dropped(rig):
+    """After a restart: wait until the job is READY again, or find it pivoted."""
+    if rig.active() is not None:
+        return "pivoted"
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=120)
+    return "ready"
+
+
+def test_kill9_at_random_moments_of_mirror_with_a_writing_client(servers, tmp_path, capsys):
+    seed = int(os.environ.get("DURABLE_SEED", random.randrange(1 << 30)))
+    rnd = random.Random(seed)
+    print("\nseed=%d (DURABLE_SEED=... to repeat)" % seed)
+    rounds = 0
+    for cycle in range(3):
+        rig = Rig(servers, tmp_path, name="c%d" % cycle)
+        w = rig.writer(seed + cycle)
+        rig.mirror()
+        # Kills while the bulk copy runs, then while ready, then during complete.
+        for phase in ["bulk"] * 4 + ["ready"] * 6:
+            if phase == "bulk":
+                time.sleep(rnd.uniform(0.05, 0.6))
+            else:
+                rig.qmp.wait_event("BLOCK_JOB_READY", timeout=120)
+                time.sleep(rnd.uniform(0.0, 1.2))
+            info = rig.qmp.job("disk0")
+            rig.kill9()
+            w.finish(flush=False)
+            copied = rig.recopied()
+            qmp = rig.restart()
+            rec = rig.recovered()
+            assert rec["id"] == "disk0" and rec["after"] == "crash" and rec["status"] == "running"
+            job = qmp.job("disk0")
+            assert job["offset"] <= job["len"] and job["speed"] == SPEED
+            rig.check_disk()
+            w = rig.writer(rnd.randrange(1 << 30))
+            rounds += 1
+            print("cycle %d round %2d %-5s killed at offset %9d/%9d ready=%-5s | copied before "
+                  "kill %9d | restart: dirty %9d" % (
+                      cycle, rounds, phase, info["offset"] if info else -1,
+                      info["len"] if info else -1, bool(info and info["ready"]),
+                      copied, rec["dirty"]))
+        # complete: the client stops and flushes, the disk's content is then final.
+        rig.qmp.wait_event("BLOCK_JOB_READY", timeout=120)
+        w.finish(flush=True)
+        expected = rig.disk_bytes()
+        rig.model.check_and_adopt(expected)
+        rig.qmp("block-job-complete", device="disk0")
+        if cycle < 2:
+            # Kill during complete: served wholly from source (job back) or from target.
+            time.sleep(rnd.uniform(0.0, 0.003) if cycle == 0 else rnd.uniform(0.0, 0.1))
+            rig.kill9()
+            qmp = rig.restart()
+            state = _ready_or_dropped(rig)
+            rounds += 1
+            print("cycle %d round %2d complete killed: %s" % (cycle, rounds, state))
+            if state == "ready":
+                qmp("block-job-complete", device="disk0")
+                rig.qmp.wait_status("disk0", "null", timeout=120)
+            else:
+                assert rig.qmp.execute("query-block-jobs") == []
+        else:
+            rig.qmp.wait_status("disk0", "null", timeout=120)
+        assert rig.active() == rig.target.uri
+        assert rig.records() == {}
+        assert rig.target_path.read_bytes() == expected
+        assert rig.disk_bytes() == expected
+        print("cycle %d: target == disk after completion; target writes after the last "
+              "restart %d" % (cycle, rig.recopied()))
+        rig.qmp.close()
+        rig.disk.stop()
+    assert rounds >= 30
+
+
+def test_mirror_killed_half_way_copies_about_the_other_half(servers, tmp_path):
+    rig = Rig(servers, tmp_path)
+    rig.mirror(speed=16 * MiB)
+    wait_until(lambda: rig.qmp.job("disk0")["offset"] >= SIZE // 2, timeout=60, interval=0.01)
+    offset = rig.qmp.job("disk0")["offset"]
+    rig.kill9()
+    before = rig.recopied()
+    rig.restart()
+    rig.qmp("block-job-set-speed", device="disk0", speed=0)
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=60)
+    after = rig.recopied()
+    print("\nkilled at offset %d: %d bytes copied before, %d after the restart (%.2f of the disk)"
+          % (offset, before, after, after / SIZE))
+    assert after < 0.75 * SIZE
+    rig.qmp("block-job-complete", device="disk0")
+    rig.qmp.wait_status("disk0", "null")
+    assert rig.target_path.read_bytes() == rig.model.data
+
+
+def _sigterm(rig, bound=5.0):
+    rig.qmp.close()
+    t0 = time.monotonic()
+    assert rig.disk.stop(timeout=20) == 0
+    took = time.monotonic() - t0
+    assert took < bound, took
+    return took
+
+
+def test_sigterm_saves_the_job_and_it_goes_on(servers, tmp_path):
+    rig = Rig(servers, tmp_path)
+    w = rig.writer(1)
+    rig.mirror()
+    for phase in ("bulk", "bulk", "ready", "ready"):
+        if phase == "ready":
+            rig.qmp.wait_event("BLOCK_JOB_READY", timeout=120)
+        else:
+            time.sleep(0.3)
+        w.finish(flush=True)           # nbdkit waits for its clients on SIGTERM
+        took = _sigterm(rig)
+        rec = rig.records()["disk0"]
+        assert rec["shutdown"] is True and rec["paused"] is False
+        qmp = rig.restart()
+        got = rig.recovered()
+        assert got["after"] == "shutdown" and got["status"] == "running"
+        assert qmp.names()[:3] == ["JOB_STATUS_CHANGE:created", "JOB_STATUS_CHANGE:running",
+                                   "JOB_RECOVERED"]
+        rig.check_disk()
+        print("\nSIGTERM in %s: exit took %.2fs; restart dirty %d" % (phase, took, got["dirty"]))
+        w = rig.writer(7)
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=120)
+    w.finish(flush=True)
+    expected = rig.disk_bytes()
+    rig.qmp("block-job-complete", device="disk0")
+    rig.qmp.wait_status("disk0", "null")
+    assert rig.target_path.read_bytes() == expected
+
+
+def test_sigterm_with_a_stalled_target_exits_within_5s(servers, tmp_path):
+    rig = Rig(servers, tmp_path)
+    control = PauseControl(tmp_path / "pause.sock")
+    stalled = servers.nbdkit("file", str(rig.target_path), "pause-control=%s" % control.path,
+                             filters=["pause"])
+    rig.qmp("drive-mirror", device="disk0", target=stalled.uri, sync="full", speed=SPEED)
+    time.sleep(0.3)
+    control.pause()                                   # the target stops answering
+    time.sleep(0.3)
+    took = _sigterm(rig)
+    print("\nSIGTERM with a stalled target: exit took %.2fs" % took)
+    assert rig.records()["disk0"]["shutdown"] is True
+    # The target comes back: the job resumes and completes.
+    control.resume()
+    qmp = rig.restart()
+    assert rig.recovered()["after"] == "shutdown"
+    qmp("block-job-set-speed", device="disk0", speed=0)
+    qmp.wait_event("BLOCK_JOB_READY", timeout=60)
+    qmp("block-job-complete", device="disk0")
+    qmp.wait_status("disk0", "null")
+    assert rig.target_path.read_bytes() == rig.model.data
+
+
+@pytest.mark.parametrize("stop", ["kill9", "sigterm"])
+def test_user_paused_job_comes_back_paused(servers, tmp_path, stop):
+    rig = Rig(servers, tmp_path)
+    rig.mirror(speed=4 * MiB, on_target_error="stop")
+    rig.qmp.wait_status("disk0", "running")
+    rig.qmp("block-job-pause", device="disk0")
+    rig.qmp.wait_status("disk0", "paused")
+    offset = rig.qmp.job("disk0")["offset"]
+    rig.kill9() if stop == "kill9" else _sigterm(rig)
+    qmp = rig.restart()
+    rec = rig.recovered()
+    assert rec["status"] == "paused" and rec["io-status"] == "ok"
+    qmp.wait_status("disk0", "paused")
+    assert qmp.names().count("JOB_STATUS_CHANGE:created") == 1
+    job = qmp.job("disk0")
+    assert job["paused"] and job["io-status"] == "ok" and job["offset"] >= offset
+    assert job["speed"] == 4 * MiB
+    qmp("block-job-resume", device="disk0")
+    qmp("block-job-set-speed", device="disk0", speed=0)
+    qmp.wait_event("BLOCK_JOB_READY", timeout=60)
+    qmp("block-job-complete", device="disk0")
+    qmp.wait_status("disk0", "null")
+    assert rig.target_path.read_bytes() == rig.model.data
+
+
+def test_error_paused_job_comes_back_paused_with_its_io_status(servers, tmp_path):
+    rig = Rig(servers, tmp_path)
+    rig.mirror(on_target_error="stop")
+    rig.qmp.wait_status("disk0", "running")
+    rig.target.kill9()                                 # every write fails: stop
+    rig.qmp.wait_status("disk0", "paused", timeout=60)
+    assert rig.qmp.job("disk0")["io-status"] == "failed"
+    rig.kill9()
+    qmp = rig.restart()                                # the target is still down
+    rec = rig.recovered()
+    assert rec["status"] == "paused" and rec["io-status"] == "failed"
+    qmp.wait_status("disk0", "paused")
+    assert qmp.job("disk0")["io-status"] == "failed"
+    rig.target = rig.servers.restart(rig.target)
+    qmp("block-job-resume", device="disk0")
+    qmp.wait_event("BLOCK_JOB_READY", timeout=60)
+    qmp("block-job-complete", device="disk0")
+    qmp.wait_status("disk0", "null")
+    assert rig.target_path.read_bytes() == rig.model.data
+
+
+@pytest.mark.parametrize("policy,expect", [("report", "ends"), ("stop", "pauses"),
+                                           ("ignore", "retries")])
+def test_unreachable_target_at_restart_is_an_io_error_for_the_policy(servers, tmp_path, policy,
+                                                                     expect):
+    rig = Rig(servers, tmp_path)
+    rig.mirror(on_target_error=policy)
+    rig.qmp.wait_status("disk0", "running")
+    time.sleep(0.2)
+    rig.kill9()
+    rig.target.kill9()
+    qmp = rig.restart()                                # starts: the disk serves
+    rig.check_disk()
+    err = qmp.wait_event("BLOCK_JOB_ERROR", timeout=30)["data"]
+    assert err["operation"] == "write"
+    if expect == "ends":
+        assert err["action"] == "report"
+        done = qmp.wait_event("BLOCK_JOB_COMPLETED")["data"]
+        assert "error" in done
+        qmp.wait_status("disk0", "null")
+        assert rig.records() == {}
+        return
+    if expect == "pauses":
+        assert err["action"] == "stop"
+        qmp.wait_status("disk0", "paused")
+    else:
+        assert err["action"] == "ignore"
+    rig.target = rig.servers.restart(rig.target)
+    if expect == "pauses":
+        qmp("block-job-resume", device="disk0")
+    qmp("block-job-set-speed", device="disk0", speed=0)
+    qmp.wait_event("BLOCK_JOB_READY", timeout=60)
+    qmp("block-job-complete", device="disk0")
+    qmp.wait_status("disk0", "null")
+    assert rig.target_path.read_bytes() == rig.model.data
+
+
+def test_job_restart_pause_brings_jobs_back_user_paused(servers, tmp_path):
+    rig = Rig(servers, tmp_path)
+    rig.mirror()
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=60)
+    rig.kill9()
+    qmp = rig.restart(job_restart="pause")
+    rec = rig.recovered()
+    assert rec["status"] == "paused" and rec["ready-seen"] is True
+    qmp.wait_status("disk0", "paused")
+    assert qmp.job("disk0")["paused"]
+    assert "BLOCK_JOB_READY" not in qmp.names()
+    qmp("block-job-resume", device="disk0")
+    qmp.wait_event("BLOCK_JOB_READY", timeout=60)       # in sync again: READY again
+    qmp("block-job-complete", device="disk0")
+    qmp.wait_status("disk0", "null")
+    assert rig.target_path.read_bytes() == rig.model.data
+
+
+def test_cancel_removes_the_record(servers, tmp_path):
+    rig = Rig(servers, tmp_path)
+    rig.mirror(speed=MiB)
+    rig.qmp.wait_status("disk0", "running")
+    assert set(os.listdir(rig.overlay_dir / "jobs")) == {"disk0.json", "disk0.intent"}
+    rig.qmp("block-job-cancel", device="disk0", force=True)
+    rig.qmp.wait_status("disk0", "null")
+    assert os.listdir(rig.overlay_dir / "jobs") == []
+    rig.kill9()
+    qmp = rig.restart()
+    assert qmp.execute("query-block-jobs") == []
+
+
+@pytest.mark.parametrize("stop", ["kill9", "sigterm"])
+def test_stream_over_a_slow_nbd_base_resumes_without_recopy(servers, tmp_path, stop):
+    size = 16 * MiB
+    base = make_image(tmp_path / "base.img", size, [(0, size)], seed=9)
+    base_log = tmp_path / "base.log"
+    base_srv = servers.nbdkit("file", base, "-r", "rdelay=150ms", "logfile=%s" % base_log,
+                              filters=["log", "delay"])
+    ctl = tmp_path / "ctl.sock"
+    disk = servers.overlay(tmp_path / "ov", base=base_srv.uri, control=str(ctl))
+    h = nbd.NBD()
+    h.connect_uri(disk.uri)
+    h.pwrite(b"W" * MiB, 5 * MiB)
+    h.flush()
+    h.shutdown()
+    qmp = Control(ctl)
+    qmp("block-stream", device="disk0")
+    wait_until(lambda: qmp.job("disk0")["offset"] >= size // 2, timeout=60, interval=0.01)
+    offset = qmp.job("disk0")["offset"]
+    qmp.close()
+    if stop == "kill9":
+        disk.kill9()
+    else:
+        t0 = time.monotonic()
+        assert disk.stop() == 0
+        assert time.monotonic() - t0 < 5
+    read_before, pos = _base_read(base_log, 0)
+    disk = servers.restart(disk)
+    qmp = Control(ctl)
+    rec = qmp.wait_event("JOB_RECOVERED")["data"]
+    assert rec["type"] == "stream" and rec["offset"] >= offset - 2 * MiB
+    qmp.wait_status("disk0", "null", timeout=120)
+    read_after, _ = _base_read(base_log, pos)
+    print("\nstream %s at offset %d: base bytes read before %d, after the restart %d"
+          % (stop, offset, read_before, read_after))
+    assert read_before + read_after < size + 4 * MiB      # about one pass over the base
+    assert qmp.execute("query-block")[0]["base"] is None
+    expected = bytearray(open(base, "rb").read())
+    expected[5 * MiB:6 * MiB] = b"W" * MiB
+    h = nbd.NBD()
+    h.connect_uri(disk.uri)
+    assert bytes(h.pread(size, 0)) == bytes(expected)
+    h.shutdown()
+    qmp.close()
+
+
+_READ_RE = re.compile(r"connection=\d+ Read id=\d+ offset=0x[0-9a-f]+ count=0x([0-9a-f]+) ")
+
+
+def _base_read(log_path, since):
+    with open(log_path, "rb") as f:
+        f.seek(since)
+        text = f.read().decode(errors="replace")
+        end = f.tell()
+    return sum(int(m.group(1), 16) for m in _READ_RE.finditer(text)), end
+
+
+def test_state_dir_version_1_is_upgraded_and_a_newer_one_refused(servers, tmp_path):
+    ov = tmp_path / "ov"
+    disk = servers.overlay(ov, size="4M")
+    disk.stop()
+    meta = json.loads((ov / "meta.json").read_text())
+    assert meta["version"] == 2
+    meta["version"] = 1
+    (ov / "meta.json").write_text(json.dumps(meta))
+    disk = servers.restart(disk)
+    disk.stop()
+    assert json.loads((ov / "meta.json").read_text())["version"] == 2
+    meta["version"] = 3
+    (ov / "meta.json").write_text(json.dumps(meta))
+    server = servers.restart(disk, wait=False)
+    server.proc.wait(30)
+    assert server.proc.returncode != 0
+    lines = [l for l in server.log().splitlines() if "overlay: error" in l]
+    assert len(lines) == 1 and "format version 3" in lines[0], server.log()
+
+
+def test_a_corrupt_job_record_stops_start_up_with_one_line(servers, tmp_path):
+    ov = tmp_path / "ov"
+    disk = servers.overlay(ov, size="4M")
+    disk.stop()
+    (ov / "jobs").mkdir(exist_ok=True)
+    (ov / "jobs" / "m.json").write_text("{not json")
+    server = servers.restart(disk, wait=False)
+    server.proc.wait(30)
+    assert server.proc.returncode != 0
+    lines = [l for l in server.log().splitlines() if "overlay: error" in l]
+    assert len(lines) == 1 and "m.json is corrupt" in lines[0]
+    assert (ov / "jobs" / "m.json").exists()                # nothing lost
