@@ -286,7 +286,15 @@ def _json_object(text):
 
 def version_text():
     """ "jobctl 0.1.0 (qemu.qmp 0.0.6)": this package's and its QMP library's versions."""
-    return f"jobctl {_distribution_version(__package__)} (qemu.qmp {_distribution_version('qemu')})"
+    return f"jobctl {_own_version()} (qemu.qmp {_distribution_version('qemu')})"
+
+
+def _own_version():
+    """This project's version (distribution overlay-nbd, whatever name jobctl is imported by)."""
+    try:
+        return importlib.metadata.version("overlay-nbd")
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown: not installed)"
 
 
 def _distribution_version(package):
