@@ -335,10 +335,17 @@ class ControlServer:
             self._handle(client, item)
 
     def _handle(self, client: _Client, item) -> None:
+        negotiated = client.negotiated
         if isinstance(item, DecodeError):
             reply = encode(CommandError(item.desc).to_reply())
         else:
             reply = self._dispatch(client, item)
+        if not negotiated and client.negotiated:
+            # qmp_capabilities: its reply comes first, then the first events
+            # (a start-up backlog, docs/jobs.md), as a QMP client expects.
+            self._send(client, reply)
+            self._pump_client(client)
+            return
         # Every event queued so far, including those the command emitted,
         # goes out before the reply, as in QEMU.
         self._pump_client(client, force=True)
