@@ -152,9 +152,10 @@ class MirrorJob(Job):
         self._pivot = pivot
         self.reconnect_delay = reconnect_delay
         self.target_name = redact(target)
-        # Connects in the background: see open_target_within() and run().
-        self.target = open_target(target, reconnect_delay)
-        self.target.on_loss = self._target_lost
+        # Connects in the background: see open_target_within() and run().  A
+        # restored job connects when it runs (after a pause it came back in,
+        # not to a connection that failed while it was paused).
+        self.target = None if restored else self._open_target()
         self._flushes = set()         # _Flush in flight
         self._leave_asked = None      # when run() first saw complete / cancel
         self._last_answer = 0.0       # when the target last completed a request
@@ -206,6 +207,11 @@ class MirrorJob(Job):
         if self.target.size() != self.disk.size:
             raise CommandError("Source and target image have different sizes")
 
+    def _open_target(self):
+        target = open_target(self.target_address, self.reconnect_delay)
+        target.on_loss = self._target_lost
+        return target
+
     def _await_target(self):
         """run(): wait for the target connection; False if cancelled first.
 
@@ -231,8 +237,7 @@ class MirrorJob(Job):
                     return False
                 delay = min(CONNECT_BACKOFF_MAX, delay * 2)
                 self.target.close()
-                self.target = open_target(self.target_address, self.reconnect_delay)
-                self.target.on_loss = self._target_lost
+                self.target = self._open_target()
 
     def _target_lost(self):
         """The target connection was lost (called inside the target's call that
@@ -352,6 +357,8 @@ class MirrorJob(Job):
         """Shutdown: let the copies in flight land and checkpoint once, so the
         restarted job copies little; given up after SHUTDOWN_CHECKPOINT_TIMEOUT
         (a stalled target), the intent log is right either way."""
+        if self.target is None:
+            return
         deadline = time.monotonic() + SHUTDOWN_CHECKPOINT_TIMEOUT
         try:
             while self.target.in_flight() and time.monotonic() < deadline:
@@ -368,6 +375,8 @@ class MirrorJob(Job):
 
     def _run(self):
         self.attach()
+        if self.target is None:
+            self.target = self._open_target()
         if not self._await_target():
             return
         if not self._restored:
