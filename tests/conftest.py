@@ -15,6 +15,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "plugin" / "overlaydisk.py"
+LAUNCHER = REPO / "scripts" / "nbdkit-overlay"   # nbdkit + the plugin with the tuned options
 sys.path.insert(0, str(REPO / "tests"))
 
 
@@ -114,10 +115,10 @@ class Servers:
     def overlay(self, overlay, base=None, size=None, filters=(), wait=True, **params):
         """nbdkit serving our plugin; params are extra key=value (use '_' for '-')."""
         sock, log = self._next("overlay")
-        argv = ["nbdkit", "-f", "-v", "-U", str(sock)]
+        argv = [str(LAUNCHER), "-f", "-v", "-U", str(sock)]
         for f in filters:
             argv += ["--filter=" + f]
-        argv += ["python", str(PLUGIN), "overlay=%s" % overlay]
+        argv += ["overlay=%s" % overlay]
         if base is not None:
             argv.append("base=%s" % base)
         if size is not None:
