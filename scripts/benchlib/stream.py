@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 
-from jobctl.qmp_client import QMPClient, QMPClientError
+from jobctl.qmp_client import ConnectionProblem, QMPClient
 
 from benchlib.bench import REPO, human_size
 from benchlib.overlay import make_base, rotated
@@ -114,7 +114,7 @@ def _qemu(bench, base):
         try:
             with QMPClient(control) as qmp:
                 qmp.execute("quit")
-        except QMPClientError:
+        except ConnectionProblem:
             pass        # it may close the socket before the reply arrives
         server.proc.wait(TIMEOUT)
         quit_seconds = time.perf_counter() - start
