@@ -153,21 +153,16 @@ def build_parser():
     _add_wait_options(p, default_until="done")
     p.set_defaults(func=cmd_stream)
 
-    for name, qmp_command, help_text in (
-        ("pause", "block-job-pause", "pause a job"),
-        ("resume", "block-job-resume", "resume a paused job (also resets io-status)"),
+    # Simple verbs: (name, QMP command, the command's job argument, help).
+    for name, qmp_command, id_key, help_text in (
+        ("pause", "block-job-pause", "device", "pause a job"),
+        ("resume", "block-job-resume", "device", "resume a paused job (also resets io-status)"),
+        ("dismiss", "block-job-dismiss", "id", "remove a concluded job (auto-dismiss off)"),
+        ("finalize", "block-job-finalize", "id", "finalize a pending job (auto-finalize off)"),
     ):
         p = command(name, help_text)
         p.add_argument("job", metavar="JOB")
-        p.set_defaults(func=cmd_verb, qmp_command=qmp_command, id_key="device")
-
-    for name, qmp_command, help_text in (
-        ("dismiss", "block-job-dismiss", "remove a concluded job (auto-dismiss off)"),
-        ("finalize", "block-job-finalize", "finalize a pending job (auto-finalize off)"),
-    ):
-        p = command(name, help_text)
-        p.add_argument("job", metavar="JOB")
-        p.set_defaults(func=cmd_verb, qmp_command=qmp_command, id_key="id")
+        p.set_defaults(func=cmd_verb, qmp_command=qmp_command, id_key=id_key)
 
     p = command("complete", "complete a ready mirror (pivot to the target)")
     p.add_argument("job", metavar="JOB")
@@ -359,26 +354,22 @@ def cmd_status(client, args):
 def cmd_mirror(client, args):
     arguments = {"device": args.device, "target": paths.absolute_target(args.target),
                  "mode": "existing", "sync": args.sync}
-    _put(arguments, "job-id", args.job_id)
-    _put(arguments, "speed", args.speed)
-    _put(arguments, "granularity", args.granularity)
-    _put(arguments, "buf-size", args.buf_size)
-    _put(arguments, "on-source-error", args.on_source_error)
-    _put(arguments, "on-target-error", args.on_target_error)
-    _put(arguments, "copy-mode", args.copy_mode)
-    _put(arguments, "reconnect-delay", args.reconnect_delay)
-    _put_auto(arguments, args)
-    client.execute("drive-mirror", arguments)
-    return _started(client, args)
+    return _start_job(client, args, "drive-mirror", arguments, (
+        "job-id", "speed", "granularity", "buf-size", "on-source-error", "on-target-error",
+        "copy-mode", "reconnect-delay"))
 
 
 def cmd_stream(client, args):
     arguments = {"device": args.device}
-    _put(arguments, "job-id", args.job_id)
-    _put(arguments, "speed", args.speed)
-    _put(arguments, "on-error", args.on_error)
+    return _start_job(client, args, "block-stream", arguments, ("job-id", "speed", "on-error"))
+
+
+def _start_job(client, args, command, arguments, optional):
+    """Send a job-starting command with the options that were given, then wait if asked."""
+    for name in optional:
+        _put(arguments, name, getattr(args, name.replace("-", "_")))
     _put_auto(arguments, args)
-    client.execute("block-stream", arguments)
+    client.execute(command, arguments)
     return _started(client, args)
 
 

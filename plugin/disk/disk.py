@@ -110,23 +110,26 @@ class Disk:
 
     # -- listeners (jobs) -------------------------------------------------
 
+    # Listeners and guards are tuples replaced whole under the lock, so the
+    # request path reads them with no lock.
+
     def add_listener(self, fn):
         """Call fn(kind, offset, length, buf) after every completed change."""
-        with self._lock:
-            self._listeners = self._listeners + (fn,)
+        self._swap("_listeners", lambda fns: fns + (fn,))
 
     def remove_listener(self, fn):
-        with self._lock:
-            self._listeners = tuple(f for f in self._listeners if f is not fn)
+        self._swap("_listeners", lambda fns: tuple(f for f in fns if f is not fn))
 
     def add_guard(self, guard):
         """Run guard.begin/persist before every change and guard.end after it."""
-        with self._lock:
-            self._guards = self._guards + (guard,)
+        self._swap("_guards", lambda guards: guards + (guard,))
 
     def remove_guard(self, guard):
+        self._swap("_guards", lambda guards: tuple(g for g in guards if g is not guard))
+
+    def _swap(self, name, change):
         with self._lock:
-            self._guards = tuple(g for g in self._guards if g is not guard)
+            setattr(self, name, change(getattr(self, name)))
 
     # -- quiesce, hold, pivot --------------------------------------------
 

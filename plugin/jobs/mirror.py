@@ -437,35 +437,6 @@ class MirrorJob(Job):
                 self.sleep(max(0.01, min(READY_COPY_INTERVAL,
                                          self._last_flush + READY_FLUSH_INTERVAL - now)))
 
-    def _connect_target(self):
-        """A restored job's first connection; False if cancelled first.
-
-        A target that cannot be reached is a write error for on-target-error:
-        report ends the job, stop pauses it (resume tries again), ignore
-        tries again with a growing delay.
-        """
-        delay = 0.05
-        while not self.cancelled:
-            try:
-                target = open_target(self.target_address)
-            except OSError as e:
-                log.warning("Mirror target unreachable id=%s target=%s error=%s",
-                            self.id, self.target_address, e)
-                action = self.report_io_error("write", errno_of(e), self.on_target_error)
-                if action == "report":
-                    raise
-                if action == "ignore" and self.sleep(delay):
-                    return False
-                delay = min(CONNECT_BACKOFF_MAX, delay * 2)
-                continue
-            if target.size() != self.disk.size:
-                target.close()
-                raise OSError(errno.EINVAL, "target %s has size %d, the disk %d"
-                              % (self.target_address, target.size(), self.disk.size))
-            self.target = target
-            return True
-        return False
-
     def _checkpoint_due(self):
         """While copying: time to make progress durable (a flush that clears the log)?"""
         if self.intent is None or self._flushes or self.is_ready:

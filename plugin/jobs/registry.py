@@ -99,36 +99,28 @@ class JobRegistry:
         not (blocked on a stalled storage call) is left to die with the
         process: its record was saved first.
         """
-        jobs = self.jobs()
-        for job in jobs:
-            try:
-                job.suspend()
-            except Exception:
-                log.exception("Job suspend failed id=%s", job.id)
-        deadline = time.monotonic() + timeout
-        stopped = True
-        for job in jobs:
-            if not job.join(max(0.0, deadline - time.monotonic())):
-                log.warning("Job thread still busy at shutdown id=%s (its record is saved)",
-                            job.id)
-                stopped = False
-        return stopped
+        return self._each_then_join("suspend", timeout,
+                                    "Job thread still busy at shutdown id=%s (its record is saved)")
 
     def stop_all(self, timeout: float = 10.0) -> bool:
         """Force-cancel every job and join the threads (nbdkit cleanup).
 
         Returns True if every job thread ended within ``timeout`` seconds.
         """
+        return self._each_then_join("shutdown", timeout, "Job thread did not stop id=%s")
+
+    def _each_then_join(self, method: str, timeout: float, stuck: str) -> bool:
+        """Call job.<method>() on every job, then join them all within timeout."""
         jobs = self.jobs()
         for job in jobs:
             try:
-                job.shutdown()
+                getattr(job, method)()
             except Exception:
-                log.exception("Job shutdown failed id=%s", job.id)
+                log.exception("Job %s failed id=%s", method, job.id)
         deadline = time.monotonic() + timeout
         stopped = True
         for job in jobs:
             if not job.join(max(0.0, deadline - time.monotonic())):
-                log.warning("Job thread did not stop id=%s", job.id)
+                log.warning(stuck, job.id)
                 stopped = False
         return stopped

@@ -98,11 +98,7 @@ class WriteThrough:
                 self._abandoned.append((cookie, first, end))
                 return self._fell_back("the target did not answer within %gs" % self._timeout)
         except nbd.Error as e:
-            err = nbd_errno(e)
-            if is_finished(h, err):
-                self._hang_up_locked()
-                err = errno.ENOTCONN
-            raise OSError(err, "write-through to %s: %s" % (redact(self.address), e)) from None
+            raise self._failed(h, e, "write-through to") from None
         self._written = True
         return True
 
@@ -247,11 +243,7 @@ class WriteThrough:
                     self._abandoned.append((cookie, 0, 0))
                     return False
             except nbd.Error as e:
-                err = nbd_errno(e)
-                if is_finished(h, err):
-                    self._hang_up_locked()
-                    err = errno.ENOTCONN
-                raise OSError(err, "flush of %s: %s" % (redact(self.address), e)) from None
+                raise self._failed(h, e, "flush of") from None
             self._written = False
             return True
         finally:
@@ -272,6 +264,14 @@ class WriteThrough:
         finally:
             if got:
                 self._lock.release()
+
+    def _failed(self, h, e, what):
+        """The OSError for a libnbd error on h; a finished connection is hung up (ENOTCONN)."""
+        err = nbd_errno(e)
+        if is_finished(h, err):
+            self._hang_up_locked()
+            err = errno.ENOTCONN
+        return OSError(err, "%s %s: %s" % (what, redact(self.address), e))
 
     def _hang_up_locked(self):
         h, self._h = self._h, None
