@@ -8,11 +8,17 @@ with optional query keys:
     timeout=SECONDS  bound on connecting and on each OSD / monitor operation
                      (default 30; 0 waits for ever, as QEMU's rbd driver does)
 
-RbdBackend has the interface of FileBackend and NbdBackend (plugin/backends.py):
+The conf path must be absolute: nbdkit runs in / once it has forked.
+
+RbdBackend has the synchronous backend interface (backends/__init__.py):
 size, readinto, write, zero, flush, extents, close.  RbdTarget has the
-interface of the mirror targets (plugin/aio_target.py): submit_write,
-submit_zero, submit_flush with tags, wait, in_flight, extents, size,
-reconnect, close, using librbd's asynchronous I/O.
+interface of the mirror targets (target.py): submit_write, submit_zero,
+submit_flush with tags, wait, in_flight, extents, size, reconnect, close,
+using librbd's asynchronous I/O.  open_backend / open_target pick them for
+an rbd:// address.
+
+A bad address is ValueError from parse_uri (the configuration says which
+key) and OSError(EINVAL) from the constructors (like any failure to open).
 
 Errors are OSError with the errno Ceph gave.  A pool quota fails writes with
 EDQUOT; it is reported as ENOSPC so that the enospc policy treats a full pool
@@ -30,14 +36,13 @@ import queue
 import threading
 import urllib.parse
 
+from ..core.errors import errno_of, errno_name
+from ..core.extent import append_merged
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30
 MAX_ZERO = 1 << 30
-
-
-def is_rbd_uri(address):
-    return address.startswith("rbd://")
 
 
 class RbdAddress:
@@ -92,6 +97,10 @@ def parse_uri(address):
         except ValueError:
             raise ValueError("rbd address timeout must be whole seconds >= 0: %r"
                              % query["timeout"][0]) from None
+    conf = query.get("conf", [None])[0]
+    if conf is not None and not conf.startswith("/"):
+        raise ValueError("rbd address conf=%s must be an absolute path (the server runs in /)"
+                         % conf)
     return RbdAddress(pool, image, namespace, query.get("conf", [None])[0],
                       query.get("id", [None])[0], timeout)
 
@@ -108,7 +117,17 @@ def ceph_errno(e):
 
 def _os_error(e, what):
     n = ceph_errno(e)
-    return OSError(n, "%s: %s" % (what, e or errno.errorcode.get(n, n)))
+    return OSError(n, "%s: %s" % (what, e or errno_name(n)))
+
+
+def _parse(address):
+    """An RbdAddress from a string (OSError EINVAL if bad) or as given."""
+    if not isinstance(address, str):
+        return address
+    try:
+        return parse_uri(address)
+    except ValueError as e:
+        raise OSError(errno.EINVAL, str(e)) from None
 
 
 def _ceph_errors():
@@ -123,7 +142,7 @@ class _Connection:
     def __init__(self, address, readonly):
         import rados
         import rbd
-        self.addr = parse_uri(address) if isinstance(address, str) else address
+        self.addr = _parse(address)
         a = self.addr
         # No librbd cache: a write fails or succeeds itself (with the cache a
         # failure would surface at a later flush), as with the file and NBD backends.
@@ -158,10 +177,12 @@ class _Connection:
             raise _os_error(e, "%s %s" % (what, self.addr)) from None
 
     def extents(self, offset, length):
-        """[(offset, length, reads_as_zero)] covering the range, from diff_iterate.
+        """[Extent] covering the range, from diff_iterate.
 
         With fast-diff the object map answers at object granularity (no I/O
         per object); without it librbd asks each object for its extents.
+        Ranges diff_iterate does not report read as zeros, and so does
+        everything past the end of the image.
         """
         end = min(offset + length, self.size)
         found = []
@@ -173,27 +194,18 @@ class _Connection:
                       include_parent=True, whole_object=self.whole_object)
         found.sort()
         result = []
-
-        def add(o, n, zero):
-            if n <= 0:
-                return
-            if result and result[-1][2] == zero and result[-1][0] + result[-1][1] == o:
-                result[-1] = (result[-1][0], result[-1][1] + n, zero)
-            else:
-                result.append((o, n, zero))
-
         pos = offset
         for o, n, exists in found:
             o, e = max(o, pos), min(o + n, end)
             if e <= o:
                 continue
-            add(pos, o - pos, True)
-            add(o, e - o, not exists)
+            append_merged(result, pos, o - pos, True)
+            append_merged(result, o, e - o, not exists)
             pos = e
-        add(pos, end - pos, True)
+        append_merged(result, pos, end - pos, True)
         if offset + length > end:
             start = max(end, offset)
-            add(start, offset + length - start, True)
+            append_merged(result, start, offset + length - start, True)
         return result
 
     def close(self):
@@ -269,7 +281,7 @@ class RbdTarget:
 
     def __init__(self, address):
         self.address = address
-        self._addr = parse_uri(address)
+        self._addr = _parse(address)
         self._done = queue.SimpleQueue()     # (generation, serial, errno) from callbacks
         self._pending = {}                   # serial -> tag
         self._failed = []                    # (tag, errno) that wait() returns next
@@ -315,7 +327,7 @@ class RbdTarget:
             self._failed.append((tag, self._note(ceph_errno(e))))
         except Exception as e:          # e.g. the image was closed
             del self._pending[serial]
-            self._failed.append((tag, self._note(getattr(e, "errno", None) or errno.EBADF)))
+            self._failed.append((tag, self._note(errno_of(e, errno.EBADF))))
 
     def _note(self, n):
         if n in (errno.ESHUTDOWN, errno.ENOTCONN, errno.EBADF):
