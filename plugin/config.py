@@ -4,6 +4,9 @@ import dataclasses
 import os
 import re
 
+from .backends import is_rbd_uri
+from .backends.rbd import parse_uri as parse_rbd_uri
+
 
 class ConfigError(Exception):
     """Bad configuration; the message is one clear line for the operator."""
@@ -42,6 +45,11 @@ class Config:
         if key == "overlay":
             self.overlay = os.path.abspath(value)
         elif key == "base":
+            if is_rbd_uri(value):
+                try:
+                    parse_rbd_uri(value)
+                except ValueError as e:
+                    raise ConfigError("base=%s: %s" % (value, e)) from None
             self.base = value if "://" in value else os.path.abspath(value)
         elif key == "size":
             self.size = parse_size(value, "size")

@@ -90,3 +90,14 @@ def test_restart_with_same_values_repeated_is_fine(servers, tmp_path):
     a = make_image(tmp_path / "a.img", MiB)
     servers.overlay(tmp_path / "ov", base=a).stop()
     servers.overlay(tmp_path / "ov", base=a, size=str(MiB)).stop()
+
+
+def test_rbd_base_with_a_relative_conf(tmp_path):
+    line = start_fails(tmp_path, "overlay=%s" % (tmp_path / "ov"), "base=rbd://p/i?conf=ceph.conf")
+    assert line.endswith("base=rbd://p/i?conf=ceph.conf: rbd address conf=ceph.conf must be an "
+                         "absolute path (the server runs in /)")
+
+
+def test_bad_rbd_base_address(tmp_path):
+    line = start_fails(tmp_path, "overlay=%s" % (tmp_path / "ov"), "base=rbd://pool-only")
+    assert "base=rbd://pool-only: rbd address must be rbd://POOL/IMAGE" in line
