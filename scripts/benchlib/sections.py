@@ -5,10 +5,11 @@ tables with bench.group(...) and adds one sample per run to each row.  To add a
 benchmark, write such a module and list it here.
 """
 
-from benchlib import mirror, overlay, stream
+from benchlib import ceph, mirror, overlay, stream
 
 SECTIONS = {
     "overlay": overlay,
     "stream": stream,
     "mirror": mirror,
+    "ceph": ceph,
 }
