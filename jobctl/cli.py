@@ -128,7 +128,7 @@ def build_parser():
 
     p = command("mirror", "start a mirror (drive-mirror, mode=existing) of DEVICE to TARGET")
     p.add_argument("device", metavar="DEVICE")
-    p.add_argument("target", metavar="TARGET", help="NBD URI or file path")
+    p.add_argument("target", metavar="TARGET", help="NBD URI, rbd://POOL/IMAGE?conf=PATH or file path")
     p.add_argument("--job-id", help="job id (default: DEVICE)")
     p.add_argument("--sync", choices=SYNC_MODES, default="full", help="what to copy (default: full)")
     p.add_argument("--speed", type=_size, help="bytes/s limit, e.g. 10M (0: unlimited)")

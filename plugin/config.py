@@ -8,6 +8,8 @@ import os
 import re
 
 from .disk.statecheck import DEVICE_RE
+from .backends import is_rbd_uri
+from .backends.rbd import parse_uri as parse_rbd_uri
 
 
 class ConfigError(Exception):
@@ -67,6 +69,11 @@ class Config:
         if key == "overlay":
             self.overlay = os.path.abspath(value)
         elif key == "base":
+            if is_rbd_uri(value):
+                try:
+                    parse_rbd_uri(value)
+                except ValueError as e:
+                    raise ConfigError("base=%s: %s" % (value, e)) from None
             self.base = value if "://" in value else os.path.abspath(value)
         elif key == "size":
             self.size = parse_size(value, "size")

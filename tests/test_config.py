@@ -104,3 +104,14 @@ def test_bad_reconnect_delay(tmp_path, value):
     line = start_fails(tmp_path, "overlay=%s" % (tmp_path / "ov"), "size=1M",
                        "reconnect-delay=" + value)
     assert "reconnect-delay=%s: must be a number of seconds" % value in line
+
+
+def test_rbd_base_with_a_relative_conf(tmp_path):
+    line = start_fails(tmp_path, "overlay=%s" % (tmp_path / "ov"), "base=rbd://p/i?conf=ceph.conf")
+    assert line.endswith("base=rbd://p/i?conf=ceph.conf: rbd address conf=ceph.conf must be an "
+                         "absolute path (the server runs in /)")
+
+
+def test_bad_rbd_base_address(tmp_path):
+    line = start_fails(tmp_path, "overlay=%s" % (tmp_path / "ov"), "base=rbd://pool-only")
+    assert "base=rbd://pool-only: rbd address must be rbd://POOL/IMAGE" in line

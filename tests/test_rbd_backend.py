@@ -1,4 +1,4 @@
-"""The native RBD backend and mirror target (plugin/backends_rbd.py) against a real
+"""The native RBD backend and mirror target (plugin/backends/rbd.py) against a real
 one-node Ceph cluster (tests/cephcluster.py), and qemu-nbd in front of RBD."""
 
 import errno
@@ -12,7 +12,8 @@ import time
 import pytest
 
 from conftest import Server, make_image
-from plugin import backends_rbd
+from plugin import backends
+from plugin.backends import rbd as plugin_rbd
 
 MiB = 1 << 20
 _names = itertools.count()
@@ -38,25 +39,42 @@ def _fresh_pools():
 # -- addresses (no cluster) -----------------------------------------------------
 
 def test_parse_uri():
-    a = backends_rbd.parse_uri("rbd://pool/img?conf=/etc/ceph/x.conf&id=mirror&timeout=5")
+    a = plugin_rbd.parse_uri("rbd://pool/img?conf=/etc/ceph/x.conf&id=mirror&timeout=5")
     assert (a.pool, a.namespace, a.image, a.conf, a.client_id, a.timeout) == \
         ("pool", "", "img", "/etc/ceph/x.conf", "mirror", 5)
-    a = backends_rbd.parse_uri("rbd://pool/ns/img")
+    a = plugin_rbd.parse_uri("rbd://pool/ns/img")
     assert (a.pool, a.namespace, a.image, a.conf, a.client_id, a.timeout) == \
-        ("pool", "ns", "img", None, None, backends_rbd.DEFAULT_TIMEOUT)
+        ("pool", "ns", "img", None, None, plugin_rbd.DEFAULT_TIMEOUT)
     assert str(a) == "rbd://pool/ns/img"
-    assert backends_rbd.parse_uri("rbd://p/i?timeout=0").timeout == 0
+    assert plugin_rbd.parse_uri("rbd://p/i?timeout=0").timeout == 0
 
 
 @pytest.mark.parametrize("bad", [
     "rbd://pool", "rbd://pool/", "rbd:///img", "rbd://a/b/c/d", "rbd://p//i",
     "rbd://p/i?conf=", "rbd://p/i?bogus=1", "rbd://p/i?timeout=-1", "rbd://p/i?timeout=x",
-    "rbd://p/i?conf=a&conf=b", "nbd://p/i",
+    "rbd://p/i?conf=a&conf=b", "nbd://p/i", "rbd://p/i?conf=ceph.conf",
 ])
 def test_parse_uri_rejects(bad):
     with pytest.raises(ValueError) as e:
-        backends_rbd.parse_uri(bad)
+        plugin_rbd.parse_uri(bad)
     assert "\n" not in str(e.value)
+
+
+def test_relative_conf_is_refused_with_a_clear_line():
+    with pytest.raises(ValueError) as e:
+        plugin_rbd.parse_uri("rbd://p/i?conf=ceph/ceph.conf")
+    assert str(e.value) == ("rbd address conf=ceph/ceph.conf must be an absolute path "
+                            "(the server runs in /)")
+
+
+@pytest.mark.parametrize("opener", [
+    lambda a: backends.open_backend(a, readonly=True), backends.open_target])
+def test_open_by_scheme_refuses_a_bad_rbd_address_as_einval(opener):
+    """rbd:// goes to the RBD backend (not a file path), whose bad address is EINVAL."""
+    with pytest.raises(OSError) as e:
+        opener("rbd://pool-only")
+    assert e.value.errno == errno.EINVAL
+    assert "rbd address must be rbd://POOL/IMAGE" in str(e.value)
 
 
 # -- the backend ----------------------------------------------------------------
@@ -64,7 +82,7 @@ def test_parse_uri_rejects(bad):
 def test_round_trip(ceph_cluster):
     name, uri = new_image(ceph_cluster)
     data = os.urandom(3 * MiB)
-    b = backends_rbd.RbdBackend(uri, readonly=False)
+    b = plugin_rbd.RbdBackend(uri, readonly=False)
     try:
         assert b.size() == 32 * MiB
         b.write(data, 5 * MiB)
@@ -89,7 +107,7 @@ def test_round_trip(ceph_cluster):
 
 def test_read_only_refuses_writes(ceph_cluster):
     _, uri = new_image(ceph_cluster)
-    b = backends_rbd.RbdBackend(uri, readonly=True)
+    b = plugin_rbd.RbdBackend(uri, readonly=True)
     try:
         with pytest.raises(OSError) as e:
             b.write(b"x" * 512, 0)
@@ -100,7 +118,7 @@ def test_read_only_refuses_writes(ceph_cluster):
 
 def test_extents_skip_zero_ranges(ceph_cluster):
     _, uri = new_image(ceph_cluster, size=64 * MiB)
-    b = backends_rbd.RbdBackend(uri, readonly=False)
+    b = plugin_rbd.RbdBackend(uri, readonly=False)
     try:
         assert b.extents(0, 64 * MiB) == [(0, 64 * MiB, True)]
         b.write(b"a" * 4096, 9 * MiB)          # object 2 (4 MiB objects)
@@ -133,21 +151,21 @@ def test_missing_image_and_pool_are_enoent(ceph_cluster):
     new_image(ceph_cluster)      # the pool exists
     for uri in (ceph_cluster.uri("rbd", "no-such-image"), ceph_cluster.uri("no-such-pool", "x")):
         with pytest.raises(OSError) as e:
-            backends_rbd.RbdBackend(uri, readonly=True)
+            plugin_rbd.RbdBackend(uri, readonly=True)
         assert e.value.errno == errno.ENOENT, e.value
         assert "\n" not in str(e.value)
 
 
 def test_missing_conf_is_an_error(tmp_path):
     with pytest.raises(OSError) as e:
-        backends_rbd.RbdBackend("rbd://p/i?conf=%s" % (tmp_path / "none.conf"), readonly=True)
+        plugin_rbd.RbdBackend("rbd://p/i?conf=%s" % (tmp_path / "none.conf"), readonly=True)
     assert e.value.errno == errno.ENOENT
 
 
 def _full_pool(cluster, pool):
     """A pool over its quota: 2 MiB written, a 1 MiB quota, the flag set."""
     name, uri = new_image(cluster, size=32 * MiB, pool=pool)
-    b = backends_rbd.RbdBackend(uri, readonly=False)
+    b = plugin_rbd.RbdBackend(uri, readonly=False)
     b.write(b"q" * (2 * MiB), 0)
     b.flush()
     cluster.set_pool_quota(pool, max_bytes=MiB)
@@ -188,17 +206,19 @@ def _drain(target, timeout=60):
 
 def test_async_target_writes_land(ceph_cluster):
     name, uri = new_image(ceph_cluster, size=16 * MiB)
-    t = backends_rbd.RbdTarget(uri)
+    t = plugin_rbd.RbdTarget(uri)
     try:
         assert t.size() == 16 * MiB and t.multi_conn
         assert t.extents(0, 16 * MiB) == [(0, 16 * MiB, True)]
         expect = bytearray(16 * MiB)
-        buf = bytearray(256 * 1024)
         tags = []
-        for i in range(0, 12 * MiB, len(buf)):
-            buf[:] = os.urandom(len(buf))
-            t.submit_write(memoryview(buf), i, ("w", i))   # buf reused at once
-            expect[i:i + len(buf)] = buf
+        chunk = 256 * 1024
+        for i in range(0, 12 * MiB, chunk):
+            buf = bytearray(os.urandom(chunk))
+            # A whole bytearray's view (not copied), a part of one (copied), bytes.
+            data = (memoryview(buf), memoryview(buf + bytes(7))[:chunk], bytes(buf))[i % 3]
+            t.submit_write(data, i, ("w", i))
+            expect[i:i + chunk] = buf
             tags.append(("w", i))
         assert t.in_flight() > 0
         t.submit_zero(4 * MiB, 4 * MiB, "z")
@@ -208,8 +228,36 @@ def test_async_target_writes_land(ceph_cluster):
         t.submit_flush("f")
         done.update(_drain(t))
         assert done == {tag: 0 for tag in tags + ["f"]}
-        assert t.reconnect() is False
+        assert t.reconnect() is True and t.losses == 0      # usable: nothing to reopen
         assert t.wait(0) == []
+    finally:
+        t.close()
+    assert ceph_cluster.export_image("rbd", name) == expect
+
+
+def test_zero_copy_target_buffers_are_free_once_completed(ceph_cluster):
+    """timeout=0: librbd writes from our memory; a buffer rewritten as soon as its
+    write completed (as the mirror does) never changes what landed."""
+    name, uri = new_image(ceph_cluster, size=16 * MiB)
+    t = plugin_rbd.RbdTarget(uri + "&timeout=0")
+    chunk = MiB
+    free = [bytearray(chunk) for _ in range(4)]
+    expect = bytearray(16 * MiB)
+    try:
+        pos, seed = 0, 0
+        while pos < 16 * MiB or t.in_flight():
+            while free and pos < 16 * MiB:
+                buf = free.pop()
+                buf[:] = bytes([seed % 251]) * chunk
+                expect[pos:pos + chunk] = buf
+                t.submit_write(memoryview(buf), pos, buf)
+                pos, seed = pos + chunk, seed + 1
+            for buf, err in t.wait(5.0):
+                assert err == 0
+                buf[:] = b"\xff" * chunk         # reused at once
+                free.append(buf)
+        t.submit_flush("f")
+        assert _drain(t) == {"f": 0}
     finally:
         t.close()
     assert ceph_cluster.export_image("rbd", name) == expect
@@ -218,7 +266,7 @@ def test_async_target_writes_land(ceph_cluster):
 def test_async_target_pool_quota_is_enospc(ceph_cluster):
     name, uri, b = _full_pool(ceph_cluster, "quota2")
     b.close()
-    t = backends_rbd.RbdTarget(uri)
+    t = plugin_rbd.RbdTarget(uri)
     try:
         t.submit_write(b"n" * 4096, 8 * MiB, "new")
         t.submit_write(b"o" * 4096, 0, "overwrite")   # rewrites within the quota'd data pass
@@ -254,8 +302,8 @@ def test_qemu_nbd_serves_rbd(ceph_cluster, servers, tmp_path):
 def test_stopped_osd_times_out_then_recovers(ceph_cluster):
     """librbd waits on a stopped OSD; the address's timeout bounds that wait."""
     name, uri = new_image(ceph_cluster, size=8 * MiB)
-    b = backends_rbd.RbdBackend(uri + "&timeout=2", readonly=False)
-    t = backends_rbd.RbdTarget(uri + "&timeout=2")
+    b = plugin_rbd.RbdBackend(uri + "&timeout=2", readonly=False)
+    t = plugin_rbd.RbdTarget(uri + "&timeout=2")
     osd = ceph_cluster.osd_pid()
     os.kill(osd, signal.SIGSTOP)
     try:
@@ -277,3 +325,12 @@ def test_stopped_osd_times_out_then_recovers(ceph_cluster):
         t.close()
     image = ceph_cluster.export_image("rbd", name)
     assert image[:4096] == b"s" * 4096 and image[MiB:MiB + 4096] == b"t" * 4096
+
+
+def test_whole_bytearrays_go_to_librbd_uncopied():
+    ba = bytearray(b"abcdefgh")
+    assert plugin_rbd._whole_buffer(ba) is ba
+    assert plugin_rbd._whole_buffer(memoryview(ba)) is ba
+    part = plugin_rbd._whole_buffer(memoryview(ba)[2:5])
+    assert part == b"cde" and isinstance(part, bytes)
+    assert plugin_rbd._whole_buffer(memoryview(b"xyz")) == b"xyz"

@@ -1,4 +1,4 @@
-"""Storage backends: a raw file or an NBD export behind one small interface.
+"""Storage backends: a raw file, an NBD export or a Ceph RBD image behind one small interface.
 
 The base, the mirror target and a pivoted disk are all backends, so code above
 never asks which kind it has (as ovirt-imageio's backends do).  A backend is
@@ -30,28 +30,48 @@ that many seconds after a connection is lost, requests wait for a new one.
 
 Errors are OSError with the errno the storage gave, so callers can tell ENOSPC
 from EIO.
+
+Addresses: ``nbd://`` and friends (nbd.py, target.py), ``rbd://POOL/IMAGE?conf=PATH``
+(rbd.py, Ceph's librbd), anything else a file path (file.py).
 """
 
 NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://", "nbd+vsock://")
+
+
+RBD_SCHEME = "rbd://"
 
 
 def is_nbd_uri(address):
     return address.startswith(NBD_SCHEMES)
 
 
+def is_rbd_uri(address):
+    return address.startswith(RBD_SCHEME)
+
+
 def open_backend(address, readonly, connections=1, reconnect_delay=0.0, handle=None):
-    """A synchronous backend for a file path or an NBD URI (handle: a connected
-    libnbd handle to adopt, e.g. a mirror target's at the pivot)."""
+    """A synchronous backend for a file path, an NBD URI or an rbd:// address.
+
+    connections: how many NBD connections a reader may use (one librbd image
+    handle serves every thread, so RBD ignores it); handle: a connected
+    libnbd handle to adopt, e.g. a mirror target's at the pivot.
+    """
     if is_nbd_uri(address):
         from .nbd import NbdBackend
         return NbdBackend(address, readonly, connections, reconnect_delay, handle)
+    if is_rbd_uri(address):
+        from .rbd import RbdBackend
+        return RbdBackend(address, readonly)
     from .file import FileBackend
     return FileBackend(address, readonly)
 
 
 def open_target(address, reconnect_delay=0.0):
-    """An asynchronous mirror target for a file path or an NBD URI; an NBD one
-    connects in the background (wait_open())."""
+    """An asynchronous mirror target for a file path, an NBD URI or an rbd:// address;
+    an NBD one connects in the background (wait_open())."""
+    if is_rbd_uri(address):
+        from .rbd import RbdTarget
+        return RbdTarget(address)
     from .target import FileTarget, NbdTarget
     if is_nbd_uri(address):
         return NbdTarget(address, reconnect_delay)

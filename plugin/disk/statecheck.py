@@ -88,9 +88,9 @@ def _address_or_null(v):
     if v is None:
         return None
     if not isinstance(v, str) or not v:
-        return "must be null, an absolute path or an NBD URI"
-    if not v.startswith(_NBD_SCHEMES) and not os.path.isabs(v):
-        return "must be null, an absolute path or an NBD URI"
+        return "must be null, an absolute path, an NBD URI or an rbd:// address"
+    if not _is_nbd(v) and not os.path.isabs(v):
+        return "must be null, an absolute path, an NBD URI or an rbd:// address"
     return None
 
 
@@ -297,7 +297,8 @@ def check_new(state_dir):
 # -- the base ---------------------------------------------------------------
 
 def _is_nbd(address):
-    return address.startswith(_NBD_SCHEMES)
+    """A network base (NBD or RBD): no file to stat; its size is what is checked."""
+    return address.startswith(_NBD_SCHEMES + ("rbd://",))
 
 
 def _sample_digest(backend, size):

@@ -9,18 +9,20 @@ with a message that says so.  jobctl makes such paths absolute before sending.
 import os
 import urllib.parse
 
+from ..backends import is_nbd_uri, is_rbd_uri
 from ..core.errors import CommandError
 
 NBD_PATH_PARAMS = ("socket", "tls-psk-file", "tls-certificates")
-_NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://", "nbd+vsock://")
+RBD_PATH_PARAMS = ("conf",)
 
 
 def relative_paths(target):
     """[(what, path)] of every relative path the target address holds."""
-    if target.startswith(_NBD_SCHEMES):
+    if is_nbd_uri(target) or is_rbd_uri(target):
+        params = NBD_PATH_PARAMS if is_nbd_uri(target) else RBD_PATH_PARAMS
         query = urllib.parse.urlsplit(target).query
         return [(key, value) for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True)
-                if key in NBD_PATH_PARAMS and not os.path.isabs(value)]
+                if key in params and not os.path.isabs(value)]
     return [] if os.path.isabs(target) else [("target", target)]
 
 
