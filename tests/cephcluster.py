@@ -81,6 +81,14 @@ def _free_port_range(count):
     raise CephError("no free range of %d ports on 127.0.0.1" % count)
 
 
+def _die_with_parent():
+    """In the child, before exec: SIGKILL when the process that started us dies, so a
+    test run that is killed never leaves a cluster behind (stop() kills by pid otherwise)."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class CephCluster:
     """One mon, one memstore OSD and (mgr=True) one mgr, in folder.
 
@@ -88,8 +96,12 @@ class CephCluster:
     with what is written).  extra_conf adds or overrides [global] options.
     """
 
-    def __init__(self, folder, memstore_bytes=1 << 30, mgr=True, extra_conf=None):
+    def __init__(self, folder, memstore_bytes=1 << 30, mgr=True, extra_conf=None,
+                 die_with_parent=True):
         self.dir = pathlib.Path(folder).resolve()
+        # Daemons die with the process that started them (a killed test run leaves
+        # none behind); the command-line `start` turns that off, it exits at once.
+        self.die_with_parent = die_with_parent
         self.memstore_bytes = memstore_bytes
         self.with_mgr = mgr
         self.extra_conf = extra_conf or {}
@@ -207,7 +219,8 @@ class CephCluster:
         log = open(self.dir / ("%s.out" % name), "ab")
         try:
             p = subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
+                                 stdin=subprocess.DEVNULL, start_new_session=True,
+                                 preexec_fn=_die_with_parent if self.die_with_parent else None)
         finally:
             log.close()
         self.procs[name] = p
@@ -401,7 +414,8 @@ def _main(argv=None):
     d = pathlib.Path(args.dir)
     pidfile = d / "daemons.json"
     if args.cmd == "start":
-        c = CephCluster(d, memstore_bytes=args.memstore_bytes, mgr=args.mgr)
+        c = CephCluster(d, memstore_bytes=args.memstore_bytes, mgr=args.mgr,
+                        die_with_parent=False)
         try:
             c.start()
             for pool in args.pool:
