@@ -346,3 +346,26 @@ def test_whole_bytearrays_go_to_librbd_uncopied():
     part = plugin_rbd._whole_buffer(memoryview(ba)[2:5])
     assert part == b"cde" and isinstance(part, bytes)
     assert plugin_rbd._whole_buffer(memoryview(b"xyz")) == b"xyz"
+
+
+def test_target_close_does_not_wait_for_a_hung_osd(ceph_cluster):
+    """timeout=0: a write to a stopped OSD stays pending; close() still returns."""
+    name, uri = new_image(ceph_cluster, size=8 * MiB)
+    t = plugin_rbd.RbdTarget(uri + "&timeout=0")
+    osd = ceph_cluster.osd_pid()
+    os.kill(osd, signal.SIGSTOP)
+    try:
+        t.submit_write(b"h" * 4096, 0, "hung")
+        assert t.wait(0.5) == [] and t.in_flight() == 1
+        t.close()
+        assert t.in_flight() == 0
+    finally:
+        os.kill(osd, signal.SIGCONT)
+    # The abandoned write may still land; the cluster is unharmed.
+    b = plugin_rbd.RbdBackend(uri, readonly=False)
+    try:
+        b.write(b"n" * 4096, MiB)
+        b.flush()
+    finally:
+        b.close()
+    assert ceph_cluster.export_image("rbd", name)[MiB:MiB + 4096] == b"n" * 4096
