@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30
 MAX_ZERO = 1 << 30
+# How long close() waits for librbd before it lets the close go on alone: a
+# hung OSD with timeout=0 would hold a cancel or a shutdown for ever.
+CLOSE_WAIT = 2.0
 
 
 class RbdAddress:
@@ -214,6 +217,15 @@ class _Connection:
             append_merged(result, start, offset + length - start, True)
         return result
 
+    def close_within(self, seconds):
+        """close() in a thread, waited for at most seconds (then it goes on alone)."""
+        t = threading.Thread(target=self.close, name="rbd-close", daemon=True)
+        t.start()
+        t.join(seconds)
+        if t.is_alive():
+            log.warning("closing %s takes longer than %ss (cluster not answering?); going on",
+                        self.addr, seconds)
+
     def close(self):
         for obj in (self.image, self.ioctx):
             if obj is not None:
@@ -271,7 +283,8 @@ class RbdBackend:
         return self._c.extents(offset, length)
 
     def close(self):
-        self._c.close()
+        """Close the image (in the background after CLOSE_WAIT if the cluster hangs)."""
+        self._c.close_within(CLOSE_WAIT)
 
 
 class RbdTarget:
@@ -397,18 +410,17 @@ class RbdTarget:
     def close(self):
         """Close the image; requests still in flight are abandoned.
 
-        librbd's close waits for them, and a hung OSD (timeout=0) may never
-        answer: then the close goes on in a thread, so that a cancelled job
-        ends at once (as an NBD target's does).  librbd copied their data.
+        librbd's close waits for them and talks to the OSDs itself; a hung
+        OSD (timeout=0) may never answer.  After CLOSE_WAIT seconds the close
+        goes on in the background, so that a cancelled job ends (as an NBD
+        target's does).  librbd copied the requests' data.
         """
         c, self._c = self._c, None
         if c is not None:
             if self._pending:
                 log.info("Mirror target closing image=%s with %d requests in flight",
                          self._addr, len(self._pending))
-                threading.Thread(target=c.close, name="rbd-close", daemon=True).start()
-            else:
-                c.close()
+            c.close_within(CLOSE_WAIT)
         self._pending.clear()
         self._failed.clear()
 
