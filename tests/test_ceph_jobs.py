@@ -342,3 +342,23 @@ def test_stopped_osd_mid_mirror_then_continued_completes(ceph_cluster, disks, tm
     disk.complete()
     assert ceph_cluster.export_image("rbd", name) == disk.bytes()
     assert {e["action"] for e in disk.errors()} == {policy}
+
+
+def test_force_cancel_while_the_osd_hangs_with_timeout_0_is_prompt(ceph_cluster, disks, tmp_path):
+    """timeout=0: requests wait for the stopped OSD for ever, yet a cancel ends the job."""
+    _, uri = new_image(ceph_cluster)
+    disk = disks(base=base_image(tmp_path))
+    disk.qmp("drive-mirror", device="disk0", target=uri + "&timeout=0", sync="full",
+             speed=4 * MiB)
+    wait_until(lambda: disk.qmp.job("disk0")["offset"] > 0, timeout=60)
+    osd = ceph_cluster.osd_pid()
+    os.kill(osd, signal.SIGSTOP)
+    try:
+        disk.qmp("block-job-cancel", device="disk0", force=True)
+        disk.qmp.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
+        disk.qmp.wait_status("disk0", "null")
+        assert disk.block()["active"] is None
+        disk.h.pwrite(b"still served", MiB)
+        assert disk.h.pread(12, MiB) == b"still served"
+    finally:
+        os.kill(osd, signal.SIGCONT)

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30
 MAX_ZERO = 1 << 30
+# How long close() waits for librbd before it lets the close go on alone: a
+# hung OSD with timeout=0 would hold a cancel or a shutdown for ever.
+CLOSE_WAIT = 2.0
 
 
 class RbdAddress:
@@ -146,20 +149,17 @@ class _Connection:
         a = self.addr
         # No librbd cache: a write fails or succeeds itself (with the cache a
         # failure would surface at a later flush), as with the file and NBD backends.
+        #
+        # librbd copies each write at submit time (rbd_disable_zero_copy_writes
+        # stays true): with zero-copy writes it holds a completion until the
+        # messenger lets go of the caller's memory, which it never does for a
+        # hung OSD or a blocklisted client, so a write would neither time out
+        # nor fail with ESHUTDOWN, and closing the image would hang.
         conf = {"rbd_cache": "false"}
         if a.timeout:
             t = str(a.timeout)
             conf.update({"rados_osd_op_timeout": t, "rados_mon_op_timeout": t,
                          "client_mount_timeout": t})
-        else:
-            # Zero-copy aio writes: librbd sends from the caller's memory (a
-            # target's caller keeps it until the completion) instead of copying
-            # each 1 MiB chunk (~20% of the mirror's CPU time).  librbd then
-            # holds a completion until the messenger has let go of the memory,
-            # which a hung OSD never does: a timed-out write would not complete
-            # until the OSD answers.  So only when requests wait for ever
-            # anyway (timeout=0).  Synchronous writes are always copied.
-            conf["rbd_disable_zero_copy_writes"] = "false"
         self.cluster = self.ioctx = self.image = None
         try:
             self.cluster = rados.Rados(conffile=a.conf or "", rados_id=a.client_id, conf=conf)
@@ -216,6 +216,15 @@ class _Connection:
             start = max(end, offset)
             append_merged(result, start, offset + length - start, True)
         return result
+
+    def close_within(self, seconds):
+        """close() in a thread, waited for at most seconds (then it goes on alone)."""
+        t = threading.Thread(target=self.close, name="rbd-close", daemon=True)
+        t.start()
+        t.join(seconds)
+        if t.is_alive():
+            log.warning("closing %s takes longer than %ss (cluster not answering?); going on",
+                        self.addr, seconds)
 
     def close(self):
         for obj in (self.image, self.ioctx):
@@ -274,7 +283,8 @@ class RbdBackend:
         return self._c.extents(offset, length)
 
     def close(self):
-        self._c.close()
+        """Close the image (in the background after CLOSE_WAIT if the cluster hangs)."""
+        self._c.close_within(CLOSE_WAIT)
 
 
 class RbdTarget:
@@ -282,8 +292,7 @@ class RbdTarget:
 
     Completion callbacks run in librbd's threads; they only put (tag, errno)
     on a queue (never raise, never call librbd).  Only the mirror thread calls
-    the methods.  Each pending request keeps its data alive: librbd reads it
-    in place (zero-copy) until the request completes.
+    the methods.
     """
 
     # One image handle: a flush covers every write that completed before it.
@@ -295,9 +304,8 @@ class RbdTarget:
         self.losses = 0
         self._addr = _parse(address)
         self._done = queue.SimpleQueue()     # (generation, serial, errno) from callbacks
-        self._pending = {}                   # serial -> (tag, data kept alive)
+        self._pending = {}                   # serial -> tag
         self._failed = []                    # (tag, errno) that wait() returns next
-        self._closing = {}                   # serial -> [(tag, data)] of a handle being closed
         self._serial = 0
         self._generation = 0                 # bumped by reconnect(): late callbacks ignored
         self._dead = False
@@ -311,12 +319,7 @@ class RbdTarget:
         return self._c.extents(offset, length)
 
     def in_flight(self):
-        return (len(self._pending) + len(self._failed)
-                + sum(len(requests) for requests in self._closing.values()))
-
-    def _next_serial(self):
-        self._serial += 1
-        return self._serial
+        return len(self._pending) + len(self._failed)
 
     def _callback(self, serial):
         generation, done_queue = self._generation, self._done
@@ -330,13 +333,14 @@ class RbdTarget:
             done_queue.put((generation, serial, n))
         return done
 
-    def _submit(self, tag, method, *args, data=None):
+    def _submit(self, tag, method, *args):
         if self._c is None:             # a reconnect failed: reconnect() tries again
             self._failed.append((tag, errno.ENOTCONN))
             return
         fn = getattr(self._c.image, method)
-        serial = self._next_serial()
-        self._pending[serial] = (tag, data)
+        self._serial += 1
+        serial = self._serial
+        self._pending[serial] = tag
         try:
             fn(*args, self._callback(serial))
         except _ceph_errors() as e:
@@ -352,15 +356,13 @@ class RbdTarget:
         return n
 
     def submit_write(self, buf, offset, tag):
-        """Write buf; as with the other targets, buf must not change until it completes.
+        """Write buf (it may be reused once this returns: librbd copies it here).
 
-        librbd reads the caller's memory while the write is in flight: a
-        bytearray (or a memoryview of a whole one, the mirror's usual 1 MiB
-        chunk) is passed without a copy.  A partial view is copied: the
-        binding takes only bytes and bytearray.
+        A bytearray, or a memoryview of a whole one (the mirror's usual 1 MiB
+        chunk), goes to librbd as it is; the binding takes only bytes and
+        bytearray, so a partial view is copied once more.
         """
-        data = _whole_buffer(buf)
-        self._submit(tag, "aio_write", data, offset, data=data)
+        self._submit(tag, "aio_write", _whole_buffer(buf), offset)
 
     def submit_zero(self, offset, length, tag):
         self._submit(tag, "aio_write_zeroes", offset, length)
@@ -372,20 +374,15 @@ class RbdTarget:
     def wait(self, timeout):
         """Completions so far (waiting up to timeout for one): [(tag, errno or 0)]."""
         result, self._failed = self._failed, []
-        block = not result and bool(self._pending or self._closing)
+        block = not result and bool(self._pending)
         while True:
             try:
                 item = self._done.get(timeout=timeout) if block else self._done.get_nowait()
             except queue.Empty:
                 break
             generation, serial, n = item
-            if generation != self._generation:
-                continue
-            if serial in self._pending:
-                result.append((self._pending.pop(serial)[0], self._note(n)))
-                block = False
-            elif serial in self._closing:
-                result += [(tag, errno.ENOTCONN) for tag, _ in self._closing.pop(serial)]
+            if generation == self._generation and serial in self._pending:
+                result.append((self._pending.pop(serial), self._note(n)))
                 block = False
         return result
 
@@ -423,42 +420,40 @@ class RbdTarget:
 
         librados reconnects to monitors and OSDs by itself, so a restarted or
         continued OSD needs nothing here.  Requests still pending on the old
-        handle come back from wait() as ENOTCONN once it is closed (librbd may
-        read their buffers until then).  Raises OSError if the image cannot
-        be opened (call again later).
+        handle come back from wait() as ENOTCONN.  Raises OSError if the image
+        cannot be opened (call again later).
         """
         if not self._dead and self._c is not None:
             return False
         log.info("Mirror target reopening image=%s pending=%d", self._addr, len(self._pending))
-        orphans = list(self._pending.values())
+        self._failed += [(tag, errno.ENOTCONN) for tag in self._pending.values()]
         self._pending.clear()
         self._generation += 1
         self._done = queue.SimpleQueue()
         old, self._c = self._c, None
         if old is not None:
             # Closing waits for the old requests; do not hold the mirror thread.
-            serial = self._next_serial()
-            self._closing[serial] = orphans
-            generation, done_queue = self._generation, self._done
-
-            def close_old():
-                old.close()
-                done_queue.put((generation, serial, errno.ENOTCONN))
-            threading.Thread(target=close_old, name="rbd-close", daemon=True).start()
-        else:
-            self._failed += [(tag, errno.ENOTCONN) for tag, _ in orphans]
+            threading.Thread(target=old.close, name="rbd-close", daemon=True).start()
         self._c = _Connection(self._addr, readonly=False)
         self._dead = False
         return True
 
     def close(self):
-        """Close the image (librbd waits for the requests still in flight)."""
-        if self._c is not None:
-            self._c.close()
-            self._c = None
+        """Close the image; requests still in flight are abandoned.
+
+        librbd's close waits for them and talks to the OSDs itself; a hung
+        OSD (timeout=0) may never answer.  After CLOSE_WAIT seconds the close
+        goes on in the background, so that a cancelled job ends (as an NBD
+        target's does).  librbd copied the requests' data.
+        """
+        c, self._c = self._c, None
+        if c is not None:
+            if self._pending:
+                log.info("Mirror target closing image=%s with %d requests in flight",
+                         self._addr, len(self._pending))
+            c.close_within(CLOSE_WAIT)
         self._pending.clear()
         self._failed.clear()
-        self._closing.clear()           # each closing thread keeps its own requests alive
 
 
 def _whole_buffer(buf):

@@ -10,15 +10,12 @@ target was flushed before READY), then cancels the job and removes the image:
             `blockdev-mirror` to a node of QEMU's own rbd driver
             (cache.direct=on, i.e. rbd_cache=false) (the anchor);
 - native:   our plugin with an empty overlay on the base, `drive-mirror` to
-            rbd://POOL/IMAGE?conf=PATH (librbd's aio calls inside nbdkit), with
-            the default timeout=30 (librbd copies each write);
-- native-t0: the same with timeout=0: requests wait for ever, as QEMU's rbd
-            driver does, and librbd writes from our buffers (zero-copy);
+            rbd://POOL/IMAGE?conf=PATH (librbd's aio calls inside nbdkit);
 - qemu-nbd: our plugin, `drive-mirror` to an NBD URI served by
             `qemu-nbd --image-opts driver=rbd,... --cache=none` (QEMU's rbd
             driver behind NBD).
 
-The native rows first send one drive-mirror to a 1 MiB image, which the size
+The native row first sends one drive-mirror to a 1 MiB image, which the size
 check refuses after the target was opened: librados is then loaded in the
 server (its first use costs ~0.1 s and ~22 MiB, once per server process, as a
 long-running server has paid before anyone mirrors; QEMU loads its rbd driver
@@ -47,7 +44,7 @@ TITLE = "drive-mirror into Ceph RBD: native librbd vs via qemu-nbd vs qemu-stora
 SECTION = "ceph"
 POOL = "bench"
 NATIVE_GOAL = Goal(1.0)
-ROWS = ["qsd", "native", "native-t0", "qemu-nbd"]
+ROWS = ["qsd", "native", "qemu-nbd"]
 WARM_IMAGE = "warm-up"
 
 
@@ -68,16 +65,13 @@ def run(bench):
                         "until BLOCK_JOB_READY" % human_size(bench.size), "s", bench.size)
     ready.row("qsd", "qemu-storage-daemon blockdev-mirror to its rbd driver "
               "(cache.direct=on), qcow2 overlay on base", anchor=True)
-    ready.row("native", "overlay plugin drive-mirror to rbd:// (librbd aio, timeout=30)",
-              goal=NATIVE_GOAL)
-    ready.row("native-t0", "the same, timeout=0 (waits for ever as QEMU; zero-copy writes)")
+    ready.row("native", "overlay plugin drive-mirror to rbd:// (librbd aio)", goal=NATIVE_GOAL)
     ready.row("qemu-nbd", "overlay plugin drive-mirror to qemu-nbd --image-opts driver=rbd "
               "--cache=none")
     cpu = bench.group(SECTION, "cpu", "CPU time of the mirroring processes during that mirror "
                       "(nbdkit; + qemu-nbd; qemu-storage-daemon), the Ceph daemons excluded", "s")
     cpu.row("qsd", "qemu-storage-daemon", anchor=True)
     cpu.row("native", "nbdkit with the overlay plugin (librbd inside)")
-    cpu.row("native-t0", "the same, timeout=0")
     cpu.row("qemu-nbd", "nbdkit + qemu-nbd")
     bench.progress("ceph: starting a one-node cluster")
     cluster = cephcluster.CephCluster(bench.path("ceph"),
@@ -88,8 +82,7 @@ def run(bench):
         cluster.create_image(POOL, WARM_IMAGE, 1 << 20)
         bench.progress("ceph: cluster up in %.1f s" % cluster.startup_seconds)
         base = make_base(bench)
-        runners = {"qsd": _qsd, "native": _native, "native-t0": _native_t0,
-                   "qemu-nbd": _qemu_nbd}
+        runners = {"qsd": _qsd, "native": _native, "qemu-nbd": _qemu_nbd}
         for i in range(bench.runs + 1):
             bench.progress("ceph: %s" % ("warm-up round" if i == 0 else
                                          "run %d/%d" % (i, bench.runs)))
@@ -158,11 +151,6 @@ def _mirror_ours(bench, base, target, name, also=(), warm=None):
 
 def _native(bench, cluster, base, image):
     return _mirror_ours(bench, base, cluster.uri(POOL, image), "overlay-rbd",
-                        warm=cluster.uri(POOL, WARM_IMAGE))
-
-
-def _native_t0(bench, cluster, base, image):
-    return _mirror_ours(bench, base, cluster.uri(POOL, image) + "&timeout=0", "overlay-rbd-t0",
                         warm=cluster.uri(POOL, WARM_IMAGE))
 
 
