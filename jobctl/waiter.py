@@ -156,13 +156,9 @@ class JobWaiter:
                  poll_interval=POLL_INTERVAL, clock=time.monotonic, cancel_ok=False):
         if until not in ("ready", "done"):
             raise ValueError(f"until must be 'ready' or 'done', not {until!r}")
-        self.client = client
-        self.job_id = job_id
-        self.until = until
-        self.timeout = timeout
+        self.client, self.job_id, self.until = client, job_id, until
+        self.timeout, self.poll_interval, self.clock = timeout, poll_interval, clock
         self.display = display
-        self.poll_interval = poll_interval
-        self.clock = clock
         self.cancel_ok = cancel_ok
         self.meter = RateMeter()        # bytes copied: the rate shown
         self.eta_meter = RateMeter()    # offset: when it reaches len

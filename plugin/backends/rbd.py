@@ -30,6 +30,7 @@ nbdkit's worker threads share one image handle; librbd itself runs many
 requests in parallel.
 """
 
+import dataclasses
 import errno
 import logging
 import queue
@@ -48,17 +49,16 @@ MAX_ZERO = 1 << 30
 CLOSE_WAIT = 2.0
 
 
+@dataclasses.dataclass
 class RbdAddress:
     """A parsed rbd:// address."""
 
-    def __init__(self, pool, image, namespace="", conf=None, client_id=None,
-                 timeout=DEFAULT_TIMEOUT):
-        self.pool = pool
-        self.image = image
-        self.namespace = namespace
-        self.conf = conf
-        self.client_id = client_id
-        self.timeout = timeout
+    pool: str
+    image: str
+    namespace: str = ""
+    conf: str | None = None
+    client_id: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
 
     def __str__(self):
         path = "/".join(p for p in (self.pool, self.namespace, self.image) if p)

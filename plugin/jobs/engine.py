@@ -129,11 +129,8 @@ class Job:
                  clock=None):
         if speed < 0:
             raise CommandError("Parameter 'speed' expects a non-negative value")
-        self.id = job_id
-        self.type = job_type
-        self.device = device
-        self.auto_finalize = auto_finalize
-        self.auto_dismiss = auto_dismiss
+        self.id, self.type, self.device = job_id, job_type, device
+        self.auto_finalize, self.auto_dismiss = auto_finalize, auto_dismiss
         self._bus = bus
         self.clock = clock or MONOTONIC
         self._lifecycle = threading.RLock()

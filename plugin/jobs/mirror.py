@@ -146,8 +146,7 @@ class MirrorJob(Job):
         self.granularity = granularity or disk.store.cluster_size
         self.chunk = max(self.granularity, MAX_CHUNK)
         self.max_in_flight = max(1, (buf_size or DEFAULT_BUF_SIZE) // self.chunk)
-        self.on_source_error = on_source_error
-        self.on_target_error = on_target_error
+        self.on_source_error, self.on_target_error = on_source_error, on_target_error
         self.copy_mode = copy_mode
         self._pivot = pivot
         self.reconnect_delay = reconnect_delay
