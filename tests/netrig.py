@@ -33,6 +33,40 @@ def psk_file(tmp_path, user="alice"):
     return path
 
 
+def x509_dirs(tmp_path):
+    """A test CA, a server certificate for 127.0.0.1/localhost and a client certificate
+    (certtool, gnutls-bin): (server_dir, client_dir) laid out as nbdkit's
+    --tls-certificates and libnbd's tls-certificates= expect them."""
+    base = pathlib.Path(tmp_path) / "pki"
+    server, client = base / "server", base / "client"
+    for d in (server, client):
+        d.mkdir(parents=True, exist_ok=True)
+
+    def certtool(*args, template=None):
+        argv = ["certtool", *map(str, args)]
+        if template is not None:
+            tpl = base / ("t%d.cfg" % len(list(base.glob("t*.cfg"))))
+            tpl.write_text(template)
+            argv += ["--template", str(tpl)]
+        subprocess.run(argv, check=True, capture_output=True)
+
+    ca_key, ca_cert = base / "ca-key.pem", server / "ca-cert.pem"
+    certtool("--generate-privkey", "--outfile", ca_key)
+    certtool("--generate-self-signed", "--load-privkey", ca_key, "--outfile", ca_cert,
+             template="cn = overlay test CA\nca\ncert_signing_key\nexpiration_days = 2\n")
+    (client / "ca-cert.pem").write_bytes(ca_cert.read_bytes())
+    for d, name, extra in ((server, "server", "tls_www_server\nip_address = 127.0.0.1\n"
+                                              "dns_name = localhost\n"),
+                           (client, "client", "tls_www_client\n")):
+        key = d / ("%s-key.pem" % name)
+        certtool("--generate-privkey", "--outfile", key)
+        certtool("--generate-certificate", "--load-privkey", key, "--load-ca-certificate",
+                 ca_cert, "--load-ca-privkey", ca_key, "--outfile", d / ("%s-cert.pem" % name),
+                 template="cn = %s\n%sencryption_key\nsigning_key\nexpiration_days = 2\n"
+                 % ("127.0.0.1" if name == "server" else "overlay client", extra))
+    return server, client
+
+
 def _tcp_accepts(addr, port):
     try:
         with socket.create_connection((addr, port), timeout=0.5):
@@ -63,11 +97,15 @@ class TcpServer(Server):
 
 
 def nbdkit_tcp(servers, name, plugin_args, addr="127.0.0.1", port=None, psk=None,
-               prefix=(), wait=True, user="alice"):
-    """nbdkit serving plugin_args on addr:port, with --tls=require over psk if given."""
+               prefix=(), wait=True, user="alice", x509=None):
+    """nbdkit serving plugin_args on addr:port, with --tls=require over psk if given,
+    or over X.509 certificates if x509=(server_dir, client_dir) is given."""
     port = port or free_port(addr if not prefix else "127.0.0.1")
     argv = list(prefix) + ["nbdkit", "-f", "-i", addr, "-p", str(port)]
-    if psk is not None:
+    if x509 is not None:
+        argv += ["--tls=require", "--tls-certificates=%s" % x509[0]]
+        uri = "nbds://%s:%d/?tls-certificates=%s" % (addr, port, x509[1])
+    elif psk is not None:
         argv += ["--tls=require", "--tls-psk=%s" % psk]
         uri = "nbds://%s@%s:%d/?tls-psk-file=%s" % (user, addr, port, psk)
     else:

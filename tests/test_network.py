@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import Server, sha256_file
-from netrig import MiB, Netns, Rig, nbdkit_tcp, psk_file, restart_tcp
+from netrig import MiB, Netns, Rig, nbdkit_tcp, psk_file, restart_tcp, x509_dirs
 from qmp_helpers import Control
 
 
@@ -34,6 +34,21 @@ def test_mirror_over_tls_psk_to_nbdkit_with_tls_required(servers, tmp_path, conn
     done = rig.qmp.wait_event("BLOCK_JOB_COMPLETED")
     assert "error" not in done["data"]
     assert rig.qmp.execute("query-block")[0]["active"] == target.uri
+    rig.h.flush()
+    assert rig.target_bytes() == expected
+
+
+def test_mirror_over_tls_with_x509_certificates(servers, tmp_path, connect):
+    pki = x509_dirs(tmp_path)
+    rig = Rig(servers, tmp_path, connect)
+    rig.h.pwrite(b"X.509 TLS" * 4096, 3 * MiB)
+    target = nbdkit_tcp(servers, "x509-target", ["file", str(rig.target_path)], x509=pki)
+    rig.mirror(target.uri)
+    rig.qmp.wait_event("BLOCK_JOB_READY")
+    expected = rig.disk_bytes()
+    rig.qmp("block-job-complete", device="disk0")
+    done = rig.qmp.wait_event("BLOCK_JOB_COMPLETED")
+    assert "error" not in done["data"]
     rig.h.flush()
     assert rig.target_bytes() == expected
 
