@@ -5,7 +5,7 @@ tables with bench.group(...) and adds one sample per run to each row.  To add a
 benchmark, write such a module and list it here.
 """
 
-from benchlib import ceph, durable, mirror, overlay, smallio, stream
+from benchlib import ceph, durable, mirror, overlay, smallio, stream, tls
 
 SECTIONS = {
     "overlay": overlay,
@@ -13,5 +13,6 @@ SECTIONS = {
     "mirror": mirror,
     "smallio": smallio,
     "durable": durable,
+    "tls": tls,
     "ceph": ceph,
 }
