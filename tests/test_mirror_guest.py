@@ -106,3 +106,36 @@ def test_guest_keeps_writing_while_the_job_is_stopped_on_error(rig, fault, tmp_p
     assert rig.target_bytes() == expected_target(rig, result)
     errors = [e for e in rig.qmp.events if e["event"] == "BLOCK_JOB_ERROR"]
     assert len(errors) == 1
+
+
+@pytest.mark.guest
+@pytest.mark.slow
+def test_guest_with_reconnect_delay_rides_out_nbdkit_killed_and_restarted_mid_mirror(
+        servers, tmp_path, connect, guest_image):
+    """Jobs outlive the process: nbdkit is killed (-9) and restarted while a mirror copies and
+    a guest writes; the guest's drive has reconnect-delay, so it waits and goes on; the
+    mirror comes back from its record, completes, and the target holds what the guest wrote."""
+    from qmp_helpers import Control
+    rig = MirrorRig(servers, tmp_path, connect, size=SIZE)
+    try:
+        with guest.start_guest(rig.disk.sock, {"mode": "writeloop", "seed": 43, "seconds": 25},
+                               image=guest_image, log_path=tmp_path / "guest.log", timeout=150,
+                               blockdev_options={"reconnect-delay": 30}) as g:
+            g.wait_for_writes(5, timeout=90)
+            rig.mirror(speed=8 * MiB)                # slow: the kill lands mid-copy
+            rig.qmp.wait_status("disk0", "running")
+            while rig.qmp.job("disk0")["offset"] < 4 * MiB:   # a guest write is the clock
+                more_writes(g, 1)
+            rig.qmp.close()
+            rig.disk.kill9()
+            rig.disk = servers.restart(rig.disk)
+            rig.qmp = Control(rig.ctl_path)
+            assert rig.qmp.wait_event("JOB_RECOVERED", timeout=30)["data"]["id"] == "disk0"
+            rig.qmp("block-job-set-speed", device="disk0", speed=0)
+            rig.qmp.wait_event("BLOCK_JOB_READY", timeout=120)
+            more_writes(g, 10)                       # the guest reconnected and goes on
+            complete_while_the_guest_writes(rig, g)
+            result = g.wait().raise_if_failed()
+        assert rig.target_bytes() == expected_target(rig, result)
+    finally:
+        rig.close()
