@@ -17,6 +17,7 @@ run, after one untimed warm-up round, as in the overlay section.
 """
 
 import os
+import socket
 import shutil
 import time
 
@@ -76,12 +77,24 @@ def _stream(control_path, device):
 
 
 def _wait_for(path, server):
+    """Until the control socket accepts (it exists a moment before it listens)."""
     deadline = time.monotonic() + 30
-    while not os.path.exists(path):
+    while not _accepts(path):
         if server.proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError("%s: no control socket %s%s" % (server.name, path,
                                                                 server.log_tail()))
         time.sleep(0.01)
+
+
+def _accepts(path):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 def _ours(bench, base):
