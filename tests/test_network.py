@@ -22,11 +22,12 @@ from qmp_helpers import Control
 # -- TLS ------------------------------------------------------------------------
 
 
-def test_mirror_over_tls_psk_to_nbdkit_with_tls_required(servers, tmp_path, connect):
-    psk = psk_file(tmp_path)
+def mirror_over_tls(servers, tmp_path, connect, **tls):
+    """Mirror a disk with data on it to a TLS-only nbdkit (psk= or x509=), complete,
+    and check the pivot and the copy."""
     rig = Rig(servers, tmp_path, connect)
     rig.h.pwrite(b"over TLS" * 4096, 5 * MiB)
-    target = nbdkit_tcp(servers, "tls-target", ["file", str(rig.target_path)], psk=psk)
+    target = nbdkit_tcp(servers, "tls-target", ["file", str(rig.target_path)], **tls)
     rig.mirror(target.uri)
     rig.qmp.wait_event("BLOCK_JOB_READY")
     expected = rig.disk_bytes()
@@ -38,19 +39,12 @@ def test_mirror_over_tls_psk_to_nbdkit_with_tls_required(servers, tmp_path, conn
     assert rig.target_bytes() == expected
 
 
+def test_mirror_over_tls_psk_to_nbdkit_with_tls_required(servers, tmp_path, connect):
+    mirror_over_tls(servers, tmp_path, connect, psk=psk_file(tmp_path))
+
+
 def test_mirror_over_tls_with_x509_certificates(servers, tmp_path, connect):
-    pki = x509_dirs(tmp_path)
-    rig = Rig(servers, tmp_path, connect)
-    rig.h.pwrite(b"X.509 TLS" * 4096, 3 * MiB)
-    target = nbdkit_tcp(servers, "x509-target", ["file", str(rig.target_path)], x509=pki)
-    rig.mirror(target.uri)
-    rig.qmp.wait_event("BLOCK_JOB_READY")
-    expected = rig.disk_bytes()
-    rig.qmp("block-job-complete", device="disk0")
-    done = rig.qmp.wait_event("BLOCK_JOB_COMPLETED")
-    assert "error" not in done["data"]
-    rig.h.flush()
-    assert rig.target_bytes() == expected
+    mirror_over_tls(servers, tmp_path, connect, x509=x509_dirs(tmp_path))
 
 
 def test_stream_from_a_tls_base(servers, tmp_path, connect):

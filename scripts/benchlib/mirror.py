@@ -130,13 +130,22 @@ def _ours(bench, base, discard_flush=False):
 
 def _qemu(bench, base, discard_flush=False):
     path, target = _target(bench, discard_flush)
+    try:
+        return qsd_mirror_until_ready(bench, base, "driver=raw,node-name=tgt,file.driver=nbd,"
+                                      "file.server.type=unix,file.server.path=" + target.sock)
+    finally:
+        _finish(bench, target, path)
+
+
+def qsd_mirror_until_ready(bench, base, target_blockdev, extra_args=()):
+    """qemu-storage-daemon with a fresh qcow2 overlay on base: blockdev-mirror to the
+    node `tgt` (target_blockdev) until BLOCK_JOB_READY; returns the seconds."""
     image = bench.path("mirror.qcow2")
     bench.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", image])
     control = bench.path("qsd-mirror.sock")
-    argv = ["qemu-storage-daemon",
+    argv = ["qemu-storage-daemon", *extra_args,
             "--blockdev", "driver=qcow2,node-name=src,file.driver=file,file.filename=" + image,
-            "--blockdev", "driver=raw,node-name=tgt,file.driver=nbd,file.server.type=unix,"
-                          "file.server.path=" + target.sock,
+            "--blockdev", target_blockdev,
             "--chardev", "socket,id=mon,path=%s,server=on,wait=off" % control,
             "--monitor", "chardev=mon"]
     server = bench.servers.start("qsd-mirror", lambda sock: argv, ready=False)
@@ -150,7 +159,6 @@ def _qemu(bench, base, discard_flush=False):
     finally:
         bench.servers.stop(server)
         os.unlink(image)
-        _finish(bench, target, path)
 
 
 def _nbdcopy(bench, base, discard_flush=False):

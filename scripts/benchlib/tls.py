@@ -20,10 +20,9 @@ import time
 
 from jobctl.qmp_client import QMPClient
 
-from benchlib.mirror import TIMEOUT, _cancel, _start_ours, _until_ready
+from benchlib.mirror import TIMEOUT, _cancel, _start_ours, _until_ready, qsd_mirror_until_ready
 from benchlib.overlay import make_base, rotated
 from benchlib.results import Goal
-from benchlib.stream import _wait_for
 
 TITLE = "drive-mirror over TCP with TLS-PSK: overlay plugin vs qemu-storage-daemon"
 SECTION = "tls"
@@ -103,28 +102,12 @@ def _ours(bench, base, keys):
 
 def _qemu(bench, base, pskdir, keys):
     path, port, target = _tcp_target(bench, keys)
-    image = bench.path("tls-mirror.qcow2")
-    bench.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", image])
-    control = bench.path("qsd-tls.sock")
-    argv = ["qemu-storage-daemon",
-            "--object", "tls-creds-psk,id=tls0,endpoint=client,dir=%s,username=%s"
-                        % (pskdir, USER),
-            "--blockdev", "driver=qcow2,node-name=src,file.driver=file,file.filename=" + image,
-            "--blockdev", "driver=raw,node-name=tgt,file.driver=nbd,file.server.type=inet,"
-                          "file.server.host=127.0.0.1,file.server.port=%d,file.tls-creds=tls0"
-                          % port,
-            "--chardev", "socket,id=mon,path=%s,server=on,wait=off" % control,
-            "--monitor", "chardev=mon"]
-    server = bench.servers.start("qsd-tls", lambda sock: argv, ready=False)
     try:
-        _wait_for(control, server)
-        with QMPClient(control, timeout=TIMEOUT) as qmp:
-            seconds = _until_ready(qmp, "blockdev-mirror", {"job-id": "bench", "device": "src",
-                                                           "target": "tgt", "sync": "full"})
-            _cancel(qmp, "bench")
-        return seconds
+        return qsd_mirror_until_ready(
+            bench, base, "driver=raw,node-name=tgt,file.driver=nbd,file.server.type=inet,"
+            "file.server.host=127.0.0.1,file.server.port=%d,file.tls-creds=tls0" % port,
+            ["--object", "tls-creds-psk,id=tls0,endpoint=client,dir=%s,username=%s"
+             % (pskdir, USER)])
     finally:
-        bench.servers.stop(server)
-        os.unlink(image)
         bench.servers.stop(target)
         os.unlink(path)
