@@ -35,7 +35,7 @@ import sys
 from jobctl.qmp_client import QMPClient, QMPError
 
 from benchlib.bench import REPO, human_size
-from benchlib.mirror import PLUGIN, TIMEOUT, _cancel, _until_ready
+from benchlib.mirror import TIMEOUT, _cancel, _start_ours, _until_ready
 from benchlib.overlay import make_base, rotated
 from benchlib.results import Goal
 from benchlib.stream import _wait_for
@@ -111,15 +111,6 @@ def _cpu(*servers):
             fields = f.read().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])      # utime, stime
     return total / os.sysconf("SC_CLK_TCK")
-
-
-def _start_ours(bench, base, name):
-    state = bench.path("state-" + name)
-    control = bench.path(name + "-ctl.sock")
-    server = bench.servers.nbdkit(name, "python", PLUGIN, "overlay=" + state, "base=" + base,
-                                  "control=" + control)
-    _wait_for(control, server)
-    return server, state, control
 
 
 def _mirror_ours(bench, base, target, name, also=(), warm=None):

@@ -115,17 +115,25 @@ def _start_ours(bench, base, name):
 
 def _ours(bench, base, discard_flush=False):
     path, target = _target(bench, discard_flush)
-    server, state, control = _start_ours(bench, base, "overlay-mirror")
+    try:
+        return ours_mirror_until_ready(bench, base, target.uri, "overlay-mirror")
+    finally:
+        _finish(bench, target, path)
+
+
+def ours_mirror_until_ready(bench, base, uri, name):
+    """Our plugin with an empty overlay on base: drive-mirror to uri until
+    BLOCK_JOB_READY; returns the seconds."""
+    server, state, control = _start_ours(bench, base, name)
     try:
         with QMPClient(control, timeout=TIMEOUT) as qmp:
-            seconds = _until_ready(qmp, "drive-mirror", {"device": "disk0", "target": target.uri,
+            seconds = _until_ready(qmp, "drive-mirror", {"device": "disk0", "target": uri,
                                                         "sync": "full"})
             _cancel(qmp, "disk0")
         return seconds
     finally:
         bench.servers.stop(server)
         shutil.rmtree(state, ignore_errors=True)
-        _finish(bench, target, path)
 
 
 def _qemu(bench, base, discard_flush=False):

@@ -13,14 +13,12 @@ Rows are interleaved and rotated per run, after one untimed warm-up round.
 """
 
 import os
-import shutil
 import socket
 import subprocess
 import time
 
-from jobctl.qmp_client import QMPClient
 
-from benchlib.mirror import TIMEOUT, _cancel, _start_ours, _until_ready, qsd_mirror_until_ready
+from benchlib.mirror import ours_mirror_until_ready, qsd_mirror_until_ready
 from benchlib.overlay import make_base, rotated
 from benchlib.results import Goal
 
@@ -86,16 +84,9 @@ def _ours(bench, base, keys):
     path, port, target = _tcp_target(bench, keys)
     uri = ("nbds://%s@127.0.0.1:%d/?tls-psk-file=%s" % (USER, port, keys) if keys
            else "nbd://127.0.0.1:%d/" % port)
-    server, state, control = _start_ours(bench, base, "overlay-tls")
     try:
-        with QMPClient(control, timeout=TIMEOUT) as qmp:
-            seconds = _until_ready(qmp, "drive-mirror", {"device": "disk0", "target": uri,
-                                                        "sync": "full"})
-            _cancel(qmp, "disk0")
-        return seconds
+        return ours_mirror_until_ready(bench, base, uri, "overlay-tls")
     finally:
-        bench.servers.stop(server)
-        shutil.rmtree(state, ignore_errors=True)
         bench.servers.stop(target)
         os.unlink(path)
 
