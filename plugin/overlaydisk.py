@@ -40,6 +40,7 @@ def _import_package():
 _PACKAGE = _import_package()
 ConfigError = importlib.import_module(_PACKAGE + ".config").ConfigError
 Service = importlib.import_module(_PACKAGE + ".service").Service
+KeptStates = importlib.import_module(_PACKAGE + ".threadstate").KeptStates
 
 API_VERSION = 2
 
@@ -61,12 +62,28 @@ def _stop(e):
     os._exit(1)
 
 
+class _Connection:
+    """The handle of one NBD connection: the disk's request methods, bound once,
+    and the Python thread states its worker threads keep (plugin/threadstate.py)."""
+
+    __slots__ = ("disk", "read", "write", "keep", "states")
+
+    def __init__(self, disk):
+        self.disk = disk
+        self.read = disk.read
+        self.write = disk.write
+        self.states = KeptStates()
+        self.keep = self.states.keep
+
+
 def _io(fn):
-    """OSError from the disk becomes the client's errno instead of EIO."""
+    """A request: its thread keeps its Python thread state, and an OSError from
+    the disk becomes the client's errno instead of EIO."""
     @functools.wraps(fn)
-    def wrapper(*args):
+    def wrapper(h, *args):
+        h.keep()
         try:
-            return fn(*args)
+            return fn(h, *args)
         except OSError as e:
             nbdkit.set_error(e.errno or errno.EIO)
             raise
@@ -100,15 +117,19 @@ def cleanup():
 
 
 def open(readonly):
-    return service.disk
+    return _Connection(service.disk)
+
+
+def close(h):
+    h.states.release()
 
 
 def get_size(h):
-    return h.size
+    return h.disk.size
 
 
 def block_size(h):
-    return (1, max(4096, h.store.cluster_size), 0xffffffff)
+    return (1, max(4096, h.disk.store.cluster_size), 0xffffffff)
 
 
 def can_write(h):
@@ -159,23 +180,23 @@ def pwrite(h, buf, offset, flags):
 
 @_io
 def flush(h, flags):
-    h.flush()
+    h.disk.flush()
 
 
 @_io
 def trim(h, count, offset, flags):
-    h.trim(offset, count, bool(flags & nbdkit.FLAG_FUA))
+    h.disk.trim(offset, count, bool(flags & nbdkit.FLAG_FUA))
 
 
 @_io
 def zero(h, count, offset, flags):
-    h.zero(offset, count, may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
-           fast=bool(flags & nbdkit.FLAG_FAST_ZERO), fua=bool(flags & nbdkit.FLAG_FUA))
+    h.disk.zero(offset, count, may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
+                fast=bool(flags & nbdkit.FLAG_FAST_ZERO), fua=bool(flags & nbdkit.FLAG_FUA))
 
 
 @_io
 def cache(h, count, offset, flags):
-    h.cache(offset, count)
+    h.disk.cache(offset, count)
 
 
 _HOLE_ZERO = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
@@ -184,4 +205,4 @@ _HOLE_ZERO = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
 @_io
 def extents(h, count, offset, flags):
     return [(e.offset, e.length, _HOLE_ZERO if e.zero else 0)
-            for e in h.extents(offset, count, bool(flags & nbdkit.FLAG_REQ_ONE))]
+            for e in h.disk.extents(offset, count, bool(flags & nbdkit.FLAG_REQ_ONE))]

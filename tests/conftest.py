@@ -112,10 +112,12 @@ class Servers:
         self._n += 1
         return self.tmp / ("%s%d.sock" % (name, self._n)), self.tmp / ("%s%d.log" % (name, self._n))
 
-    def overlay(self, overlay, base=None, size=None, filters=(), wait=True, **params):
-        """nbdkit serving our plugin; params are extra key=value (use '_' for '-')."""
+    def overlay(self, overlay, base=None, size=None, filters=(), wait=True, options=(),
+                **params):
+        """nbdkit serving our plugin; params are extra key=value (use '_' for '-'),
+        options extra nbdkit options (e.g. ["--threads", "1"])."""
         sock, log = self._next("overlay")
-        argv = [str(LAUNCHER), "-f", "-v", "-U", str(sock)]
+        argv = [str(LAUNCHER), "-f", "-v", "-U", str(sock), *options]
         for f in filters:
             argv += ["--filter=" + f]
         argv += ["overlay=%s" % overlay]
