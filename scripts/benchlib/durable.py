@@ -6,15 +6,20 @@ bytes written).  The anchor is a fresh mirror until BLOCK_JOB_READY; the
 measured row mirrors until offset >= len/2, kills nbdkit with SIGKILL,
 starts it again on the same state directory and waits for BLOCK_JOB_READY
 of the recovered job.  Two tables: bytes written to the target after the
-restart (goal <= 0.6 of the fresh mirror's), and seconds from the restart
-(exec of nbdkit) to READY (goal <= 0.6x the fresh mirror's seconds to READY).
+restart (goal <= 0.6 of the fresh mirror's), and seconds to READY (goal <=
+0.6x the fresh mirror's).  Both rows of the time table count from the exec
+of nbdkit: after a crash, the operator without durable jobs starts nbdkit
+again and then the mirror again.  A third row shows the fresh mirror's time
+from drive-mirror alone (no start-up), for reference.
 
 cost: client 4 KiB writes at random offsets for a fixed count, at queue
 depth 1 and 16 (libnbd aio), while a background mirror is in READY, on this
 code and on the code before durable jobs (git revision $OVERLAY_BENCH_BEFORE,
 default BEFORE below, exported with `git archive`).  Shown as microseconds
 per write (1e6 / IOPS); goal: at most 1.11x the old code's, i.e. the
-persistence costs at most 10% of the IOPS.
+persistence costs at most 10% of the IOPS.  A third row runs the same writes
+against qemu-storage-daemon (qcow2 overlay on the base, exported over NBD)
+while its own blockdev-mirror to the same kind of target is READY.
 """
 
 import os
@@ -29,7 +34,7 @@ import nbd
 from jobctl.qmp_client import QMPClient
 
 from benchlib.bench import REPO, human_size
-from benchlib.mirror import TIMEOUT, _until_ready, _cancel
+from benchlib.mirror import TIMEOUT, _until_ready, _cancel, qsd_mirror_until_ready
 from benchlib.overlay import make_base, rotated
 from benchlib.results import Goal
 from benchlib.stream import _wait_for
@@ -51,19 +56,26 @@ def run(bench):
                          "kill -9 at 50%% and restart (%s disk)" % human_size(size), "MiB")
     copied.row("fresh", "fresh mirror, until READY", anchor=True)
     copied.row("restart", "after the restart, until READY", goal=RESTART_GOAL)
-    ready = bench.group(SECTION, "ready", "seconds to READY: fresh mirror vs from the restart "
-                        "(nbdkit exec) of a mirror killed at 50%", "s")
-    ready.row("fresh", "fresh mirror, drive-mirror to READY", anchor=True)
-    ready.row("restart", "restart to READY of the recovered job", goal=RESTART_GOAL)
+    ready = bench.group(SECTION, "ready", "seconds from the exec of nbdkit to READY: a fresh "
+                        "mirror vs the restart of a mirror killed at 50%", "s")
+    ready.row("fresh", "fresh mirror: nbdkit exec, drive-mirror, READY", anchor=True)
+    ready.row("restart", "restart (nbdkit exec) to READY of the recovered job",
+              goal=RESTART_GOAL)
+    ready.row("fresh-mirror", "fresh mirror, drive-mirror to READY only (no start-up)")
     base = make_base(bench)
     for i in range(bench.runs + 1):
         bench.progress("durable: %s" % ("warm-up round" if i == 0 else
                                         "run %d/%d" % (i, bench.runs)))
         for key in rotated(["fresh", "restart"], i):
-            seconds, written = (_fresh if key == "fresh" else _killed)(bench, base)
+            if key == "fresh":
+                seconds, mirror_seconds, written = _fresh(bench, base)
+            else:
+                seconds, written = _killed(bench, base)
             if i > 0:
                 ready.add(key, seconds)
                 copied.add(key, written / (1 << 20))
+                if key == "fresh":
+                    ready.add("fresh-mirror", mirror_seconds)
     cost_benchmark(bench, base)
 
 
@@ -84,8 +96,8 @@ def _written(log, since=0):
 
 def _start(bench, plugin, base, state, control, name="overlay-durable"):
     server = bench.servers.nbdkit(name, "python", plugin, "overlay=" + state,
-                                  "base=" + base, "control=" + control)
-    _wait_for(control, server)
+                                  "base=" + base, "control=" + control, ready=False)
+    _wait_for(control, server)       # the control socket opens after nbdkit serves
     return server
 
 
@@ -102,14 +114,16 @@ def _cleanup(bench, server, state, target, path, log):
 def _fresh(bench, base):
     path, log, target = _target(bench)
     state, control = bench.path("dstate"), bench.path("dctl.sock")
+    start = time.perf_counter()
     server = _start(bench, PLUGIN, base, state, control)
     try:
         with QMPClient(control, timeout=TIMEOUT) as qmp:
             seconds = _until_ready(qmp, "drive-mirror", {"device": "disk0", "target": target.uri,
                                                         "sync": "full"})
+            total = time.perf_counter() - start
             written, _ = _written(log)
             _cancel(qmp, "disk0")
-        return seconds, written
+        return total, seconds, written
     finally:
         _cleanup(bench, server, state, target, path, log)
 
@@ -157,15 +171,62 @@ def _killed(bench, base):
 
 # -- client write cost -------------------------------------------------------
 
+# The old entry script with today's request-path change that has nothing to do
+# with durable jobs (plugin/threadstate.py: worker threads keep their Python
+# thread state), so that the cost rows differ only by the job records.
+_KEPT_ENTRY = '''\
+import importlib, importlib.util, os
+_here = os.path.dirname(os.path.realpath(__file__))
+_spec = importlib.util.spec_from_file_location("_old_entry", os.path.join(_here, "overlaydisk.py"))
+_old = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_old)
+_KeptStates = importlib.import_module(_old._PACKAGE + ".threadstate").KeptStates
+API_VERSION = _old.API_VERSION
+for _name in ("thread_model", "config", "config_complete", "after_fork", "cleanup"):
+    globals()[_name] = getattr(_old, _name)
+
+class _Conn:
+    def __init__(self, h):
+        self.h, self.states = h, _KeptStates()
+
+def open(readonly):
+    return _Conn(_old.open(readonly))
+
+def close(h):
+    h.states.release()
+
+def _wrap(name):
+    fn = getattr(_old, name)
+    if name.startswith("can_") or name in ("get_size", "block_size"):
+        return lambda h: fn(h.h)
+    def request(h, *args):
+        h.states.keep()
+        return fn(h.h, *args)
+    return request
+
+for _name in ("get_size", "block_size", "can_write", "can_flush", "can_trim", "can_zero",
+              "can_fast_zero", "can_fua", "can_multi_conn", "can_cache", "can_extents",
+              "pread", "pwrite", "flush", "trim", "zero", "cache", "extents"):
+    if hasattr(_old, _name):
+        globals()[_name] = _wrap(_name)
+'''
+
+
 def _old_plugin(bench):
-    """The plugin as of $OVERLAY_BENCH_BEFORE, exported into the bench folder."""
+    """The plugin as of $OVERLAY_BENCH_BEFORE, exported into the bench folder, behind
+    an entry script that adds today's kept thread states (_KEPT_ENTRY)."""
     rev = os.environ.get("OVERLAY_BENCH_BEFORE", BEFORE)
     folder = bench.path("before-" + rev)
     os.makedirs(folder)
     archive = subprocess.run(["git", "-C", REPO, "archive", rev, "plugin"], check=True,
                              stdout=subprocess.PIPE).stdout
     subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
-    return os.path.join(folder, "plugin", "overlaydisk.py"), rev
+    shutil.copy(os.path.join(REPO, "plugin", "threadstate.py"),
+                os.path.join(folder, "plugin", "threadstate.py"))
+    entry = os.path.join(folder, "plugin", "kept_entry.py")
+    with open(entry, "w") as f:
+        f.write(_KEPT_ENTRY)
+    return entry, rev
 
 
 def _write_seconds(uri, size, count, depth, seed):
@@ -196,13 +257,17 @@ def cost_benchmark(bench, base):
     for depth in (1, 16):
         g = bench.group(SECTION, "cost-qd%d" % depth, "client 4 KiB random writes at QD%d, "
                         "background mirror in READY (%d writes)" % (depth, count), "us/write")
-        g.row("before", "before durable jobs (%s)" % rev, anchor=True)
+        g.row("before", "before durable jobs (%s, + kept thread states)" % rev, anchor=True)
         g.row("after", "with job records and the write-intent log", goal=COST_GOAL)
+        g.row("qsd", "qemu-storage-daemon, qcow2 overlay, under its own blockdev-mirror")
         groups[depth] = g
     plugins = {"before": old, "after": PLUGIN}
     for i in range(bench.runs):
         bench.progress("durable cost: run %d/%d" % (i + 1, bench.runs))
-        for key in rotated(["before", "after"], i):
+        for key in rotated(["before", "after", "qsd"], i):
+            if key == "qsd":
+                _qsd_cost(bench, base, groups, count, i)
+                continue
             path, log, target = _target(bench)
             state, control = bench.path("cstate"), bench.path("cctl.sock")
             server = _start(bench, plugins[key], base, state, control, name="overlay-" + key)
@@ -217,3 +282,22 @@ def cost_benchmark(bench, base):
                     _cancel(qmp, "disk0")
             finally:
                 _cleanup(bench, server, state, target, path, log)
+
+
+def _qsd_cost(bench, base, groups, count, i):
+    """The same writes into qemu-storage-daemon's export of a disk under its own mirror."""
+    path, log, target = _target(bench)
+
+    def writes(uri):
+        for depth in rotated([1, 16], i):
+            groups[depth].add("qsd", _write_seconds(uri, bench.size, count, depth,
+                                                    seed=100 * i + depth) * 1e6)
+    try:
+        qsd_mirror_until_ready(bench, base, "driver=raw,node-name=tgt,file.driver=nbd,"
+                               "file.server.type=unix,file.server.path=" + target.sock,
+                               while_ready=writes)
+    finally:
+        bench.servers.stop(target)
+        for p in (path, log):
+            if os.path.exists(p):
+                os.unlink(p)

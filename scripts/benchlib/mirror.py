@@ -145,15 +145,25 @@ def _qemu(bench, base, discard_flush=False):
         _finish(bench, target, path)
 
 
-def qsd_mirror_until_ready(bench, base, target_blockdev, extra_args=()):
+def qsd_mirror_until_ready(bench, base, target_blockdev, extra_args=(), while_ready=None):
     """qemu-storage-daemon with a fresh qcow2 overlay on base: blockdev-mirror to the
-    node `tgt` (target_blockdev) until BLOCK_JOB_READY; returns the seconds."""
+    node `tgt` (target_blockdev) until BLOCK_JOB_READY; returns the seconds.
+
+    while_ready(uri): called while the job is READY with the NBD URI of the
+    mirrored disk (QSD exports node src, writable; the mirror's filter takes
+    over the export, so the export's writes are mirrored), before the cancel.
+    """
     image = bench.path("mirror.qcow2")
     bench.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", image])
     control = bench.path("qsd-mirror.sock")
+    export = []
+    if while_ready is not None:
+        export_sock = bench.path("qsd-export.sock")
+        export = ["--nbd-server", "addr.type=unix,addr.path=" + export_sock,
+                  "--export", "type=nbd,id=exp,node-name=src,name=src,writable=on"]
     argv = ["qemu-storage-daemon", *extra_args,
             "--blockdev", "driver=qcow2,node-name=src,file.driver=file,file.filename=" + image,
-            "--blockdev", target_blockdev,
+            "--blockdev", target_blockdev, *export,
             "--chardev", "socket,id=mon,path=%s,server=on,wait=off" % control,
             "--monitor", "chardev=mon"]
     server = bench.servers.start("qsd-mirror", lambda sock: argv, ready=False)
@@ -162,6 +172,8 @@ def qsd_mirror_until_ready(bench, base, target_blockdev, extra_args=()):
         with QMPClient(control, timeout=TIMEOUT) as qmp:
             seconds = _until_ready(qmp, "blockdev-mirror", {"job-id": "bench", "device": "src",
                                                            "target": "tgt", "sync": "full"})
+            if while_ready is not None:
+                while_ready("nbd+unix:///src?socket=" + export_sock)
             _cancel(qmp, "bench")
         return seconds
     finally:
