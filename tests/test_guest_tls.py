@@ -13,6 +13,7 @@ import pytest
 import guest
 from conftest import LAUNCHER, make_image
 from netrig import MiB, TcpServer, free_port, psk_file, x509_dirs
+from test_target_tls import _aes_policy_applies, _negotiated
 
 SIZE = 32 * MiB
 
@@ -34,7 +35,8 @@ def serve_with_tls(servers, tmp_path, kind):
         # QEMU reads ca-cert.pem, client-cert.pem and client-key.pem from dir=.
         creds = "tls-creds-x509,id=tls0,endpoint=client,dir=%s" % client_dir
         uri = "nbds://127.0.0.1:%d/?tls-certificates=%s" % (port, client_dir)
-    argv = [str(LAUNCHER), "-f", "-v", "-i", "127.0.0.1", "-p", str(port), *tls,
+    argv = [str(LAUNCHER), "-f", "-v", "-Dnbdkit.tls.session=1",
+            "-i", "127.0.0.1", "-p", str(port), *tls,
             "overlay=%s" % (tmp_path / "ov"), "base=%s" % base]
     server = TcpServer(argv, "127.0.0.1", port, tmp_path / "tls-disk.log", uri)
     servers.started.append(server)
@@ -88,6 +90,11 @@ def test_guest_writes_over_tls_are_on_the_disk_and_plain_clients_are_refused(
     with pytest.raises(nbd.Error):
         plain.connect_uri("nbd://127.0.0.1:%d/" % server.port)
     assert server.proc.poll() is None
+    # QEMU's session is AES-GCM, not ChaCha20 (scripts/tls-prefer-aes.conf), where it applies.
+    ciphers = _negotiated(server)
+    assert ciphers
+    if _aes_policy_applies():
+        assert not [c for c in ciphers if "CHACHA" in c], ciphers
     # The writes are in the overlay's state: stopped and served again on a Unix socket.
     assert server.stop() == 0
     again = servers.overlay(tmp_path / "ov", base=base)

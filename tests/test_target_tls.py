@@ -85,3 +85,40 @@ def test_a_1_mib_write_over_tls_is_in_the_socket_when_submit_returns(servers, tm
     with open(path, "rb") as f:
         f.seek(3 * MiB)
         assert f.read(MiB) == data
+
+
+# -- the cipher scripts/nbdkit-overlay gets (scripts/tls-prefer-aes.conf) -----------------
+
+def _aes_policy_applies():
+    import os
+    with open("/proc/cpuinfo") as f:
+        has_aes = " aes " in f.read().replace("\n", " ")
+    return (has_aes and not os.path.exists("/etc/gnutls/config")
+            and "GNUTLS_SYSTEM_PRIORITY_FILE" not in os.environ)
+
+
+def _negotiated(server):
+    """The ciphers nbdkit -v -D nbdkit.tls.session=1 logged, one per TLS connection."""
+    import re
+    # "(TLS1.3)--(AES-128-GCM)" with a PSK, "(TLS1.3)-(ECDHE-..)-(RSA-..)-(AES-256-GCM)" else.
+    return set(re.findall(r"TLS session: .*\(([A-Z0-9-]+)\)[ \t]*$", server.log(), re.M))
+
+
+@pytest.mark.skipif(not _aes_policy_applies(), reason="no AES instructions, or a GnuTLS "
+                    "policy of the machine's own: the launcher leaves the cipher alone")
+@pytest.mark.parametrize("chacha,cipher", [("0", "AES-128-GCM"), ("1", "CHACHA20-POLY1305")])
+def test_the_launcher_mirrors_over_tls_psk_with_aes_gcm_unless_told(servers, tmp_path, connect,
+                                                                   monkeypatch, chacha, cipher):
+    from netrig import Rig
+    monkeypatch.setenv("OVERLAY_TLS_CHACHA", chacha)
+    rig = Rig(servers, tmp_path, connect)            # served by scripts/nbdkit-overlay
+    rig.h.pwrite(b"aes" * 4096, 2 * MiB)
+    target = nbdkit_tcp(servers, "tls-target", ["-v", "-D", "nbdkit.tls.session=1", "file",
+                                                str(rig.target_path)], psk=psk_file(tmp_path))
+    rig.mirror(target.uri)
+    rig.qmp.wait_event("BLOCK_JOB_READY")
+    expected = rig.disk_bytes()
+    rig.qmp("block-job-cancel", device="disk0")
+    rig.qmp.wait_event("BLOCK_JOB_COMPLETED")
+    assert rig.target_bytes() == expected
+    assert _negotiated(target) == {cipher}
