@@ -104,11 +104,11 @@ def _cancel(qmp, device):
             return
 
 
-def _start_ours(bench, base, name):
+def _start_ours(bench, base, name, env=None):
     state = bench.path("state-" + name)
     control = bench.path(name + "-ctl.sock")
     server = bench.servers.nbdkit(name, "python", PLUGIN, "overlay=" + state, "base=" + base,
-                                  "control=" + control)
+                                  "control=" + control, env=env)
     _wait_for(control, server)
     return server, state, control
 
@@ -121,10 +121,10 @@ def _ours(bench, base, discard_flush=False):
         _finish(bench, target, path)
 
 
-def ours_mirror_until_ready(bench, base, uri, name):
+def ours_mirror_until_ready(bench, base, uri, name, env=None):
     """Our plugin with an empty overlay on base: drive-mirror to uri until
-    BLOCK_JOB_READY; returns the seconds."""
-    server, state, control = _start_ours(bench, base, name)
+    BLOCK_JOB_READY; returns the seconds.  env: the server's environment."""
+    server, state, control = _start_ours(bench, base, name, env)
     try:
         with QMPClient(control, timeout=TIMEOUT) as qmp:
             seconds = _until_ready(qmp, "drive-mirror", {"device": "disk0", "target": uri,
@@ -145,9 +145,10 @@ def _qemu(bench, base, discard_flush=False):
         _finish(bench, target, path)
 
 
-def qsd_mirror_until_ready(bench, base, target_blockdev, extra_args=()):
+def qsd_mirror_until_ready(bench, base, target_blockdev, extra_args=(), env=None):
     """qemu-storage-daemon with a fresh qcow2 overlay on base: blockdev-mirror to the
-    node `tgt` (target_blockdev) until BLOCK_JOB_READY; returns the seconds."""
+    node `tgt` (target_blockdev) until BLOCK_JOB_READY; returns the seconds.  env: the
+    daemon's environment."""
     image = bench.path("mirror.qcow2")
     bench.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", image])
     control = bench.path("qsd-mirror.sock")
@@ -156,7 +157,7 @@ def qsd_mirror_until_ready(bench, base, target_blockdev, extra_args=()):
             "--blockdev", target_blockdev,
             "--chardev", "socket,id=mon,path=%s,server=on,wait=off" % control,
             "--monitor", "chardev=mon"]
-    server = bench.servers.start("qsd-mirror", lambda sock: argv, ready=False)
+    server = bench.servers.start("qsd-mirror", lambda sock: argv, env=env, ready=False)
     try:
         _wait_for(control, server)
         with QMPClient(control, timeout=TIMEOUT) as qmp:
