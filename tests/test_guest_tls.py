@@ -35,7 +35,7 @@ def serve_with_tls(servers, tmp_path, kind):
         # QEMU reads ca-cert.pem, client-cert.pem and client-key.pem from dir=.
         creds = "tls-creds-x509,id=tls0,endpoint=client,dir=%s" % client_dir
         uri = "nbds://127.0.0.1:%d/?tls-certificates=%s" % (port, client_dir)
-    argv = [str(LAUNCHER), "-f", "-v", "-Dnbdkit.tls.session=1",
+    argv = [str(LAUNCHER), "-f", "-v", "-D", "nbdkit.tls.session=1",
             "-i", "127.0.0.1", "-p", str(port), *tls,
             "overlay=%s" % (tmp_path / "ov"), "base=%s" % base]
     server = TcpServer(argv, "127.0.0.1", port, tmp_path / "tls-disk.log", uri)

@@ -122,3 +122,28 @@ def test_the_launcher_mirrors_over_tls_psk_with_aes_gcm_unless_told(servers, tmp
     rig.qmp.wait_event("BLOCK_JOB_COMPLETED")
     assert rig.target_bytes() == expected
     assert _negotiated(target) == {cipher}
+
+
+def test_the_launcher_passes_an_option_value_with_an_equals_sign_to_nbdkit(servers, tmp_path):
+    """`-D nbdkit.tls.session=1` is nbdkit's debug flag, not a plugin key (and the disk
+    served with --tls through the launcher negotiates AES-GCM where the policy applies)."""
+    from conftest import LAUNCHER
+    from netrig import TcpServer, free_port
+    import nbd
+    psk, port = psk_file(tmp_path), free_port()
+    argv = [str(LAUNCHER), "-f", "-v", "-D", "nbdkit.tls.session=1", "-i", "127.0.0.1",
+            "-p", str(port), "--tls", "require", "--tls-psk", str(psk),
+            "overlay=%s" % (tmp_path / "ov"), "size=4M"]
+    server = TcpServer(argv, "127.0.0.1", port, tmp_path / "disk.log",
+                       "nbds://alice@127.0.0.1:%d/?tls-psk-file=%s" % (port, psk))
+    servers.started.append(server)
+    server.wait_ready()
+    h = nbd.NBD()
+    h.set_uri_allow_local_file(True)
+    h.connect_uri(server.uri)
+    assert h.get_size() == 4 * MiB
+    h.shutdown()
+    ciphers = _negotiated(server)
+    assert len(ciphers) == 1
+    if _aes_policy_applies():
+        assert ciphers == {"AES-128-GCM"}
