@@ -309,10 +309,15 @@ def test_mirror_to_a_stopped_target_does_not_block_other_control_clients(servers
         replied = threading.Event()
 
         def start():
+            # A session of its own: the legacy QMP client runs the calling
+            # thread's event loop, and rig.qmp's is the main thread's, which
+            # `other` below runs at the same time.
+            own = Control(rig.ctl_path)
             try:
-                rig.mirror(target.uri)
+                own("drive-mirror", device="disk0", target=target.uri, sync="full")
             finally:
                 replied.set()
+                own.close()
 
         starter = threading.Thread(target=start)
         starter.start()

@@ -30,6 +30,8 @@ from .nbdconnect import CONNECT_TIMEOUT, Attempt, hang_up, is_finished, nbd_errn
 
 # Not connected: a new connect attempt starts at most this often.
 RECONNECT_INTERVAL = 0.25
+# At most this many libnbd steps per _pump() (a TLS record is 16 KiB: 4 MiB).
+PUMP_STEPS = 256
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +288,28 @@ class NbdTarget:
                 self._failed.append((tag, err))
             return
         self._pending[cookie] = (tag, keep, send)
+        self._pump()
+
+    def _pump(self):
+        """Push queued request data into the socket while it takes it.
+
+        Over TLS libnbd 1.14 hands one TLS record (16 KiB) to the socket per
+        state-machine step and then waits for the next poll(), so a 1 MiB
+        write would trickle out one record per turn of the job loop (64 turns
+        of Python per MiB).  Here the steps run back to back, each a poll(0)
+        that only goes on while the socket is writable (or a reply is
+        readable); over plain TCP one step already sends everything the
+        socket takes, so this usually stops at once.
+        """
+        h = self._h
+        write = self._nbd.AIO_DIRECTION_WRITE
+        try:
+            for _ in range(PUMP_STEPS):
+                if not h.aio_get_direction() & write or not h.poll(0):
+                    return
+        except self._nbd.Error as e:
+            # The next wait()/_collect() finds out what it means.
+            log.debug("Mirror target pump stopped uri=%s error=%s", redact(self.address), e)
 
     def submit_write(self, buf, offset, tag):
         abuf = self._nbd.Buffer.from_buffer(buf)
@@ -317,6 +341,8 @@ class NbdTarget:
             self._h.poll(int(timeout * 1000))
         except self._nbd.Error as e:
             log.warning("Mirror target poll failed uri=%s error=%s", redact(self.address), e)
+        else:
+            self._pump()
         return self._collect()
 
     def _collect(self):

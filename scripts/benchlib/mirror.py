@@ -104,11 +104,11 @@ def _cancel(qmp, device):
             return
 
 
-def _start_ours(bench, base, name):
+def _start_ours(bench, base, name, env=None):
     state = bench.path("state-" + name)
     control = bench.path(name + "-ctl.sock")
     server = bench.servers.nbdkit(name, "python", PLUGIN, "overlay=" + state, "base=" + base,
-                                  "control=" + control)
+                                  "control=" + control, env=env)
     _wait_for(control, server)
     return server, state, control
 
@@ -121,10 +121,10 @@ def _ours(bench, base, discard_flush=False):
         _finish(bench, target, path)
 
 
-def ours_mirror_until_ready(bench, base, uri, name):
+def ours_mirror_until_ready(bench, base, uri, name, env=None):
     """Our plugin with an empty overlay on base: drive-mirror to uri until
-    BLOCK_JOB_READY; returns the seconds."""
-    server, state, control = _start_ours(bench, base, name)
+    BLOCK_JOB_READY; returns the seconds.  env: the server's environment."""
+    server, state, control = _start_ours(bench, base, name, env)
     try:
         with QMPClient(control, timeout=TIMEOUT) as qmp:
             seconds = _until_ready(qmp, "drive-mirror", {"device": "disk0", "target": uri,
@@ -145,9 +145,11 @@ def _qemu(bench, base, discard_flush=False):
         _finish(bench, target, path)
 
 
-def qsd_mirror_until_ready(bench, base, target_blockdev, extra_args=(), while_ready=None):
+def qsd_mirror_until_ready(bench, base, target_blockdev, extra_args=(), env=None,
+                           while_ready=None):
     """qemu-storage-daemon with a fresh qcow2 overlay on base: blockdev-mirror to the
-    node `tgt` (target_blockdev) until BLOCK_JOB_READY; returns the seconds.
+    node `tgt` (target_blockdev) until BLOCK_JOB_READY; returns the seconds.  env: the
+    daemon's environment.
 
     while_ready(uri): called while the job is READY with the NBD URI of the
     mirrored disk (QSD exports node src, writable; the mirror's filter takes
@@ -166,7 +168,7 @@ def qsd_mirror_until_ready(bench, base, target_blockdev, extra_args=(), while_re
             "--blockdev", target_blockdev, *export,
             "--chardev", "socket,id=mon,path=%s,server=on,wait=off" % control,
             "--monitor", "chardev=mon"]
-    server = bench.servers.start("qsd-mirror", lambda sock: argv, ready=False)
+    server = bench.servers.start("qsd-mirror", lambda sock: argv, env=env, ready=False)
     try:
         _wait_for(control, server)
         with QMPClient(control, timeout=TIMEOUT) as qmp:
