@@ -1,0 +1,71 @@
+"""The mirror's write-intent log (plugin/jobs/intent.py), as a pure module: set before
+write (a group at a time), clear lazily at checkpoints, and what a restart reads back."""
+
+from plugin.jobs.intent import SET_GROUP, IntentLog
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+
+
+def _log(tmp_path, create=True):
+    return IntentLog(str(tmp_path / "disk0.intent"), SIZE, MiB, create=create)
+
+
+def _clear_all(log):
+    idle = bytearray(log.nregions)
+    log.finish_checkpoint(log.begin_checkpoint(idle), idle)
+
+
+def _write(log, offset, length):
+    token = log.begin(offset, length)
+    log.persist(token)
+    log.end(token)
+
+
+def test_a_new_log_has_every_region_set_and_a_checkpoint_clears_idle_ones(tmp_path):
+    log = _log(tmp_path)
+    assert list(log.regions()) == [(0, SIZE)]
+    busy = bytearray(log.nregions)
+    busy[5] = 1                                  # the mirror still holds region 5
+    log.finish_checkpoint(log.begin_checkpoint(busy), busy)
+    assert list(log.regions()) == [(5 * MiB, MiB)]
+    log.close()
+    assert list(_log(tmp_path, create=False).regions()) == [(5 * MiB, MiB)]
+
+
+def test_a_first_write_sets_its_aligned_group_with_one_sync(tmp_path):
+    log = _log(tmp_path)
+    _clear_all(log)
+    sets = log.sets
+    _write(log, 11 * MiB + 4096, 4096)           # region 11: group [8, 16)
+    group = (11 // SET_GROUP) * SET_GROUP
+    assert list(log.regions()) == [(group * MiB, SET_GROUP * MiB)]
+    assert log.sets == sets + 1
+    for r in range(group, group + SET_GROUP):    # the rest of the group costs no sync
+        _write(log, r * MiB, 65536)
+    assert log.sets == sets + 1
+    # Durable before the write was issued: a crash now finds the group set.
+    assert list(_log(tmp_path, create=False).regions()) == [(group * MiB, SET_GROUP * MiB)]
+
+
+def test_a_write_across_groups_sets_both_and_untouched_neighbours_clear_later(tmp_path):
+    log = _log(tmp_path)
+    _clear_all(log)
+    _write(log, 15 * MiB, 2 * MiB)               # regions 15 and 16: groups [8, 24)
+    assert list(log.regions()) == [(8 * MiB, 16 * MiB)]
+    # The first checkpoint after the write leaves everything (touched since the last one);
+    # the next clears what nobody wrote since, written regions included once idle.
+    _clear_all(log)
+    assert list(log.regions()) == [(8 * MiB, 16 * MiB)]
+    _write(log, 9 * MiB, 4096)
+    _clear_all(log)
+    assert list(log.regions()) == [(9 * MiB, MiB)]
+    _clear_all(log)
+    assert list(log.regions()) == []
+
+
+def test_a_group_at_the_end_of_the_disk_stops_at_the_last_region(tmp_path):
+    log = IntentLog(str(tmp_path / "odd.intent"), 13 * MiB, MiB, create=True)
+    _clear_all(log)
+    _write(log, 12 * MiB, 4096)
+    assert list(log.regions()) == [(8 * MiB, 5 * MiB)]
