@@ -120,8 +120,9 @@ def disks(servers, connect, tmp_path):
 class Writer:
     """Random writes through its own NBD connection until stopped."""
 
-    def __init__(self, connect, uri, seed=3):
+    def __init__(self, connect, uri, seed=3, pause=0.002):
         self.h = connect(uri)
+        self.pause = pause
         self.rnd = random.Random(seed)
         self.count = 0
         self._cond = threading.Condition()
@@ -139,6 +140,11 @@ class Writer:
                 with self._cond:
                     self.count += 1
                     self._cond.notify_all()
+                # A guest's pace, not a flood: a writer that dirties the disk faster
+                # than a one-node memstore Ceph on 2 shared cores takes the copies
+                # keeps any mirror from converging (QEMU's too; that is what
+                # copy-mode=write-blocking is for).
+                self._stop.wait(self.pause)
         except BaseException as e:     # reported by stop()
             self._error = e
 
@@ -362,3 +368,47 @@ def test_force_cancel_while_the_osd_hangs_with_timeout_0_is_prompt(ceph_cluster,
         assert disk.h.pread(12, MiB) == b"still served"
     finally:
         os.kill(osd, signal.SIGCONT)
+
+
+def test_drive_mirror_to_an_unreachable_cluster_does_not_hold_the_control_socket(
+        servers, connect, tmp_path):
+    """librados tries an unreachable monitor until its timeout; the image opens in the
+    background (as an NBD target connects), so the command returns within its short
+    connect wait, other clients are answered meanwhile, and the open's failure goes to
+    on-target-error (report: the job ends with the error)."""
+    import cephcluster
+    import socket
+    import time
+    reason = cephcluster.available()
+    if reason:
+        pytest.skip(reason)
+    with socket.socket() as s:            # a port on loopback that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = tmp_path / "dead.conf"
+    conf.write_text("[global]\nmon host = 127.0.0.1:%d\nauth cluster required = none\n"
+                    "auth service required = none\nauth client required = none\n" % port)
+    disk = Disk(servers, connect, tmp_path, size=SIZE)
+    target = "rbd://rbd/img?conf=%s&timeout=8" % conf
+    replied = threading.Event()
+
+    def start():
+        own = Control(disk.ctl)
+        try:
+            own("drive-mirror", device="disk0", target=target, sync="full")
+        finally:
+            replied.set()
+            own.close()
+
+    starter = threading.Thread(target=start)
+    t0 = time.monotonic()
+    starter.start()
+    other = Control(disk.ctl)
+    assert other.execute("query-status")["running"] is True
+    assert replied.wait(5), "drive-mirror waited for librados"
+    assert time.monotonic() - t0 < 5
+    starter.join()
+    done = other.wait_event("BLOCK_JOB_COMPLETED", timeout=60, device="disk0")
+    assert "error" in done["data"], done
+    other.close()
+    disk.close()

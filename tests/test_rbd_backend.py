@@ -207,6 +207,7 @@ def _drain(target, timeout=60):
 def test_async_target_writes_land(ceph_cluster):
     name, uri = new_image(ceph_cluster, size=16 * MiB)
     t = plugin_rbd.RbdTarget(uri)
+    assert t.wait_open(60)
     try:
         assert t.size() == 16 * MiB and t.multi_conn
         assert t.extents(0, 16 * MiB) == [(0, 16 * MiB, True)]
@@ -240,6 +241,7 @@ def test_async_target_pool_quota_is_enospc(ceph_cluster):
     name, uri, b = _full_pool(ceph_cluster, "quota2")
     b.close()
     t = plugin_rbd.RbdTarget(uri)
+    assert t.wait_open(60)
     try:
         t.submit_write(b"n" * 4096, 8 * MiB, "new")
         t.submit_write(b"o" * 4096, 0, "overwrite")   # rewrites within the quota'd data pass
@@ -257,6 +259,7 @@ def test_blocklisted_target_reconnects_and_fails_the_old_requests_once(ceph_clus
     import json
     name, uri = new_image(ceph_cluster, size=16 * MiB)
     t = plugin_rbd.RbdTarget("%s&timeout=%d" % (uri, timeout))
+    assert t.wait_open(60)
     addr = None
     try:
         t.submit_write(b"a" * 4096, 0, "first")
@@ -317,6 +320,7 @@ def test_stopped_osd_times_out_then_recovers(ceph_cluster):
     name, uri = new_image(ceph_cluster, size=8 * MiB)
     b = plugin_rbd.RbdBackend(uri + "&timeout=2", readonly=False)
     t = plugin_rbd.RbdTarget(uri + "&timeout=2")
+    assert t.wait_open(60)
     osd = ceph_cluster.osd_pid()
     os.kill(osd, signal.SIGSTOP)
     try:
@@ -353,6 +357,7 @@ def test_target_close_does_not_wait_for_a_hung_osd(ceph_cluster):
     """timeout=0: a write to a stopped OSD stays pending; close() still returns."""
     name, uri = new_image(ceph_cluster, size=8 * MiB)
     t = plugin_rbd.RbdTarget(uri + "&timeout=0")
+    assert t.wait_open(60)
     osd = ceph_cluster.osd_pid()
     os.kill(osd, signal.SIGSTOP)
     try:

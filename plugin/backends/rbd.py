@@ -309,8 +309,33 @@ class RbdTarget:
         self._serial = 0
         self._generation = 0                 # bumped by reconnect(): late callbacks ignored
         self._dead = False
-        self._c = _Connection(self._addr, readonly=False)
-        log.info("Mirror target opened image=%s size=%d", self._addr, self._c.size)
+        # Opened in the background, as an NBD target connects: librados may
+        # take up to its timeout to give up on an unreachable cluster, and the
+        # caller (a QMP command) must not wait that long.  wait_open() waits.
+        self._c = None
+        self._open_lock = threading.Lock()
+        self._opened = threading.Event()
+        self._open_error = None
+        self._closed = False
+        threading.Thread(target=self._open_first, name="rbd-open", daemon=True).start()
+
+    def _open_first(self):
+        try:
+            c = _Connection(self._addr, readonly=False)
+        except OSError as e:
+            self._open_error = e
+        except Exception as e:          # the binding's own errors for a bad conf
+            self._open_error = OSError(errno_of(e, errno.EIO), "cannot open %s: %s"
+                                       % (self._addr, e))
+        else:
+            with self._open_lock:
+                if not self._closed:
+                    self._c, c = c, None
+            if c is not None:           # closed while opening: nobody will use it
+                c.close_within(CLOSE_WAIT)
+            else:
+                log.info("Mirror target opened image=%s", self._addr)
+        self._opened.set()
 
     def size(self):
         return self._c.size
@@ -387,7 +412,12 @@ class RbdTarget:
         return result
 
     def wait_open(self, timeout):
-        """The image is opened by the constructor (librados' own timeouts bound it)."""
+        """Wait up to timeout for the image to open: True when open, False if still
+        opening; raises the OSError of a failed open (librados' timeout bounds it)."""
+        if not self._opened.wait(timeout):
+            return False
+        if self._open_error is not None:
+            raise self._open_error
         return True
 
     def detach(self):
@@ -446,7 +476,9 @@ class RbdTarget:
         goes on in the background, so that a cancelled job ends (as an NBD
         target's does).  librbd copied the requests' data.
         """
-        c, self._c = self._c, None
+        with self._open_lock:
+            self._closed = True
+            c, self._c = self._c, None
         if c is not None:
             if self._pending:
                 log.info("Mirror target closing image=%s with %d requests in flight",
