@@ -1,7 +1,6 @@
 """Low-level file I/O the standard library lacks: whole-buffer pread/pwrite, fallocate."""
 
 import ctypes
-import ctypes.util
 import errno
 import os
 
@@ -9,7 +8,19 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _load_libc():
+    """glibc by its soname; ctypes.util only where that fails (it imports shutil,
+    subprocess and tempfile and runs ldconfig: ~15 ms of every nbdkit start)."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        from ctypes.util import find_library
+        return ctypes.CDLL(find_library("c"), use_errno=True)
+
+
+_libc = _load_libc()
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
