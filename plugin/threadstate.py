@@ -8,7 +8,7 @@ not cheap: a new thread state maps a fresh frame-stack chunk (mmap) on its
 first call and unmaps it on release (munmap, and a TLB shootdown of the
 other CPUs).  Measured with fio 4K random reads at QD32x2 under
 `nbdkit --threads 2`: about half of the server's CPU time per request
-(docs/benchmarks.md, "Where the per-request time goes").
+(docs/benchmarks.md, "Kept thread states").
 
 The cure is one extra PyGILState_Ensure() per worker thread, on its first
 request: the thread state's use count never drops to zero again, so nbdkit's
