@@ -178,6 +178,10 @@ class Writer(threading.Thread):
             data = self.rnd.randbytes(self.rnd.choice([512, 4096, 65536]))
             self.h.pwrite(data, self.rnd.randrange(0, SIZE - len(data)))
             self.count += 1
+            # A guest's pace: an unpaced writer on a 16 MiB disk can dirty it faster than
+            # the background mirror copies (docs/mirror.md, copy-mode), so READY would
+            # depend on the machine's load.
+            self.stop.wait(0.001)
 
     def finish(self):
         self.stop.set()

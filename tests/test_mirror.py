@@ -112,6 +112,7 @@ def test_client_writes_during_mirror_reach_the_target(setup):
             off = rnd.randrange(0, SIZE - 70000)
             writer_h.pwrite(rnd.randbytes(rnd.choice([512, 4096, 65536, 69999])), off)
             count[0] += 1
+            stop.wait(0.001)          # a guest's pace (see docs/mirror.md, copy-mode)
 
     t = threading.Thread(target=writer)
     t.start()
@@ -317,6 +318,7 @@ class Writer(threading.Thread):
             data = self.rnd.randbytes(65536)
             self.h.pwrite(data, off)
             self.writes.append((off, data))
+            self.stop.wait(0.001)     # a guest's pace (see docs/mirror.md, copy-mode)
 
     def finish(self):
         self.stop.set()
