@@ -11,6 +11,7 @@ import re
 import nbd
 
 from conftest import make_image
+from faults import wait_until
 from qmp_helpers import Control
 
 MiB = 1 << 20
@@ -33,11 +34,12 @@ def _reads_below(log):
 
 
 def _wait_done(h, cookie, timeout=10.0):
-    import time
-    deadline = time.monotonic() + timeout
-    while not h.aio_command_completed(cookie):
-        assert time.monotonic() < deadline, "the read never completed"
+    def done():
+        if h.aio_command_completed(cookie):
+            return True
         h.poll(100)
+        return False
+    wait_until(done, timeout, interval=0)
 
 
 def test_qmp_stop_cannot_hold_a_read_the_cache_serves(servers, tmp_path, connect):
@@ -68,11 +70,7 @@ def test_qmp_stop_cannot_hold_a_read_the_cache_serves(servers, tmp_path, connect
 
 def _wait_logged(log, offset, timeout=10.0):
     """Until the log filter shows a read at offset reaching the plugin (it logs on entry)."""
-    import time
-    deadline = time.monotonic() + timeout
-    while not any(o == offset for o, _ in _reads_below_entries(log)):
-        assert time.monotonic() < deadline, "the read never reached the plugin"
-        time.sleep(0.01)
+    wait_until(lambda: any(o == offset for o, _ in _reads_below_entries(log)), timeout, 0.01)
 
 
 _ENTRY = re.compile(r"Read id=\d+ offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+) \.\.\.")

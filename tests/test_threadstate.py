@@ -7,6 +7,7 @@ import nbd
 import pytest
 
 from conftest import make_image
+from faults import wait_until
 
 MiB = 1 << 20
 CONNECTIONS = 30
@@ -18,12 +19,8 @@ def _closed_lines(server):
 
 
 def _wait_closed(server, count):
-    import time
-    deadline = time.monotonic() + 30
-    while len(_closed_lines(server)) < count:
-        assert time.monotonic() < deadline, server.log()[-3000:]
-        time.sleep(0.02)
-    return _closed_lines(server)
+    return wait_until(lambda: len(_closed_lines(server)) >= count and _closed_lines(server),
+                      30, 0.02)
 
 
 def _busy_connection(uri, seed):
