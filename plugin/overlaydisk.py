@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import sys
+import threading
 
 import nbdkit
 
@@ -43,6 +44,7 @@ Service = importlib.import_module(_PACKAGE + ".service").Service
 KeptStates = importlib.import_module(_PACKAGE + ".threadstate").KeptStates
 
 API_VERSION = 2
+_get_ident = threading.get_ident
 
 
 class _NbdkitLog(logging.Handler):
@@ -66,14 +68,14 @@ class _Connection:
     """The handle of one NBD connection: the disk's request methods, bound once,
     and the Python thread states its worker threads keep (plugin/threadstate.py)."""
 
-    __slots__ = ("disk", "read", "write", "keep", "states")
+    __slots__ = ("disk", "read", "write", "kept", "states")
 
     def __init__(self, disk):
         self.disk = disk
         self.read = disk.read
         self.write = disk.write
         self.states = KeptStates()
-        self.keep = self.states.keep
+        self.kept = self.states.kept
 
 
 def _io(fn):
@@ -81,7 +83,8 @@ def _io(fn):
     the disk becomes the client's errno instead of EIO."""
     @functools.wraps(fn)
     def wrapper(h, *args):
-        h.keep()
+        if _get_ident() not in h.kept:         # a thread's first request only
+            h.states.keep()
         try:
             return fn(h, *args)
         except OSError as e:

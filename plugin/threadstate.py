@@ -73,31 +73,34 @@ def thread_state_count():
 class KeptStates:
     """The thread states kept for the threads serving one connection.
 
-    keep() runs on every request (the first one per thread does the work);
-    release() runs once, from the connection's close callback.
+    keep() runs on a thread's first request (the request path tests `kept`
+    first); release() runs once, from the connection's close callback.
     """
 
-    __slots__ = ("_kept", "_lock")
+    __slots__ = ("kept", "_lock")
 
     def __init__(self):
-        self._kept = {}           # thread ident -> (thread state address, Ensure's answer)
+        # thread ident -> (thread state address, Ensure's answer).  The request
+        # path tests `get_ident() in kept` itself and calls keep() only on a miss.
+        self.kept = {}
         self._lock = threading.Lock()
 
     def keep(self, get_ident=threading.get_ident):
         ident = get_ident()
-        if ident in self._kept:
+        if ident in self.kept:
             return
         if _API is None:
-            self._kept[ident] = None
+            self.kept[ident] = None
             return
         state = _API["PyGILState_Ensure"]()      # the GIL is ours: this only counts up
         with self._lock:
-            self._kept[ident] = (_API["PyThreadState_Get"](), state)
+            self.kept[ident] = (_API["PyThreadState_Get"](), state)
 
     def release(self):
         """Give back every kept thread state (their threads have ended, or it is ours)."""
         with self._lock:
-            kept, self._kept = self._kept, {}
+            kept = dict(self.kept)
+            self.kept.clear()
         if _API is None:
             return
         current = _API["PyThreadState_Get"]()
