@@ -8,6 +8,10 @@ Durability rule: the map on disk never claims a cluster holds data that did
 not reach the disk.  commit() takes a snapshot of the changed pages *before*
 it syncs the data file, so everything the snapshot claims was written before
 the data sync; only then are the pages written and the map synced.
+
+Between commits, every change is also appended to the map's journal
+(mapjournal.py) before set() returns, so an answered write outlives a crash
+of the process (not a power loss, which the commit rule covers).
 """
 
 import errno
@@ -58,7 +62,9 @@ def _allocate(fd, length):
 class ClusterMap:
     """In-memory cluster states with dirty-page tracking and a durable commit."""
 
-    def __init__(self, path, nclusters):
+    def __init__(self, path, nclusters, journal=None, sync_data=None):
+        """journal: a MapJournal (replayed here, then appended to by set());
+        sync_data(): syncs the data file (commits made by the map itself)."""
         self.nclusters = nclusters
         # The file exists with one byte per cluster (statedir.py makes it,
         # statecheck.py checked it): it is never created, cut or extended here.
@@ -75,8 +81,34 @@ class ClusterMap:
             os.close(self._fd)
             raise
         self._dirty = set()
-        self._lock = threading.Lock()          # guards _map writes and _dirty
+        self._lock = threading.Lock()          # guards _map writes, _dirty, the journal
         self._commit_lock = threading.Lock()   # one commit at a time
+        self._journal = journal
+        self._sync_data = sync_data
+        if journal is not None:
+            try:
+                self._replay(path, journal)
+            except BaseException:
+                os.close(self._fd)
+                raise
+
+    def _replay(self, path, journal):
+        """Apply the changes a crashed process made after its last commit; commit them."""
+        changes = journal.recover()
+        applied = 0
+        for first, end, state in changes:
+            if not (0 <= first < end <= self.nclusters and state in _STATE_BYTES):
+                log.warning("map journal record out of range first=%d end=%d state=%d: "
+                            "replay stops there", first, end, state)
+                break
+            self._map[first:end] = _STATE_BYTES[state] * (end - first)
+            self._dirty.update(range(first // PAGE, (end - 1) // PAGE + 1))
+            applied += 1
+        if applied:
+            log.info("cluster map: replayed changes made after the last flush path=%s "
+                     "changes=%d", path, applied)
+            self._write(self._snapshot(), self._sync_data)
+        journal.start()
 
     def states(self, first, end):
         """The states of clusters [first, end) as bytes."""
@@ -118,29 +150,52 @@ class ClusterMap:
         with self._lock:
             self._map[first:end] = _STATE_BYTES[state] * (end - first)
             self._dirty.update(range(first // PAGE, (end - 1) // PAGE + 1))
+            journal = self._journal
+            if journal is None or journal.append(first, end, state):
+                return
+        self.commit()          # not journaled (full, or it failed): durable now instead
 
     def count(self, state):
         return self._map.count(_STATE_BYTES[state])
 
-    def commit(self, sync_data):
-        """Make the current map durable; sync_data() must sync the data file."""
+    def _snapshot(self):
+        """[(page, bytes)] of the dirty pages, which are then clean (call under _lock)."""
+        pages = sorted(self._dirty)
+        self._dirty.clear()
+        return [(p, bytes(self._map[p * PAGE:(p + 1) * PAGE])) for p in pages]
+
+    def _write(self, snapshot, sync_data):
+        """Data sync, then the snapshot's pages and a map sync; pages stay dirty on failure."""
+        try:
+            sync_data()
+            for page, content in snapshot:
+                pwrite_all(self._fd, content, page * PAGE)
+            if snapshot:
+                os.fdatasync(self._fd)
+        except BaseException:
+            with self._lock:
+                self._dirty.update(page for page, _ in snapshot)
+            raise
+
+    def commit(self, sync_data=None):
+        """Make the current map durable; sync_data() must sync the data file
+        (default: the one given at construction)."""
+        sync_data = sync_data or self._sync_data
         with self._commit_lock:
             with self._lock:
-                pages = sorted(self._dirty)
-                self._dirty.clear()
-                snapshot = [(p, bytes(self._map[p * PAGE:(p + 1) * PAGE])) for p in pages]
-            try:
-                sync_data()
-                for page, content in snapshot:
-                    pwrite_all(self._fd, content, page * PAGE)
-                if snapshot:
-                    os.fdatasync(self._fd)
-            except BaseException:
+                snapshot = self._snapshot()
+                journal = self._journal if snapshot else None
+                if journal is not None:
+                    journal.rotate()
+            self._write(snapshot, sync_data)
+            if journal is not None:
                 with self._lock:
-                    self._dirty.update(pages)
-                raise
+                    journal.committed()
 
     def close(self):
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -26,11 +26,13 @@ import re
 import socket
 import stat
 
+from .mapjournal import NAMES
+
 log = logging.getLogger(__name__)
 
 FORMAT = "overlay-nbd-state"
-VERSION = 2                   # the version this server writes (2: jobs/ records)
-READS = (1, 2)                # the versions it reads (1 is upgraded in place)
+VERSION = 3                   # the version this server writes (2: jobs/, 3: map journal)
+READS = (1, 2, 3)             # the versions it reads (1 and 2 are upgraded in place)
 META = "meta.json"
 DATA = "data.img"
 MAP = "clusters.map"
@@ -41,6 +43,7 @@ SAMPLE = 64 * 1024            # bytes per sample of the base's checksum
 DEVICE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
 _NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://", "nbd+vsock://")
 _STATE_BYTES = b"\x00\x01\x02"      # ABSENT, DATA, ZERO (clustermap.py)
+JOURNALS = NAMES                    # the cluster map's journal files (mapjournal.py)
 
 
 class Damaged(Exception):
@@ -269,13 +272,23 @@ def _check_data(state_dir, meta, found):
                       % (st.st_size, meta["size"]))
 
 
+def _check_journals(state_dir, meta, found):
+    """clusters.journal.0/.1: regular files where they exist (made at open when missing,
+    as in a directory of version 2 or older; their records are checked as they are read)."""
+    for name in JOURNALS:
+        path = os.path.join(state_dir, name)
+        if os.path.lexists(path):
+            _regular(path, "the cluster map's journal")
+
+
 FILE_CHECKS = (
     (MAP, _check_map),
     (DATA, _check_data),      # after MAP: needs where the data ends
+    (JOURNALS[0], _check_journals),
 )
 
 # Without meta.json, any of these means the directory is not new.
-LEFTOVERS = (MAP, DATA, META + ".tmp")
+LEFTOVERS = (MAP, DATA, META + ".tmp") + JOURNALS
 
 
 def check_files(state_dir, meta):

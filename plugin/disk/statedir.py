@@ -1,17 +1,21 @@
 """The state directory: where the overlay disk lives between runs.
 
-Layout (format version 2, docs/overlay.md "State directory"):
+Layout (format version 3, docs/overlay.md "State directory"):
 
     STATE_DIR/meta.json      what the disk is: size, cluster size, base (and its
                              fingerprint), device name, pivot target
     STATE_DIR/data.img       sparse file, overlay data at the disk's own offsets
     STATE_DIR/clusters.map   one byte per cluster: 0 absent (read the base), 1 data, 2 zero
+    STATE_DIR/clusters.journal.0, .1
+                             map changes since the last flush, replayed after a
+                             crash of the process in the same boot (mapjournal.py)
     STATE_DIR/lock           flock()ed while a server uses the directory
     STATE_DIR/control.sock   default control socket
     STATE_DIR/jobs/          one record per job that outlives the process (plugin/jobs/record.py)
 
-Version 1 had no jobs/ folder; a version 1 directory is upgraded in place once
-every check passed (meta.json rewritten with version 2).  A newer version is
+Version 1 had no jobs/ folder and version 2 no map journal; such a directory
+is upgraded in place once every check passed (meta.json rewritten with
+version 3).  A newer version is
 refused with one line.
 
 Opening an existing directory only reads until every check of statecheck.py
@@ -262,7 +266,8 @@ def _open_existing(path, meta_path, open_base, base, size, cluster_size, device)
         _unlink(tmp)
     if meta["version"] != VERSION:
         # Every check passed: upgrade in place (version 1 differs only in
-        # having no jobs/ folder, which is made on first use).
+        # having no jobs/ folder, which is made on first use; version 2 in
+        # having no map journal, which the store makes when it opens the map).
         old = meta["version"]
         meta = dict(meta, version=VERSION)
         write_json_atomic(meta_path, meta)

@@ -20,7 +20,7 @@ import os
 from ..backends.fileio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from ..backends.fileio import pread_all, pwrite_all
 from ..core.extent import append_merged
-from . import clustermap, statedir
+from . import clustermap, mapjournal, statedir
 from .clustermap import ABSENT, DATA, ZERO
 from .rangelock import RangeLock
 
@@ -41,7 +41,13 @@ class OverlayStore:
         # data.img exists and was checked (statecheck.py): never created, cut or extended here.
         self._fd = os.open(state.file(statedir.DATA), os.O_RDWR | os.O_CLOEXEC)
         try:
-            self.map = clustermap.ClusterMap(state.file(statedir.MAP), self.nclusters)
+            journal = mapjournal.MapJournal([state.file(n) for n in mapjournal.NAMES])
+            try:
+                self.map = clustermap.ClusterMap(state.file(statedir.MAP), self.nclusters,
+                                                 journal, self._sync_data)
+            except BaseException:
+                journal.close()
+                raise
         except BaseException:
             os.close(self._fd)
             raise
@@ -219,9 +225,12 @@ class OverlayStore:
         if fua:
             self.flush()
 
+    def _sync_data(self):
+        os.fdatasync(self._fd)
+
     def flush(self):
         """Make every completed write durable: data first, then the map that names it."""
-        self.map.commit(lambda: os.fdatasync(self._fd))
+        self.map.commit()
 
     def cache(self, offset, length):
         """Prefetch: ask the kernel to read ahead the overlay's part of the range."""
