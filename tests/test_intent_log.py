@@ -69,3 +69,38 @@ def test_a_group_at_the_end_of_the_disk_stops_at_the_last_region(tmp_path):
     _clear_all(log)
     _write(log, 12 * MiB, 4096)
     assert list(log.regions()) == [(8 * MiB, 5 * MiB)]
+
+
+def test_overlapping_checkpoints_never_clear_a_region_written_after_they_began(tmp_path):
+    """A checkpoint begins while an older one's flush is still in flight: a client
+    change between the two must survive both (one touched flag, reset by the
+    second begin, would let the first one clear it)."""
+    log = _log(tmp_path)
+    idle = bytearray(log.nregions)
+    _clear_all(log)
+    _write(log, 20 * MiB, 4096)                  # group [16, 24) set
+    _clear_all(log)                              # touched since the last one: kept
+    first = log.begin_checkpoint(idle)           # its flush goes out...
+    assert 20 in first.candidates
+    _write(log, 20 * MiB + 8192, 4096)           # ...a client writes region 20 again...
+    second = log.begin_checkpoint(idle)          # ...and the next checkpoint begins
+    assert 20 not in second.candidates
+    log.finish_checkpoints([first, second], idle)
+    assert (20 * MiB, MiB) in list(log.regions())
+    third = log.begin_checkpoint(idle)           # untouched since `second` began
+    assert 20 in third.candidates
+    log.finish_checkpoints([third], idle)
+    assert list(log.regions()) == []
+
+
+def test_finish_checkpoints_writes_and_syncs_once_for_many(tmp_path):
+    log = _log(tmp_path)
+    busy = bytearray(log.nregions)
+    busy[10:] = b"\x01" * (log.nregions - 10)
+    a = log.begin_checkpoint(busy)               # regions 0-9
+    busy[10:20] = bytes(10)
+    b = log.begin_checkpoint(busy)               # regions 0-19
+    idle = bytearray(log.nregions)
+    idle[20:] = b"\x01" * (log.nregions - 20)
+    assert log.finish_checkpoints([a, b], idle) == 20
+    assert list(_log(tmp_path, create=False).regions()) == [(20 * MiB, SIZE - 20 * MiB)]

@@ -25,7 +25,12 @@ The rule (docs/overlay.md, "Mirror durability"):
   setting a busy region every second), the mirror holds nothing of it (not
   dirty, not in flight, not waiting for a retry), the source was flushed
   after its last copy was read and a target flush that covers that copy has
-  completed.  begin_checkpoint()/finish_checkpoint() do that.
+  completed.  begin_checkpoint()/finish_checkpoints() do that.  Checkpoints
+  may overlap (a new one begins while older flushes are in flight): "since
+  the checkpoint started" is an epoch, not a flag.  Each change stamps its
+  regions with the current epoch; a checkpoint takes the epoch c and starts
+  c + 1, and it clears only regions whose last change began before c, i.e.
+  before the previous checkpoint began.
 - A new log starts with every region set: until the first checkpoint the
   whole disk may differ.  So the log also serves as the bulk copy's record:
   a mirror killed half way copies again what it had not reached (plus what
@@ -44,6 +49,7 @@ import itertools
 import logging
 import os
 import threading
+from array import array
 
 from ..backends.fileio import pwrite_all
 
@@ -67,6 +73,19 @@ def region_size_for(size, granularity):
     while (size + region - 1) // region > MAX_REGIONS:
         region *= 2
     return region
+
+
+class Checkpoint:
+    """What begin_checkpoint() found: its epoch and the regions it may clear."""
+
+    __slots__ = ("epoch", "candidates")
+
+    def __init__(self, epoch, candidates):
+        self.epoch = epoch
+        self.candidates = candidates
+
+    def __len__(self):
+        return len(self.candidates)
 
 
 class IntentLog:
@@ -95,7 +114,10 @@ class IntentLog:
                             path, len(data), n)
                 data = _SET * n
             self._bits = bytearray(1 if b else 0 for b in data)
-        self._touched = bytearray(n)          # changes began since the last checkpoint
+        # The epoch in which the last change into each region began (0: none);
+        # begin_checkpoint() starts a new epoch.
+        self._touched = array("Q", bytes(8 * n))
+        self._epoch = 1
         self._writing = {}                    # token -> (first, end) of changes in progress
         self._tokens = itertools.count()
         self.sets = 0                         # slow paths taken (for tests, the log)
@@ -112,9 +134,9 @@ class IntentLog:
         token = next(self._tokens)
         self._writing[token] = (first, end)
         if end - first == 1:
-            self._touched[first] = 1
+            self._touched[first] = self._epoch
         else:
-            self._touched[first:end] = _SET * (end - first)
+            self._touched[first:end] = array("Q", (self._epoch,)) * (end - first)
         return token
 
     def persist(self, token):
@@ -138,7 +160,7 @@ class IntentLog:
             os.fdatasync(self._fd)
             self.sets += 1
         # The group counts as touched: it lives at least one checkpoint interval.
-        self._touched[first:end] = _SET * (end - first)
+        self._touched[first:end] = array("Q", (self._epoch,)) * (end - first)
 
     def end(self, token):
         self._writing.pop(token, None)
@@ -168,34 +190,41 @@ class IntentLog:
     def begin_checkpoint(self, busy):
         """Regions that may be cleared once the coming source and target flushes
         complete: set, not busy (a bytearray, 1 = the mirror holds some of it),
-        and untouched by clients since the previous checkpoint.  Resets the
-        touched marks: the next checkpoint sees only changes that began after now."""
+        and untouched by clients since the previous checkpoint began.  Starts a
+        new epoch: the changes that begin from now on do not count as before it."""
+        epoch = self._epoch
+        self._epoch = epoch + 1
         bits, touched = self._bits, self._touched
         candidates = []
         i = bits.find(_SET)
         while i >= 0:
-            if not touched[i] and not busy[i]:
+            if touched[i] < epoch and not busy[i]:
                 candidates.append(i)
             i = bits.find(_SET, i + 1)
-        self._touched[:] = bytes(self.nregions)
-        return candidates
+        return Checkpoint(epoch, candidates)
 
-    def finish_checkpoint(self, candidates, busy):
-        """The flushes completed: clear the candidates still untouched and idle.
+    def finish_checkpoint(self, checkpoint, busy):
+        return self.finish_checkpoints([checkpoint], busy)
+
+    def finish_checkpoints(self, checkpoints, busy):
+        """The flushes of these checkpoints completed: clear their candidates still
+        untouched since the checkpoint's epoch and idle, with one write and sync.
 
         busy: the mirror's holdings now.  Returns the number of regions cleared.
         """
-        if not candidates:
+        if not any(checkpoints):
             return 0
         with self._lock:
             if self._fd is None:
                 return 0
             bits, touched = self._bits, self._touched
             cleared = []
-            for r in candidates:
-                if bits[r] and not touched[r] and not busy[r]:
-                    bits[r] = 0                      # (a) clear, then (b) look
-                    cleared.append(r)
+            for checkpoint in checkpoints:
+                epoch = checkpoint.epoch
+                for r in checkpoint.candidates:
+                    if bits[r] and touched[r] < epoch and not busy[r]:
+                        bits[r] = 0                  # (a) clear, then (b) look
+                        cleared.append(r)
             if not cleared:
                 return 0
             writing = list(self._writing.values())

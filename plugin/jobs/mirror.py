@@ -47,9 +47,15 @@ Durability (docs/jobs.md, docs/overlay.md): with an intent log
 records "this region may differ from the target" durably before it is
 issued.  Every target flush is also a checkpoint: the regions the mirror
 holds nothing of are cleared in the log once the source and then the target
-flush have completed (IntentLog.begin_checkpoint/finish_checkpoint).  While
-copying, a checkpoint runs every CHECKPOINT_INTERVAL or every 1/32 of the
-disk copied, so a mirror killed half way copies about the other half again.
+flush have completed (IntentLog.begin_checkpoint/finish_checkpoints).  While
+copying, a checkpoint begins every CHECKPOINT_INTERVAL or every
+1/CHECKPOINT_FRACTION of the disk copied, even while the flushes of up to
+MAX_CHECKPOINTS - 1 earlier ones are in flight (a target flush under a
+full-speed copy takes tens of milliseconds: one at a time, the log would
+lag the copy by 1.5 flush times, overlapping by one flush time and half an
+interval), so a mirror killed half way copies about the other half again.
+Flushes are processed in the order they started: a checkpoint clears only
+after every earlier flush succeeded.
 A restored job (restored=True) starts from the log's regions instead of the
 initial scan and connects to its target in run(), where a failure is an I/O
 error for on-target-error, never a start-up failure.
@@ -92,8 +98,11 @@ FINAL_SYNC_TIMEOUT = 10.0
 # While copying, checkpoint (source flush, target flush, clear the intent log)
 # this often, or after CHECKPOINT_FRACTION of the disk was copied.
 CHECKPOINT_INTERVAL = 1.0
-CHECKPOINT_FRACTION = 32
+CHECKPOINT_FRACTION = 128
 CHECKPOINT_MIN_BYTES = 1 * MiB
+MAX_CHECKPOINTS = 8           # checkpoint flushes in flight at once
+# A checkpoint saves the job record (its progress) at most this often.
+RECORD_PROGRESS_INTERVAL = 1.0
 # At shutdown (SIGTERM) the job tries one last checkpoint for at most this long.
 SHUTDOWN_CHECKPOINT_TIMEOUT = 2.0
 CONNECT_BACKOFF_MAX = 5.0
@@ -116,13 +125,14 @@ class _Op:
 class _Flush:
     """A target flush in flight: `covered` holds the copies it makes durable."""
 
-    __slots__ = ("covered", "leaving", "to_ready", "candidates")
+    __slots__ = ("covered", "leaving", "to_ready", "candidates", "result")
 
     def __init__(self, leaving, to_ready):
         self.covered = None
         self.leaving = leaving
         self.to_ready = to_ready
-        self.candidates = ()          # intent regions to clear when it succeeds
+        self.candidates = ()          # an intent Checkpoint to clear when it succeeds
+        self.result = None            # errno when it completed (0: success)
 
 
 # One failed request: operation "read" (source) or "write" (target); a flush
@@ -155,7 +165,7 @@ class MirrorJob(Job):
         # restored job connects when it runs (after a pause it came back in,
         # not to a connection that failed while it was paused).
         self.target = None if restored else self._open_target()
-        self._flushes = set()         # _Flush in flight
+        self._flushes = collections.deque()   # _Flush in flight or not processed, in order
         self._leave_asked = None      # when run() first saw complete / cancel
         self._last_answer = 0.0       # when the target last completed a request
         self.buf_size = buf_size or DEFAULT_BUF_SIZE
@@ -165,6 +175,7 @@ class MirrorJob(Job):
         self._checkpoint_bytes = max(CHECKPOINT_MIN_BYTES, disk.size // CHECKPOINT_FRACTION)
         self._copied_at_checkpoint = 0
         self._last_checkpoint = self.clock.now()
+        self._last_progress_save = self.clock.now()
         self.bitmap = DirtyBitmap(disk.size, self.granularity)
         # Copied but not yet flushed on the target: copied again if the
         # target connection is lost or a flush fails.
@@ -438,7 +449,7 @@ class MirrorJob(Job):
 
     def _checkpoint_due(self):
         """While copying: time to make progress durable (a flush that clears the log)?"""
-        if self.intent is None or self._flushes or self.is_ready:
+        if self.intent is None or len(self._flushes) >= MAX_CHECKPOINTS or self.is_ready:
             return False
         if not self._retries.gate_open():
             return False
@@ -457,6 +468,9 @@ class MirrorJob(Job):
         if unflushed:
             with self._unflushed_lock:
                 self._unflushed.mark_regions(busy, shift)
+            for flush in self._flushes:       # later flushes, still in flight
+                if flush.covered is not None:
+                    flush.covered.mark_regions(busy, shift)
         ranges = [(o.offset, o.length) for o in self._ops]
         ranges += self._zero_queue
         ranges += self._retries.ranges()
@@ -650,7 +664,8 @@ class MirrorJob(Job):
             self._last_answer = self.clock.now()
         for op, err in completions:
             if isinstance(op, _Flush):
-                self._flush_done(op, err)
+                op.result = err or 0
+                self._process_flushes()
                 continue
             if err and not op.error:
                 op.error = err
@@ -776,30 +791,50 @@ class MirrorJob(Job):
                 # The target did not answer: copy it all again later, no error.
                 self._copy_again(flush.covered)
                 return
-        self._flushes.add(flush)
+        self._flushes.append(flush)
         self.target.submit_flush(flush)
 
-    def _flush_done(self, flush, err):
-        """A flush completed.  After a failed one nothing written since the last
-        good flush can be trusted (the target may have dropped it): copy it again."""
-        self._flushes.discard(flush)
+    def _process_flushes(self):
+        """Handle the completed flushes at the head of the queue, in the order they
+        started (a later one may complete first); one intent log write for all."""
+        checkpoints = []
+        while self._flushes and self._flushes[0].result is not None:
+            flush = self._flushes.popleft()
+            self._flush_done(flush, flush.result, checkpoints)
+        if checkpoints:
+            cleared = self.intent.finish_checkpoints(checkpoints,
+                                                     self._busy_regions(unflushed=True))
+            log.debug("Mirror checkpoint id=%s cleared=%d regions", self.id, cleared)
+
+    def _flush_done(self, flush, err, checkpoints=None):
+        """A flush completed (every flush started before it was processed).  After a
+        failed one nothing written since the last good flush can be trusted (the
+        target may have dropped it): copy it again, and clear nothing for the
+        flushes still in flight."""
         if err:
             log.warning("Mirror target flush failed id=%s errno=%s", self.id, errno_name(err))
             self._copy_again(flush.covered)
             # Copies since it started are no safer (a failed fsync may drop later
             # writes too): nothing since the last good flush is trusted.
+            for later in self._flushes:
+                if later.covered is not None:
+                    self._copy_again(later.covered)
+                    later.covered = DirtyBitmap(self.disk.size, self.chunk)
+                later.candidates = ()
             self._copy_unflushed_again()
             self._failures.append(_Failure("write", err, 0, 0,
                                            "flush of %s" % self.target_name))
             return
         self._last_flush = self.clock.now()
         if flush.candidates:
-            cleared = self.intent.finish_checkpoint(flush.candidates,
-                                                    self._busy_regions(unflushed=True))
-            log.debug("Mirror checkpoint id=%s cleared=%d regions", self.id, cleared)
+            checkpoints.append(flush.candidates)
         if self.intent is not None:
             self._update_progress()
-            self._save()
+            now = self.clock.now()
+            if (flush.to_ready or flush.leaving or not self._flushes
+                    or now - self._last_progress_save >= RECORD_PROGRESS_INTERVAL):
+                self._last_progress_save = now
+                self._save()
         if flush.leaving:
             self._exit_flushed = True
         if flush.to_ready and not self.is_ready:
