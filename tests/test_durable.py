@@ -282,6 +282,47 @@ def test_mirror_killed_half_way_copies_about_the_other_half(servers, tmp_path):
     assert rig.target_path.read_bytes() == rig.model.data
 
 
+def test_restart_compares_what_was_copied_and_copies_only_what_differs(servers, tmp_path):
+    """Regions whose copies the target answered are marked COPIED (2) in the intent
+    log; a restarted mirror compares them with the target instead of copying them,
+    and copies only where the target differs.  The kill leaves its log as it was;
+    six regions the first half's copies reached are then marked COPIED, as the job
+    marks them between a copy and the flush that clears them, and the target
+    "loses" 100 KiB of one of them."""
+    rig = Rig(servers, tmp_path)
+    rig.mirror(speed=16 * MiB)
+    wait_until(lambda: rig.qmp.job("disk0")["offset"] >= SIZE // 2, timeout=60, interval=0.01)
+    rig.kill9()
+    intent = rig.overlay_dir / "jobs" / "disk0.intent"
+    marks = bytearray(intent.read_bytes())
+    region = SIZE // len(marks)
+    copied = [i for i in range(len(marks) // 2) if marks[i] == 0][:6]
+    assert len(copied) == 6, marks
+    for i in copied:
+        marks[i] = 2
+    intent.write_bytes(marks)
+    set_bytes = sum(region for b in marks if b == 1)
+    marked = marks.count(2)          # the six, and any the job had marked itself
+    with open(rig.target_path, "r+b") as f:
+        f.seek(copied[2] * region + 12345)
+        f.write(b"\xee" * 100000)
+    rig.recopied()
+    rig.restart()
+    rig.qmp("block-job-set-speed", device="disk0", speed=0)
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=60)
+    after = rig.recopied()
+    verified = re.findall(r"Mirror verified id=disk0 equal=(\d+) different=(\d+)", rig.disk.log())
+    assert verified, rig.disk.log()
+    equal, different = map(int, verified[-1])
+    print("\nset %d, COPIED %d; after the restart: equal %d, different %d, written %d"
+          % (set_bytes, marked * region, equal, different, after))
+    assert (equal, different) == ((marked - 1) * region, region)
+    assert after <= set_bytes + region             # the equal ones were not written
+    rig.qmp("block-job-complete", device="disk0")
+    rig.qmp.wait_status("disk0", "null")
+    assert rig.target_path.read_bytes() == rig.model.data
+
+
 def _sigterm(rig, bound=5.0):
     rig.qmp.close()
     t0 = time.monotonic()

@@ -104,3 +104,28 @@ def test_finish_checkpoints_writes_and_syncs_once_for_many(tmp_path):
     idle[20:] = b"\x01" * (log.nregions - 20)
     assert log.finish_checkpoints([a, b], idle) == 20
     assert list(_log(tmp_path, create=False).regions()) == [(20 * MiB, SIZE - 20 * MiB)]
+
+
+def test_copied_marks_are_set_regions_apart_and_survive_a_reopen(tmp_path):
+    """COPIED (2): set for every rule, written without a sync, told apart by runs()."""
+    log = _log(tmp_path)
+    busy = bytearray(log.nregions)
+    busy[4:] = b"\x01" * (log.nregions - 4)
+    assert log.mark_copied(busy) == 4                # regions 0-3: copies answered
+    assert log.set_bytes() == SIZE and log.copied_bytes() == 4 * MiB
+    assert list(log.regions()) == [(0, SIZE)]
+    assert list(log.runs()) == [(0, 4 * MiB, True), (4 * MiB, SIZE - 4 * MiB, False)]
+    sets = log.sets
+    _write(log, 2 * MiB, 4096)                       # a client write into a COPIED region:
+    assert log.sets == sets                          # still set, no sync
+    reopened = _log(tmp_path, create=False)
+    assert list(reopened.runs()) == [(0, 4 * MiB, True), (4 * MiB, SIZE - 4 * MiB, False)]
+    idle = bytearray(log.nregions)
+    log.finish_checkpoint(log.begin_checkpoint(idle), idle)   # region 2 touched: kept
+    assert list(log.runs()) == [(2 * MiB, MiB, True)]
+
+
+def test_a_byte_other_than_0_1_2_reads_as_set(tmp_path):
+    (tmp_path / "disk0.intent").write_bytes(bytes([0, 7, 2, 1]) + bytes(60))
+    log = _log(tmp_path, create=False)
+    assert list(log.runs()) == [(MiB, MiB, False), (2 * MiB, MiB, True), (3 * MiB, MiB, False)]

@@ -185,6 +185,13 @@ class _Connection:
         except _ceph_errors() as e:
             raise _os_error(e, "%s %s" % (what, self.addr)) from None
 
+    def readinto(self, buf, offset):
+        view = memoryview(buf).cast("B")
+        data = self.call("read from", self.image.read, offset, len(view))
+        if len(data) != len(view):
+            raise OSError(errno.EIO, "short read at offset %d from %s" % (offset, self.addr))
+        view[:] = data
+
     def extents(self, offset, length):
         """[Extent] covering the range, from diff_iterate.
 
@@ -254,11 +261,7 @@ class RbdBackend:
         return self._c.size
 
     def readinto(self, buf, offset):
-        view = memoryview(buf).cast("B")
-        data = self._c.call("read from", self._c.image.read, offset, len(view))
-        if len(data) != len(view):
-            raise OSError(errno.EIO, "short read at offset %d from %s" % (offset, self._c.addr))
-        view[:] = data
+        self._c.readinto(buf, offset)
 
     def write(self, buf, offset, fua=False):
         self._c.call("write to", self._c.image.write, _whole_buffer(buf), offset)
@@ -342,6 +345,10 @@ class RbdTarget:
 
     def extents(self, offset, length):
         return self._c.extents(offset, length)
+
+    def read(self, buf, offset):
+        """Synchronous read (a restored mirror verifies what it had copied)."""
+        self._c.readinto(buf, offset)
 
     def in_flight(self):
         return len(self._pending) + len(self._failed)

@@ -58,6 +58,10 @@ class FileTarget:
     def extents(self, offset, length):
         return self._backend.extents(offset, length)
 
+    def read(self, buf, offset):
+        """Synchronous read (a restored mirror verifies what it had copied)."""
+        self._backend.readinto(buf, offset)
+
     def in_flight(self):
         return len(self._pending)
 
@@ -252,6 +256,26 @@ class NbdTarget:
 
     def size(self):
         return self._size
+
+    def read(self, buf, offset, timeout=CONNECT_TIMEOUT):
+        """Synchronous read on the job's connection, bounded in time; only with
+        nothing else in flight (a restored mirror verifies what it had copied)."""
+        h = self._h
+        if h is None:
+            raise OSError(errno.ENOTCONN, "not connected to %s" % redact(self.address))
+        deadline = self._clock() + timeout
+        nbd = self._nbd
+        try:
+            data = nbd.Buffer(len(buf))
+            cookie = h.aio_pread(data, offset)
+            while not h.aio_command_completed(cookie):
+                left = deadline - self._clock()
+                if left <= 0:
+                    raise OSError(errno.ETIMEDOUT, "read from the target timed out")
+                h.poll(max(1, int(min(left, 0.1) * 1000)))
+        except nbd.Error as e:
+            raise OSError(nbd_errno(e), str(e)) from None
+        memoryview(buf)[:] = data.to_bytearray()
 
     def extents(self, offset, length, timeout=CONNECT_TIMEOUT):
         """Block status on the job's connection (only used at start), bounded in time."""

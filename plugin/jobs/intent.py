@@ -31,6 +31,15 @@ The rule (docs/overlay.md, "Mirror durability"):
   regions with the current epoch; a checkpoint takes the epoch c and starts
   c + 1, and it clears only regions whose last change began before c, i.e.
   before the previous checkpoint began.
+- COPIED hint: a set region the mirror holds nothing of any more (its copies
+  were answered by the target, no flush yet) is rewritten as 2 ("set,
+  copied") with a pwrite and no sync, every few MiB of copy.  It is still
+  set for every rule above.  A mirror restarted after a crash compares such
+  a region on the target with the disk instead of copying it (the target's
+  answer is the truth: equal is in sync once a flush completes, anything
+  else is copied), so the target-flush lag costs reads, not writes.  A hint
+  lost in a power cut leaves the region set (copied again); a hint that
+  outlives a later client change only costs the comparison that finds it.
 - A new log starts with every region set: until the first checkpoint the
   whole disk may differ.  So the log also serves as the bulk copy's record:
   a mirror killed half way copies again what it had not reached (plus what
@@ -64,6 +73,11 @@ SET_GROUP = 8
 
 _SET = b"\x01"
 _CLEAR = b"\x00"
+SET, COPIED = 1, 2                    # the states of a set region (0: clear)
+# Reading a log: 0, 1 and 2 are kept, any other byte counts as set.
+_LOAD = bytes([0, 1, 2] + [1] * 253)
+# Any set state as 1, for find() over the set regions.
+_IS_SET = bytes([0] + [1] * 255)
 
 
 def region_size_for(size, granularity):
@@ -113,7 +127,7 @@ class IntentLog:
                 log.warning("intent log %s has %d bytes, not %d: every region counts as dirty",
                             path, len(data), n)
                 data = _SET * n
-            self._bits = bytearray(1 if b else 0 for b in data)
+            self._bits = bytearray(data.translate(_LOAD))
         # The epoch in which the last change into each region began (0: none);
         # begin_checkpoint() starts a new epoch.
         self._touched = array("Q", bytes(8 * n))
@@ -169,18 +183,49 @@ class IntentLog:
 
     def regions(self):
         """(offset, length) of every run of set regions (what a resumed mirror copies)."""
-        bits, shift = self._bits, self._shift
-        i = bits.find(_SET)
-        while i >= 0:
-            j = bits.find(_CLEAR, i)
-            if j < 0:
-                j = self.nregions
-            start = i << shift
-            yield start, min(j << shift, self.size) - start
-            i = bits.find(_SET, j) if j < self.nregions else -1
+        for start, length, _ in self.runs(copied_apart=False):
+            yield start, length
+
+    def runs(self, copied_apart=True):
+        """(offset, length, copied) of every run of set regions; with copied_apart,
+        runs of COPIED regions come apart from the others (copied=True)."""
+        bits, shift, n = self._bits, self._shift, self.nregions
+        marks = bits if copied_apart else bits.translate(_IS_SET)
+        i = 0
+        while i < n:
+            state = marks[i]
+            j = i + 1
+            while j < n and marks[j] == state:
+                j += 1
+            if state:
+                start = i << shift
+                yield start, min(j << shift, self.size) - start, state == COPIED
+            i = j
 
     def set_bytes(self):
-        return min(self._bits.count(_SET) << self._shift, self.size)
+        return min((self.nregions - self._bits.count(_CLEAR)) << self._shift, self.size)
+
+    def copied_bytes(self):
+        return min(self._bits.count(COPIED) << self._shift, self.size)
+
+    def mark_copied(self, busy):
+        """The mirror holds nothing of these set regions any more: mark them COPIED
+        (one pwrite, no sync: a hint for a restart, see the module docstring).
+        Returns the number of regions marked."""
+        bits = self._bits
+        marked = 0
+        with self._lock:
+            if self._fd is None:
+                return 0
+            i = bits.find(_SET)
+            while i >= 0:
+                if not busy[i]:
+                    bits[i] = COPIED
+                    marked += 1
+                i = bits.find(_SET, i + 1)
+            if marked:
+                pwrite_all(self._fd, bytes(bits), 0)
+        return marked
 
     # -- checkpoints (the job thread) ---------------------------------------
 
@@ -194,13 +239,13 @@ class IntentLog:
         new epoch: the changes that begin from now on do not count as before it."""
         epoch = self._epoch
         self._epoch = epoch + 1
-        bits, touched = self._bits, self._touched
+        marks, touched = self._bits.translate(_IS_SET), self._touched
         candidates = []
-        i = bits.find(_SET)
+        i = marks.find(_SET)
         while i >= 0:
             if touched[i] < epoch and not busy[i]:
                 candidates.append(i)
-            i = bits.find(_SET, i + 1)
+            i = marks.find(_SET, i + 1)
         return Checkpoint(epoch, candidates)
 
     def finish_checkpoint(self, checkpoint, busy):
