@@ -145,3 +145,15 @@ def test_range_lock_excludes_overlaps_only():
     assert got.wait(5)
     th.join()
     lock.release(other)
+
+
+def test_mark_regions_within_a_window_names_only_its_regions():
+    b = DirtyBitmap(64 << 20, 65536)
+    b.mark(0, 4096)                    # region 0
+    b.mark(5 << 20, 8192)              # region 5
+    b.mark(9 << 20, 1 << 20)           # region 9
+    out = bytearray(64)
+    b.mark_regions(out, 20, 3, 9)
+    assert [r for r, v in enumerate(out) if v] == [5]
+    b.mark_regions(out, 20)
+    assert [r for r, v in enumerate(out) if v] == [0, 5, 9]

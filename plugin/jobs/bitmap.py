@@ -83,14 +83,15 @@ class DirtyBitmap:
     def is_clean(self):
         return self._count == 0
 
-    def mark_regions(self, out, region_shift):
-        """Set out[r] = 1 for every region (of 2**region_shift bytes, at least a
-        granule) that holds a dirty granule."""
+    def mark_regions(self, out, region_shift, first=0, end=None):
+        """Set out[r] = 1 for every region r in [first, end) (of 2**region_shift
+        bytes, at least a granule) that holds a dirty granule."""
         step = region_shift - self._shift
         with self._lock:
             bits = self._bits
-            i = bits.find(_DIRTY)
+            stop = len(bits) if end is None else min(len(bits), end << step)
+            i = bits.find(_DIRTY, first << step, stop)
             while i >= 0:
                 r = i >> step
                 out[r] = 1
-                i = bits.find(_DIRTY, (r + 1) << step)
+                i = bits.find(_DIRTY, (r + 1) << step, stop)

@@ -208,21 +208,22 @@ class IntentLog:
     def copied_bytes(self):
         return min(self._bits.count(COPIED) << self._shift, self.size)
 
-    def mark_copied(self, busy):
-        """The mirror holds nothing of these set regions any more: mark them COPIED
-        (one pwrite, no sync: a hint for a restart, see the module docstring).
-        Returns the number of regions marked."""
+    def mark_copied(self, busy, first=0, end=None):
+        """The mirror holds nothing of the set regions in [first, end) that busy does
+        not name: mark them COPIED (one pwrite, no sync: a hint for a restart, see
+        the module docstring).  Returns the number of regions marked."""
         bits = self._bits
+        end = self.nregions if end is None else min(end, self.nregions)
         marked = 0
         with self._lock:
             if self._fd is None:
                 return 0
-            i = bits.find(_SET)
+            i = bits.find(_SET, first, end)
             while i >= 0:
                 if not busy[i]:
                     bits[i] = COPIED
                     marked += 1
-                i = bits.find(_SET, i + 1)
+                i = bits.find(_SET, i + 1, end)
             if marked:
                 pwrite_all(self._fd, bytes(bits), 0)
         return marked

@@ -104,7 +104,7 @@ CHECKPOINT_MIN_BYTES = 1 * MiB
 MAX_CHECKPOINTS = 1           # checkpoint flushes in flight at once (see _checkpoint_due)
 # Mark the regions whose copies were answered COPIED in the intent log (no
 # sync) after every 1/MARK_FRACTION of the disk copied (at least MARK_MIN_BYTES).
-MARK_FRACTION = 256
+MARK_FRACTION = 128
 MARK_MIN_BYTES = 4 * MiB
 # A checkpoint saves the job record (its progress) at most this often.
 RECORD_PROGRESS_INTERVAL = 1.0
@@ -183,6 +183,7 @@ class MirrorJob(Job):
         self._last_progress_save = self.clock.now()
         self._mark_bytes = max(MARK_MIN_BYTES, disk.size // MARK_FRACTION)
         self._copied_at_mark = 0
+        self._mark_window = [disk.size, 0]    # bytes the copies answered since the last mark
         self._verify = collections.deque()    # (offset, length) to compare, restored COPIED
         self.verified = [0, 0]                # bytes found equal, bytes found different
         self.bitmap = DirtyBitmap(disk.size, self.granularity)
@@ -424,8 +425,7 @@ class MirrorJob(Job):
             copied_before = self._copied
             pos = self._issue_some(pos)
             if self.intent is not None and self._copied - self._copied_at_mark >= self._mark_bytes:
-                self._copied_at_mark = self._copied
-                self.intent.mark_copied(self._busy_regions(unflushed=False))
+                self._mark_copied()
             if self.cancelled:
                 return
             if self.target.in_flight() and not self._failures:
@@ -484,12 +484,13 @@ class MirrorJob(Job):
         return (copied >= self._checkpoint_bytes
                 or self.clock.now() - self._last_checkpoint >= CHECKPOINT_INTERVAL)
 
-    def _busy_regions(self, unflushed):
-        """Intent regions the mirror holds something of (bytearray, 1 = busy)."""
+    def _busy_regions(self, unflushed, first=0, end=None):
+        """Intent regions the mirror holds something of (bytearray, 1 = busy);
+        with first/end, exact only for the regions [first, end)."""
         intent = self.intent
         busy = bytearray(intent.nregions)
         shift = intent.region_size.bit_length() - 1
-        self.bitmap.mark_regions(busy, shift)
+        self.bitmap.mark_regions(busy, shift, first, end)
         if unflushed:
             with self._unflushed_lock:
                 self._unflushed.mark_regions(busy, shift)
@@ -505,6 +506,17 @@ class MirrorJob(Job):
             first, end = off >> shift, ((off + max(n, 1) - 1) >> shift) + 1
             busy[first:end] = b"\x01" * (end - first)
         return busy
+
+    def _mark_copied(self):
+        """Mark COPIED the set regions that the copies answered since the last
+        mark reached and that the mirror holds nothing of any more."""
+        self._copied_at_mark = self._copied
+        lo, hi = self._mark_window
+        self._mark_window = [self.disk.size, 0]
+        if lo < hi:
+            shift = self.intent.region_size.bit_length() - 1
+            first, end = lo >> shift, ((hi - 1) >> shift) + 1
+            self.intent.mark_copied(self._busy_regions(False, first, end), first, end)
 
     def _verify_some(self, budget=16 * MiB):
         """Restored COPIED regions: compare target and disk, chunk by chunk, up to
@@ -756,6 +768,11 @@ class MirrorJob(Job):
             else:
                 self._copied += op.length
                 self._written += op.data
+                window = self._mark_window
+                if op.offset < window[0]:
+                    window[0] = op.offset
+                if op.offset + op.length > window[1]:
+                    window[1] = op.offset + op.length
                 self._copied_since_flush = True
                 self._retries.succeeded(op.offset, op.length)
                 with self._unflushed_lock:
