@@ -346,10 +346,6 @@ class RbdTarget:
     def extents(self, offset, length):
         return self._c.extents(offset, length)
 
-    def read(self, buf, offset):
-        """Synchronous read (a restored mirror verifies what it had copied)."""
-        self._c.readinto(buf, offset)
-
     def in_flight(self):
         return len(self._pending) + len(self._failed)
 

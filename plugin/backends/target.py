@@ -21,12 +21,14 @@ import errno
 import logging
 import os
 import socket
+import threading
 import time
 
 from ..core.errors import errno_of
 from .file import FileBackend
 from .nbd import nbd_extents
-from .nbdconnect import CONNECT_TIMEOUT, Attempt, hang_up, is_finished, nbd_errno, redact
+from .nbdconnect import (CONNECT_TIMEOUT, Attempt, connect, hang_up, is_finished, nbd_errno,
+                         redact)
 
 # Not connected: a new connect attempt starts at most this often.
 RECONNECT_INTERVAL = 0.25
@@ -58,9 +60,9 @@ class FileTarget:
     def extents(self, offset, length):
         return self._backend.extents(offset, length)
 
-    def read(self, buf, offset):
-        """Synchronous read (a restored mirror verifies what it had copied)."""
-        self._backend.readinto(buf, offset)
+    def open_reader(self):
+        """A Reader (a restored mirror compares what it had copied)."""
+        return FileReader(self.address)
 
     def in_flight(self):
         return len(self._pending)
@@ -257,25 +259,10 @@ class NbdTarget:
     def size(self):
         return self._size
 
-    def read(self, buf, offset, timeout=CONNECT_TIMEOUT):
-        """Synchronous read on the job's connection, bounded in time; only with
-        nothing else in flight (a restored mirror verifies what it had copied)."""
-        h = self._h
-        if h is None:
-            raise OSError(errno.ENOTCONN, "not connected to %s" % redact(self.address))
-        deadline = self._clock() + timeout
-        nbd = self._nbd
-        try:
-            data = nbd.Buffer(len(buf))
-            cookie = h.aio_pread(data, offset)
-            while not h.aio_command_completed(cookie):
-                left = deadline - self._clock()
-                if left <= 0:
-                    raise OSError(errno.ETIMEDOUT, "read from the target timed out")
-                h.poll(max(1, int(min(left, 0.1) * 1000)))
-        except nbd.Error as e:
-            raise OSError(nbd_errno(e), str(e)) from None
-        memoryview(buf)[:] = data.to_bytearray()
+    def open_reader(self):
+        """A Reader on a connection of its own (a restored mirror compares what it
+        had copied in a helper thread while this connection copies)."""
+        return NbdReader(self.address)
 
     def extents(self, offset, length, timeout=CONNECT_TIMEOUT):
         """Block status on the job's connection (only used at start), bounded in time."""
@@ -453,3 +440,73 @@ def _grow_send_buffer(fd):
                 continue
     finally:
         sock.close()
+
+
+# -- readers: synchronous reads for one helper thread ------------------------
+
+class FileReader:
+    """read(length, offset) -> bytes from a file of its own descriptor."""
+
+    def __init__(self, path):
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def read(self, length, offset):
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise OSError(errno.EIO, "short read at offset %d" % offset)
+        return data
+
+    def interrupt(self):
+        """A file read does not hang on a peer: nothing to do."""
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class NbdReader:
+    """read(length, offset) -> bytes over a connection of its own, with libnbd's
+    synchronous pread (its loop runs in C: about 2.5x the aio loop's rate from
+    Python).  interrupt(), from another thread, shuts the socket down, so a read
+    that hangs on a stalled server returns with an error."""
+
+    def __init__(self, uri):
+        self._uri = uri
+        self._h = None
+        self._sock = None
+        self._lock = threading.Lock()
+        self._interrupted = False
+
+    def read(self, length, offset):
+        import nbd
+        if self._h is None:
+            h = connect(self._uri, "mirror-verify", meta=False,
+                        should_stop=lambda: self._interrupted)
+            with self._lock:
+                self._h = h
+                self._sock = socket.socket(fileno=os.dup(h.aio_get_fd()))
+                if self._interrupted:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+        try:
+            return self._h.pread(length, offset)
+        except nbd.Error as e:
+            raise OSError(nbd_errno(e), str(e)) from None
+
+    def interrupt(self):
+        with self._lock:
+            self._interrupted = True
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        with self._lock:
+            h, self._h = self._h, None
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+        if h is not None:
+            hang_up(h)

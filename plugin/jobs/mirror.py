@@ -81,6 +81,7 @@ from ..disk.rangelock import RangeLock
 from .backoff import RetrySchedule
 from .bitmap import DirtyBitmap
 from .engine import Job
+from .verify import Verifier
 from .writethrough import WriteThrough
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ class MirrorJob(Job):
         self._copied_at_mark = 0
         self._mark_window = [disk.size, 0]    # bytes the copies answered since the last mark
         self._verify = collections.deque()    # (offset, length) to compare, restored COPIED
-        self.verified = [0, 0]                # bytes found equal, bytes found different
+        self._verifier = None                 # comparing them (verify.py)
         self.bitmap = DirtyBitmap(disk.size, self.granularity)
         # Copied but not yet flushed on the target: copied again if the
         # target connection is lost or a flush fails.
@@ -374,6 +375,7 @@ class MirrorJob(Job):
         try:
             self._run()
         finally:
+            self._stop_verify()
             if self.suspended:
                 self._shutdown_checkpoint()
 
@@ -415,9 +417,10 @@ class MirrorJob(Job):
                 if self._leave_asked is None:
                     self._leave_asked = self.clock.now()
                 self._check_stall()
-            if self._verify and not self.target.in_flight():
-                self._verify_some()
-                continue
+            if self._verify:
+                self._start_verify()
+            if self._verifier is not None:
+                self._collect_verified()
             for off, n in self._retries.due():
                 self.bitmap.mark(off, n)
             self._through.reap()
@@ -445,6 +448,9 @@ class MirrorJob(Job):
                     # Nothing could start (the retry gate is closed): wait.
                     self.sleep(max(0.01, self._retries.gate - now))
                 # Otherwise a rate-limited job copied its one range: go on at once.
+                continue
+            if self._verifier is not None:
+                self.sleep(0.01)        # the comparison decides what is left to copy
                 continue
             if self._retries:
                 self.sleep(max(0.01, self._retries.next_due() - now))
@@ -499,7 +505,8 @@ class MirrorJob(Job):
                     flush.covered.mark_regions(busy, shift)
         ranges = [(o.offset, o.length) for o in self._ops]
         ranges += self._zero_queue
-        ranges += self._verify
+        if self._verifier is not None:
+            ranges += self._verifier.ranges
         ranges += self._retries.ranges()
         ranges += [(f.offset, f.length) for f in self._failures if f.length]
         for off, n in ranges:
@@ -518,48 +525,44 @@ class MirrorJob(Job):
             first, end = lo >> shift, ((hi - 1) >> shift) + 1
             self.intent.mark_copied(self._busy_regions(False, first, end), first, end)
 
-    def _verify_some(self, budget=16 * MiB):
-        """Restored COPIED regions: compare target and disk, chunk by chunk, up to
-        budget bytes; copy (mark dirty) where they differ or cannot be read.
-
-        Runs before any copy is issued (nothing else in flight on the target).
-        Equal is in sync once a flush completes: the regions stay set and the
-        next checkpoint clears them.  A client change meanwhile marks the bitmap
-        itself (the listener): this only ever adds dirty ranges.
-        """
-        read = getattr(self.target, "read", None)
-        store = self.disk.store
-        done = 0
-        while self._verify and done < budget:
-            off, n = self._verify.popleft()
-            length = min(n, self.chunk)
-            if length < n:
-                self._verify.appendleft((off + length, n - length))
-            done += length
-            if read is None:
-                self.bitmap.mark(off, length)
-                continue
-            source, target = bytearray(length), bytearray(length)
+    def _start_verify(self):
+        """Restored COPIED regions: compare them with the target in a helper thread
+        (plugin/jobs/verify.py) while this thread copies the rest."""
+        ranges, self._verify = list(self._verify), collections.deque()
+        open_reader = getattr(self.target, "open_reader", None)
+        reader = None
+        if open_reader is not None:
             try:
-                store.read(source, off)
-                read(target, off)
+                reader = open_reader()
             except OSError as e:
-                log.warning("Mirror verify failed id=%s offset=%d error=%s: copying instead",
-                            self.id, off, e)
-                for rest_off, rest_n in [(off, length)] + list(self._verify):
-                    self.bitmap.mark(rest_off, rest_n)
-                    self.verified[1] += rest_n
-                self._verify.clear()
-                break
-            if source == target:
-                self.verified[0] += length
-            else:
-                self.bitmap.mark(off, length)
-                self.verified[1] += length
-        if not self._verify:
-            log.info("Mirror verified id=%s equal=%d different=%d bytes", self.id,
-                     *self.verified)
-        self._update_progress()
+                log.warning("Mirror cannot compare id=%s error=%s: copying instead", self.id, e)
+        if reader is None:
+            for off, n in ranges:
+                self.bitmap.mark(off, n)
+            return
+        self._verifier = Verifier(self.disk.store, reader, ranges, self.chunk, self.id,
+                                  clock=self.clock.now)
+        self._verifier.start()
+
+    def _collect_verified(self):
+        """Mark dirty what the comparison found different; log when it is done."""
+        v = self._verifier
+        for off, n in v.take_different():
+            self.bitmap.mark(off, n)
+        if v.done:
+            for off, n in v.take_different():
+                self.bitmap.mark(off, n)
+            self._verifier = None
+            log.info("Mirror verified id=%s equal=%d different=%d bytes seconds=%.3f",
+                     self.id, v.equal_bytes, v.different_bytes, self.clock.now() - v.started_at)
+        elif v.stalled(CONNECT_TIMEOUT):
+            log.warning("Mirror verify stalled id=%s: copying the rest instead", self.id)
+            v.stop()
+
+    def _stop_verify(self):
+        if self._verifier is not None:
+            self._verifier.stop()
+            self._collect_verified()
 
     def _checkpoint_begin(self):
         """Before a target flush: the intent regions it may let us clear.
@@ -630,7 +633,8 @@ class MirrorJob(Job):
 
     def _update_progress(self, pending=0):
         remaining = self.bitmap.dirty_bytes() + self._in_flight_bytes + pending
-        remaining += sum(n for _, n in self._verify)
+        if self._verifier is not None:
+            remaining += self._verifier.remaining()
         remaining += sum(n for _, n in self._zero_queue) + self._retries.waiting_bytes
         self.set_progress(self._copied, self._copied + remaining)
 
