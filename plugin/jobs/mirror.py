@@ -59,7 +59,7 @@ initial scan and connects to its target in run(), where a failure is an I/O
 error for on-target-error, never a start-up failure.  Regions the log marks
 COPIED (copies answered by the target, no flush yet: marked every
 1/MARK_FRACTION of the disk copied) are first compared, target against disk,
-and copied only where they differ (_verify_some).
+and copied only where they differ (a helper thread: verify.py).
 
 One module on purpose: the copy loop, its in-flight bookkeeping (_Op,
 _Flush), the unflushed record and the failure handling share the job
@@ -924,7 +924,7 @@ class MirrorJob(Job):
         if self.intent is not None:
             self._update_progress()
             now = self.clock.now()
-            if (flush.to_ready or flush.leaving or not self._flushes
+            if (flush.to_ready or flush.leaving
                     or now - self._last_progress_save >= RECORD_PROGRESS_INTERVAL):
                 self._last_progress_save = now
                 self._save()
