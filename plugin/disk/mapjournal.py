@@ -31,7 +31,8 @@ before it has not completed, so replay always has every change since a point
 that clusters.map already includes.  Replaying such a history is exact: each
 record sets absolute states, so the last record naming a cluster decides it.
 
-Cost: one 32-byte pwrite (page cache, no sync) per change of a cluster's
+Cost: one 32-byte pwrite (page cache, no sync, outside the map's lock: only
+the slot is taken under it) per change of a cluster's
 state (a first write into a cluster, zero, trim, a stream's copy); none for a
 write into a cluster the overlay holds already.  A full journal or a failed
 append is never an error: the map is committed instead (see ClusterMap.set).
@@ -40,6 +41,7 @@ append is never an error: the map is committed instead (see ClusterMap.set).
 import logging
 import os
 import struct
+import threading
 import zlib
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,8 @@ class MapJournal:
         self._pos = _HEADER.size
         self._count = 0
         self._usable = False        # a header is in place: records can be appended
+        self._pending = [0, 0]      # reserved records not yet written, per file
+        self._pending_lock = threading.Lock()
         self._unsettled = False     # rotated, and that commit has not completed
 
     # -- open ------------------------------------------------------------
@@ -156,25 +160,48 @@ class MapJournal:
         self._usable = self._boot is not None
         return True
 
-    def append(self, first, end, state):
-        """Record a change; False when it is not recorded (the caller commits instead)."""
+    def reserve(self):
+        """A slot for one record (under the map's lock), or None when there is none
+        (the caller commits instead).  write() fills it, outside the lock, so that
+        client threads do not queue on the map's lock behind a system call; the
+        store's range lock already orders two changes of one cluster."""
         if not self._usable or self._count >= self._capacity:
-            return False
+            return None
+        slot = (self._active, self._pos, self._generation)
+        self._pos += RECORD_BYTES
+        self._count += 1
+        with self._pending_lock:
+            self._pending[self._active] += 1
+        return slot
+
+    def write(self, slot, first, end, state):
+        """Fill a reserved slot; False if that failed (the caller commits instead)."""
+        index, pos, generation = slot
         try:
-            os.pwrite(self._fds[self._active], _record(self._generation, first, end, state),
-                      self._pos)
+            os.pwrite(self._fds[index], _record(generation, first, end, state), pos)
+            return True
         except OSError as e:
             log.warning("cannot append to the map journal error=%s: committing the map", e)
             return False
-        self._pos += RECORD_BYTES
-        self._count += 1
-        return True
+        finally:
+            with self._pending_lock:
+                self._pending[index] -= 1
+
+    def append(self, first, end, state):
+        """reserve() and write() in one (tests, and callers that hold no lock)."""
+        slot = self.reserve()
+        return slot is not None and self.write(slot, first, end, state)
 
     def rotate(self):
         """A commit took its snapshot: switch files, unless the last commit failed
-        (then the older file still holds changes clusters.map lacks)."""
+        (then the older file still holds changes clusters.map lacks), or a record
+        reserved in the other file is still being written (a slow thread: its
+        stale record must not land among the new generation's)."""
         if self._unsettled:
             return
+        with self._pending_lock:
+            if self._pending[1 - self._active]:
+                return
         if self._switch():
             self._unsettled = True
 

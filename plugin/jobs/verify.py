@@ -8,7 +8,9 @@ are in sync once a flush completes, every other range is copied.
 
 The Verifier runs in a helper thread with a reader of its own (a second NBD
 connection: Target.open_reader()), so the comparison overlaps the job
-thread's copy of the regions that were never copied.  It only ever *adds*
+thread's copy of the regions that were never copied.  When that copy is
+done first, the job stops the comparison and copies what it had not
+reached: comparing saves target writes, and never delays READY.  It only ever *adds*
 work: a range it finds different, or cannot read, goes to `different`; the
 job thread marks those dirty.  A client change meanwhile is the dirty
 bitmap's business (the listener), whatever the comparison found.
