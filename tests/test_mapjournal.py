@@ -161,3 +161,20 @@ def test_the_journal_files_are_allocated_at_open(tmp_path):
 def test_boot_id_reads_the_kernels_id():
     boot = mapjournal.boot_id()
     assert boot is not None and len(boot) == 16 and boot == mapjournal.boot_id()
+
+
+def test_a_file_with_a_record_still_being_written_is_not_reused(tmp_path):
+    """A slow client thread reserved a slot, then two commits rotated: its record must
+    not land among the next generation's records of the same file."""
+    j = MapJournal([str(tmp_path / n) for n in mapjournal.NAMES], boot=BOOT)
+    j.recover()
+    j.start()                                      # file 0
+    slot = j.reserve()
+    j.rotate()
+    j.committed()                                  # file 1
+    j.rotate()                                     # file 0 has a pending record: stay
+    assert j._active == 1
+    assert j.write(slot, 5, 6, DATA)
+    j.rotate()
+    assert j._active == 0
+    j.close()
