@@ -147,15 +147,12 @@ class ClusterMap:
         """Set clusters [first, end) to state (in memory; durable at the next commit)."""
         if first >= end:
             return
-        journal = self._journal
         with self._lock:
             self._map[first:end] = _STATE_BYTES[state] * (end - first)
             self._dirty.update(range(first // PAGE, (end - 1) // PAGE + 1))
-            if journal is None:
+            journal = self._journal
+            if journal is None or journal.append(first, end, state):
                 return
-            slot = journal.reserve()
-        if slot is not None and journal.write(slot, first, end, state):
-            return
         self.commit()          # not journaled (full, or it failed): durable now instead
 
     def count(self, state):
