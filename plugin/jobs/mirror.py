@@ -305,7 +305,7 @@ class MirrorJob(Job):
             self._listening = True
         if self._restored and self.intent is not None:
             for off, n, copied in self.intent.runs():
-                if copied and self.sync != "none":
+                if copied and self.sync == "full":
                     self._verify.append((off, n))
                 else:
                     self.bitmap.mark(off, n)
