@@ -174,3 +174,34 @@ def test_records_written_through_the_mapping_are_in_the_file_at_once(tmp_path):
     assert other.recover() == [(7, 9, ZERO)]
     other.close()
     j.close()
+
+
+def test_a_crash_while_the_open_resets_the_journal_never_replays_older_records_alone(tmp_path):
+    """File 1 holds the newer generation here (cluster 3: DATA in file 0, then ZERO in
+    file 1).  The open replays both and resets them; dying after the first reset must not
+    leave the older file to be replayed alone over the newer state."""
+    d = Dir(tmp_path)
+    m = d.open()
+    m.set(3, 4, DATA)                              # file 0
+    m.commit()                                     # rotates: file 1
+    m.set(3, 4, ZERO)                              # file 1: newer
+    crash(m)
+    stores = []
+    original = MapJournal._store
+
+    def dying(self, index, data, pos):
+        if stores:
+            raise SystemExit("killed")             # the second header write never happens
+        stores.append(index)
+        original(self, index, data, pos)
+
+    MapJournal._store = dying
+    try:
+        try:
+            d.open()
+        except SystemExit:
+            pass
+    finally:
+        MapJournal._store = original
+    m = d.open()
+    assert m.get(3) == ZERO

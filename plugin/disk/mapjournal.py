@@ -103,6 +103,7 @@ class MapJournal:
         self._count = 0
         self._usable = False        # a header is in place: records can be appended
         self._unsettled = False     # rotated, and that commit has not completed
+        self._replayed = []         # indexes of the files recover() read, oldest first
 
     @staticmethod
     def _map(path, fd):
@@ -155,13 +156,24 @@ class MapJournal:
 
     def recover(self):
         """The changes to replay over clusters.map, oldest first (empty after another boot)."""
-        found = [r for r in (self._read(fd) for fd in self._fds) if r is not None]
+        found = []
+        for index, fd in enumerate(self._fds):
+            r = self._read(fd)
+            if r is not None:
+                found.append((r[0], index, r[1]))
         found.sort()
-        self._generation = max([g for g, _ in found], default=0)
-        return [change for _, changes in found for change in changes]
+        self._generation = max([g for g, _, _ in found], default=0)
+        self._replayed = [index for _, index, _ in found]
+        return [change for _, _, changes in found for change in changes]
 
     def start(self):
-        """clusters.map holds everything replayed: begin a new generation in file 0."""
+        """clusters.map holds everything replayed: begin a new generation in file 0.
+
+        The replayed files are invalidated oldest first: a crash in between leaves
+        only newer records, which replay harmlessly over a map that holds them,
+        never older ones alone (they would undo the newer changes)."""
+        for index in self._replayed:
+            self._store(index, b"\0" * _HEADER.size, 0)
         self._store(1, b"\0" * _HEADER.size, 0)          # nothing in file 1 counts
         self._active = 1
         self._switch()
