@@ -101,8 +101,7 @@ class ClusterMap:
                 log.warning("map journal record out of range first=%d end=%d state=%d: "
                             "replay stops there", first, end, state)
                 break
-            self._map[first:end] = _STATE_BYTES[state] * (end - first)
-            self._dirty.update(range(first // PAGE, (end - 1) // PAGE + 1))
+            self._apply(first, end, state)
             applied += 1
         if applied:
             log.info("cluster map: replayed changes made after the last flush path=%s "
@@ -148,12 +147,16 @@ class ClusterMap:
         if first >= end:
             return
         with self._lock:
-            self._map[first:end] = _STATE_BYTES[state] * (end - first)
-            self._dirty.update(range(first // PAGE, (end - 1) // PAGE + 1))
+            self._apply(first, end, state)
             journal = self._journal
             if journal is None or journal.append(first, end, state):
                 return
         self.commit()          # not journaled (full, or it failed): durable now instead
+
+    def _apply(self, first, end, state):
+        """Set the states in memory and mark their pages dirty (under _lock, or alone)."""
+        self._map[first:end] = _STATE_BYTES[state] * (end - first)
+        self._dirty.update(range(first // PAGE, (end - 1) // PAGE + 1))
 
     def count(self, state):
         return self._map.count(_STATE_BYTES[state])

@@ -550,11 +550,10 @@ class MirrorJob(Job):
     def _collect_verified(self):
         """Mark dirty what the comparison found different; log when it is done."""
         v = self._verifier
+        done = v.done                 # read first: everything found before it is drained
         for off, n in v.take_different():
             self.bitmap.mark(off, n)
-        if v.done:
-            for off, n in v.take_different():
-                self.bitmap.mark(off, n)
+        if done:
             self._verifier = None
             log.info("Mirror verified id=%s equal=%d different=%d bytes seconds=%.3f",
                      self.id, v.equal_bytes, v.different_bytes, self.clock.now() - v.started_at)
