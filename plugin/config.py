@@ -3,13 +3,11 @@
 Every key is described in docs/plugin-keys.md; keep that page and KEYS in step.
 """
 
-import dataclasses
 import os
 import re
 
 from .disk.statecheck import DEVICE_RE
 from .backends import is_rbd_uri
-from .backends.rbd import parse_uri as parse_rbd_uri
 
 
 class ConfigError(Exception):
@@ -48,18 +46,20 @@ ERROR_ACTIONS = ("report", "stop", "enospc")
 JOB_RESTART = ("auto", "pause")
 
 
-@dataclasses.dataclass
 class Config:
-    overlay: str = None
-    base: str = None
-    size: int = None
-    control: str = None
-    device: str = None           # None: what the state directory remembers, else disk0
-    cluster_size: int = None
-    werror: str = "report"
-    rerror: str = "report"
-    reconnect_delay: float = 0.0
-    job_restart: str = "auto"
+    """The plugin keys, checked (a plain class: dataclasses costs start-up time)."""
+
+    def __init__(self):
+        self.overlay = None
+        self.base = None
+        self.size = None
+        self.control = None
+        self.device = None           # None: what the state directory remembers, else disk0
+        self.cluster_size = None
+        self.werror = "report"
+        self.rerror = "report"
+        self.reconnect_delay = 0.0
+        self.job_restart = "auto"
 
     KEYS = ("overlay", "base", "size", "control", "device", "cluster-size", "werror", "rerror",
             "reconnect-delay", "job-restart")
@@ -70,6 +70,7 @@ class Config:
             self.overlay = os.path.abspath(value)
         elif key == "base":
             if is_rbd_uri(value):
+                from .backends.rbd import parse_uri as parse_rbd_uri   # only for Ceph
                 try:
                     parse_rbd_uri(value)
                 except ValueError as e:

@@ -15,7 +15,6 @@ Launch order, for a crash at any point between two steps:
 5. start (JOB_STATUS_CHANGE running; paused if it comes back paused).
 """
 
-import dataclasses
 import logging
 import os
 import time
@@ -29,15 +28,23 @@ from .stream import StreamJob
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
 class JobContext:
-    disk: object
-    bus: object
-    jobs: object                   # JobRegistry
-    records: object = None         # JobRecords, or None: jobs live only in the process
-    pivot: object = None           # pivot(address): serve the mirror target from now on
-    active_target: object = None   # () -> the pivot target meta.json names, or None
-    reconnect_delay: float = 0.0   # the plugin's reconnect-delay (a target's default)
+    """What a job needs from the server.
+
+    records: JobRecords, or None (jobs live only in the process); pivot(address):
+    serve the mirror target from now on; active_target: () -> the pivot target
+    meta.json names, or None; reconnect_delay: the plugin's (a target's default).
+    """
+
+    def __init__(self, disk, bus, jobs, records=None, pivot=None, active_target=None,
+                 reconnect_delay=0.0):
+        self.disk = disk
+        self.bus = bus
+        self.jobs = jobs               # JobRegistry
+        self.records = records
+        self.pivot = pivot
+        self.active_target = active_target
+        self.reconnect_delay = reconnect_delay
 
 
 def start_mirror(ctx, settings, connect_wait=None):

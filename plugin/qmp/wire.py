@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
 
 MAX_MESSAGE_SIZE = 1024 * 1024
 # Python's json module recurses once per nesting level; QMP messages are
@@ -56,11 +55,22 @@ _BARE_STOP = re.compile(rb'[ \t\r\n{}\[\]",:' + _RESET_CLASS + rb"]")
 _IDLE, _CONTAINER, _STRING, _BARE = range(4)
 
 
-@dataclass(frozen=True)
 class DecodeError:
     """One undecodable input value; ``desc`` is the text for the error reply."""
 
-    desc: str
+    __slots__ = ("desc",)
+
+    def __init__(self, desc):
+        self.desc = desc
+
+    def __eq__(self, other):
+        return type(other) is DecodeError and other.desc == self.desc
+
+    def __hash__(self):
+        return hash(self.desc)
+
+    def __repr__(self):
+        return "DecodeError(%r)" % (self.desc,)
 
 
 def encode(obj) -> bytes:
