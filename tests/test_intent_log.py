@@ -107,7 +107,9 @@ def test_finish_checkpoints_writes_and_syncs_once_for_many(tmp_path):
 
 
 def test_copied_marks_are_set_regions_apart_and_survive_a_reopen(tmp_path):
-    """COPIED (2): set for every rule, written without a sync, told apart by runs()."""
+    """COPIED (2): set for every rule, written without a sync, told apart by runs().
+    A client write into a COPIED region rewrites it as SET on disk first (a pwrite,
+    no sync): COPIED stays exact, so a restart may trust it (same target instance)."""
     log = _log(tmp_path)
     busy = bytearray(log.nregions)
     busy[4:] = b"\x01" * (log.nregions - 4)
@@ -116,13 +118,45 @@ def test_copied_marks_are_set_regions_apart_and_survive_a_reopen(tmp_path):
     assert list(log.regions()) == [(0, SIZE)]
     assert list(log.runs()) == [(0, 4 * MiB, True), (4 * MiB, SIZE - 4 * MiB, False)]
     sets = log.sets
-    _write(log, 2 * MiB, 4096)                       # a client write into a COPIED region:
+    token = log.begin(2 * MiB, 4096)                 # a client write into a COPIED region:
+    log.persist(token)
+    reopened = _log(tmp_path, create=False)          # on disk before the change is issued
+    log.end(token)
     assert log.sets == sets                          # still set, no sync
-    reopened = _log(tmp_path, create=False)
-    assert list(reopened.runs()) == [(0, 4 * MiB, True), (4 * MiB, SIZE - 4 * MiB, False)]
+    expected = [(0, 2 * MiB, True), (2 * MiB, MiB, False), (3 * MiB, MiB, True),
+                (4 * MiB, SIZE - 4 * MiB, False)]
+    assert list(reopened.runs()) == expected and list(log.runs()) == expected
     idle = bytearray(log.nregions)
     log.finish_checkpoint(log.begin_checkpoint(idle), idle)   # region 2 touched: kept
-    assert list(log.runs()) == [(2 * MiB, MiB, True)]
+    assert list(log.runs()) == [(2 * MiB, MiB, False)]
+
+
+def test_a_write_across_copied_and_set_regions_rewrites_the_copied_ones(tmp_path):
+    log = _log(tmp_path)
+    busy = bytearray(log.nregions)
+    busy[2:] = b"\x01" * (log.nregions - 2)
+    log.mark_copied(busy)                            # regions 0-1 COPIED, the rest SET
+    _write(log, MiB - 4096, 3 * MiB)                 # regions 0-3
+    assert list(_log(tmp_path, create=False).runs()) == [(0, SIZE, False)]
+
+
+def test_mark_copied_skips_regions_a_change_is_in_or_ended_in_since_the_look(tmp_path):
+    """The mirror computes its holdings (busy), then marks: a change that ended in
+    between (its dirty mark came after the look) or is still running must not be
+    marked COPIED; one that ended before the look is the holdings' business."""
+    log = _log(tmp_path)
+    idle = bytearray(log.nregions)
+    _write(log, 0, 4096)                             # region 0: ended before the look
+    since = log.change_mark()
+    _write(log, MiB, 4096)                           # region 1: ended after the look
+    running = log.begin(2 * MiB, 4096)               # region 2: in progress
+    log.persist(running)
+    assert log.mark_copied(idle, 0, 8, since) == 6   # 0, 3-7
+    assert [r for r in range(8) if log._bits[r] == 2] == [0, 3, 4, 5, 6, 7]
+    log.end(running)
+    on_disk = _log(tmp_path, create=False)
+    assert list(on_disk.runs())[:3] == [(0, MiB, True), (MiB, 2 * MiB, False),
+                                        (3 * MiB, 5 * MiB, True)]
 
 
 def test_a_byte_other_than_0_1_2_reads_as_set(tmp_path):

@@ -1,14 +1,18 @@
 """A raw image file (or block device) as a backend."""
 
 import errno
+import fcntl
 import logging
 import os
+import struct
 
 from ..core.extent import Extent
 from .fileio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
                      fallocate, pread_all, pwrite_all, write_zeroes)
 
 log = logging.getLogger(__name__)
+
+FS_IOC_GETVERSION = 0x80087601       # _IOR('v', 1, long): the inode's generation
 
 
 class FileBackend:
@@ -23,6 +27,17 @@ class FileBackend:
         if self._size == 0 and not os.path.isfile(path):
             self._size = os.lseek(self._fd, 0, os.SEEK_END)
         log.info("open backend kind=file path=%s size=%d readonly=%s", path, self._size, readonly)
+
+    def stat(self):
+        return os.fstat(self._fd)
+
+    def generation(self):
+        """The inode's generation (FS_IOC_GETVERSION), None where the file system has none."""
+        try:
+            raw = fcntl.ioctl(self._fd, FS_IOC_GETVERSION, bytes(8))
+        except OSError:
+            return None
+        return struct.unpack("I", raw[:4])[0]
 
     def size(self):
         return self._size

@@ -21,10 +21,13 @@ import errno
 import logging
 import os
 import socket
+import stat
+import struct
 import threading
 import time
 
 from ..core.errors import errno_of
+from ..core.host import boot_id, holds_socket, process_start, unix_listeners
 from .file import FileBackend
 from .nbd import nbd_extents
 from .nbdconnect import (CONNECT_TIMEOUT, Attempt, connect, hang_up, is_finished, nbd_errno,
@@ -56,6 +59,21 @@ class FileTarget:
 
     def size(self):
         return self._backend.size()
+
+    def instance(self):
+        """What holds the writes this target answered: the regular file (device,
+        inode and the inode's generation, which a file made anew in a freed
+        inode does not share) in this boot, whose page cache a crash of this
+        process keeps.  None where that cannot be told: no boot id, a block
+        device (a volume made anew gets the same number), a file system
+        without inode generations (see MirrorJob._vouch_target)."""
+        boot = boot_id()
+        st = self._backend.stat()
+        generation = self._backend.generation() if stat.S_ISREG(st.st_mode) else None
+        if boot is None or generation is None:
+            return None
+        return {"kind": "file", "boot": boot.hex(), "dev": st.st_dev, "ino": st.st_ino,
+                "generation": generation}
 
     def extents(self, offset, length):
         return self._backend.extents(offset, length)
@@ -145,6 +163,7 @@ class NbdTarget:
         self._size = None
         self._can_zero = False
         self.multi_conn = False
+        self._instance = None
         self.losses = 0
         self._lost_at = None         # when the connection was lost (None: connected)
         self._attempt = Attempt(uri, "mirror-target")
@@ -179,6 +198,7 @@ class NbdTarget:
         self._can_zero = bool(h.can_zero())
         self._extents_ok = bool(h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
         self.multi_conn = bool(h.can_multi_conn())
+        self._instance = server_instance(h.aio_get_fd()) if self.multi_conn else None
         if self._lost_at is None:
             log.info("Mirror target connected uri=%s size=%d", redact(self.address), size)
         else:
@@ -258,6 +278,11 @@ class NbdTarget:
 
     def size(self):
         return self._size
+
+    def instance(self):
+        """The NBD server process of this connection (server_instance()), or None:
+        not connected, no multi-conn, or not a local server over a Unix socket."""
+        return self._instance if self._h is not None else None
 
     def open_reader(self):
         """A Reader on a connection of its own (a restored mirror compares what it
@@ -443,6 +468,42 @@ def _grow_send_buffer(fd):
 
 
 # -- readers: synchronous reads for one helper thread ------------------------
+
+def server_instance(fd):
+    """The server process at the other end of a Unix socket connection, named for the
+    life of the machine: {"kind": "nbd-unix", boot, pid, start, socket}; None if
+    it cannot be told (TCP, a server in another pid namespace, descriptors we
+    may not read, a server that listened in a parent that has exited).
+
+    The pid is the listener's (SO_PEERCRED); it counts only if that process
+    holds the listening socket bound to the path we reached, so a pid used
+    again by another process is never taken for the server."""
+    boot = boot_id()
+    if boot is None:
+        return None
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return None
+    try:
+        if sock.family != socket.AF_UNIX:
+            return None
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        path = sock.getpeername()
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    pid = struct.unpack("3i", creds)[0]
+    if pid <= 0 or not isinstance(path, str) or not path:
+        return None
+    start = process_start(pid)
+    listener = holds_socket(pid, unix_listeners(path))
+    if start is None or listener is None:
+        return None
+    return {"kind": "nbd-unix", "boot": boot.hex(), "pid": pid, "start": start,
+            "socket": listener}
+
 
 class FileReader:
     """read(length, offset) -> bytes from a file of its own descriptor."""

@@ -45,6 +45,8 @@ import os
 import struct
 import zlib
 
+from ..core.host import boot_id
+
 log = logging.getLogger(__name__)
 
 NAMES = ("clusters.journal.0", "clusters.journal.1")
@@ -54,17 +56,7 @@ _HEADER = struct.Struct("<8sQ16s")           # magic, generation, boot id
 _RECORD = struct.Struct("<QQQB3x")           # generation, first, end, state (+ crc32)
 RECORD_BYTES = _RECORD.size + 4
 assert _HEADER.size == RECORD_BYTES == 32
-_BOOT_ID = "/proc/sys/kernel/random/boot_id"
 _STATES = (0, 1, 2)
-
-
-def boot_id():
-    """The kernel's id of this boot (16 bytes); None where the kernel has none."""
-    try:
-        with open(_BOOT_ID) as f:
-            return bytes.fromhex(f.read().strip().replace("-", ""))
-    except (OSError, ValueError):
-        return None
 
 
 def _record(generation, first, end, state):

@@ -80,7 +80,8 @@ def _mirror(ctx, s, intent, restored):
         copy_mode=s.get("copy-mode", "background"),
         auto_finalize=s.get("auto-finalize", True), auto_dismiss=s.get("auto-dismiss", True),
         pivot=ctx.pivot, intent=intent, restored=restored,
-        reconnect_delay=s.get("reconnect-delay", ctx.reconnect_delay))
+        reconnect_delay=s.get("reconnect-delay", ctx.reconnect_delay),
+        target_instance=s.get("target-instance") if restored else None)
 
 
 def _stream(ctx, s):

@@ -31,15 +31,22 @@ The rule (docs/overlay.md, "Mirror durability"):
   regions with the current epoch; a checkpoint takes the epoch c and starts
   c + 1, and it clears only regions whose last change began before c, i.e.
   before the previous checkpoint began.
-- COPIED hint: a set region the mirror holds nothing of any more (its copies
+- COPIED: a set region the mirror holds nothing of any more (its copies
   were answered by the target, no flush yet) is rewritten as 2 ("set,
   copied") with a pwrite and no sync, every few MiB of copy.  It is still
   set for every rule above.  A mirror restarted after a crash compares such
   a region on the target with the disk instead of copying it (the target's
   answer is the truth: equal is in sync once a flush completes, anything
-  else is copied), so the target-flush lag costs reads, not writes.  A hint
-  lost in a power cut leaves the region set (copied again); a hint that
-  outlives a later client change only costs the comparison that finds it.
+  else is copied), so the target-flush lag costs reads, not writes; when
+  the target is the very instance that answered (the same file in the same
+  boot, the same server process: backends/target.py), it needs no
+  comparison at all, only a flush.  For that, COPIED is exact within a
+  boot: a client change into a COPIED region rewrites it as 1 (a pwrite,
+  no sync: the page cache keeps it across a kill -9, as it keeps the
+  change) before the change is issued, and a region is marked only if no
+  change into it is in progress or ended since the mirror looked at its
+  holdings (mark_copied's `since`).  A power cut may leave a stale 2 (the
+  pwrite lost, the change flushed): a new boot never trusts, it compares.
 - A new log starts with every region set: until the first checkpoint the
   whole disk may differ.  So the log also serves as the bulk copy's record:
   a mirror killed half way copies again what it had not reached (plus what
@@ -73,6 +80,7 @@ SET_GROUP = 8
 
 _SET = b"\x01"
 _CLEAR = b"\x00"
+_COPIED = b"\x02"
 SET, COPIED = 1, 2                    # the states of a set region (0: clear)
 # Reading a log: 0, 1 and 2 are kept, any other byte counts as set.
 _LOAD = bytes([0, 1, 2] + [1] * 253)
@@ -134,6 +142,10 @@ class IntentLog:
         self._epoch = 1
         self._writing = {}                    # token -> (first, end) of changes in progress
         self._tokens = itertools.count()
+        # A stamp from _seq per region, taken as the last change into it ended
+        # (mark_copied's `since`: changes that ended after the mirror looked).
+        self._seq = itertools.count(1)
+        self._ended = array("Q", bytes(8 * n))
         self.sets = 0                         # slow paths taken (for tests, the log)
 
     # -- the guard (client threads) -------------------------------------
@@ -158,10 +170,17 @@ class IntentLog:
         first, end = self._writing[token]
         bits = self._bits
         if end - first == 1:
-            if bits[first]:
+            state = bits[first]
+            if state == SET:
+                return
+            if state == COPIED:
+                self._uncopy(first, end)
                 return
         elif bits.find(_CLEAR, first, end) < 0:
+            if bits.find(_COPIED, first, end) >= 0:
+                self._uncopy(first, end)
             return
+        # The slow path below rewrites COPIED regions of the group as SET too.
         # Set the whole group around the change (SET_GROUP regions, aligned):
         # one fdatasync then covers the next first writes nearby too.
         first -= first % SET_GROUP
@@ -176,8 +195,34 @@ class IntentLog:
         # The group counts as touched: it lives at least one checkpoint interval.
         self._touched[first:end] = array("Q", (self._epoch,)) * (end - first)
 
+    def _uncopy(self, first, end):
+        """A change is coming into COPIED regions: rewrite them as SET first (no sync)."""
+        with self._lock:
+            if self._fd is None:
+                return
+            bits = self._bits
+            if bits.find(_COPIED, first, end) < 0:
+                return                 # the mark was taken back meanwhile
+            bits[first:end] = bits[first:end].replace(_COPIED, _SET)
+            pwrite_all(self._fd, bits[first:end], first)
+
     def end(self, token):
+        span = self._writing.get(token)
+        if span is None:
+            return
+        # Stamp before leaving _writing: mark_copied sees one or the other.
+        first, end = span
+        stamp = next(self._seq)
+        if end - first == 1:
+            self._ended[first] = stamp
+        else:
+            self._ended[first:end] = array("Q", (stamp,)) * (end - first)
         self._writing.pop(token, None)
+
+    def change_mark(self):
+        """A stamp for mark_copied(since=): take it before looking at the mirror's
+        holdings; changes that end after it are not marked COPIED."""
+        return next(self._seq)
 
     # -- queries -----------------------------------------------------------
 
@@ -208,25 +253,39 @@ class IntentLog:
     def copied_bytes(self):
         return min(self._bits.count(COPIED) << self._shift, self.size)
 
-    def mark_copied(self, busy, first=0, end=None):
+    def mark_copied(self, busy, first=0, end=None, since=None):
         """The mirror holds nothing of the set regions in [first, end) that busy does
-        not name: mark them COPIED (one pwrite, no sync: a hint for a restart, see
-        the module docstring).  Returns the number of regions marked."""
-        bits = self._bits
+        not name: mark them COPIED (one pwrite, no sync; see the module docstring).
+
+        since: a change_mark() taken before busy was computed.  A region a change
+        is in progress in, or one ended in since then (busy may not show it), is
+        not marked: (a) mark, then (b) look for such changes and take the mark
+        back; a change that comes after (a) finds COPIED and rewrites it itself.
+        Returns the number of regions marked."""
+        bits, ended = self._bits, self._ended
         end = self.nregions if end is None else min(end, self.nregions)
-        marked = 0
+        marked = []
         with self._lock:
             if self._fd is None:
                 return 0
             i = bits.find(_SET, first, end)
             while i >= 0:
-                if not busy[i]:
-                    bits[i] = COPIED
-                    marked += 1
+                if not busy[i] and (since is None or ended[i] < since):
+                    bits[i] = COPIED                             # (a)
+                    marked.append(i)
                 i = bits.find(_SET, i + 1, end)
-            if marked:
-                pwrite_all(self._fd, bytes(bits), 0)
-        return marked
+            if not marked:
+                return 0
+            for lo, hi in list(self._writing.values()):          # (b)
+                for r in range(max(lo, first), min(hi, end)):
+                    if bits[r] == COPIED:
+                        bits[r] = SET
+            if since is not None:
+                for r in marked:
+                    if ended[r] >= since:
+                        bits[r] = SET
+            pwrite_all(self._fd, bytes(bits), 0)
+        return sum(1 for r in marked if bits[r] == COPIED)
 
     # -- checkpoints (the job thread) ---------------------------------------
 

@@ -146,6 +146,11 @@ class _Flush:
 _Failure = collections.namedtuple("_Failure", "operation errno offset length detail")
 
 
+def _describe(instance):
+    """A target instance (target.instance()) for the log."""
+    return " ".join("%s=%s" % (k, v) for k, v in sorted(instance.items()) if k != "boot")
+
+
 class MirrorJob(Job):
     soft_cancel_when_ready = True
     changeable_options = frozenset({"copy_mode", "on_source_error", "on_target_error"})
@@ -153,7 +158,8 @@ class MirrorJob(Job):
     def __init__(self, job_id, bus, disk, target, sync="full", granularity=None,
                  buf_size=None, speed=0, on_source_error="report", on_target_error="report",
                  copy_mode="background", auto_finalize=True, auto_dismiss=True, pivot=None,
-                 clock=None, reconnect_delay=0.0, intent=None, restored=False):
+                 clock=None, reconnect_delay=0.0, intent=None, restored=False,
+                 target_instance=None):
         super().__init__(job_id, "mirror", bus, device=disk.device, speed=speed,
                          auto_finalize=auto_finalize, auto_dismiss=auto_dismiss, clock=clock)
         self.disk = disk
@@ -186,6 +192,11 @@ class MirrorJob(Job):
         self._copied_at_mark = 0
         self._mark_window = [disk.size, 0]    # bytes the copies answered since the last mark
         self._verify = collections.deque()    # (offset, length) to compare, restored COPIED
+        # The target instance the record vouches for (see _vouch_target): its
+        # COPIED regions need no comparison after a crash.
+        self._instance = self._recorded_instance = target_instance
+        self._vouch_at_ready = None           # vouched for once READY (after a comparison)
+        self._inherited_copied = False        # the restored intent log had COPIED regions
         self._verifier = None                 # comparing them (verify.py)
         self.bitmap = DirtyBitmap(disk.size, self.granularity)
         # Copied but not yet flushed on the target: copied again if the
@@ -264,12 +275,78 @@ class MirrorJob(Job):
         """The target connection was lost (called inside the target's call that
         noticed it, before anything goes to a new connection): what it
         acknowledged since the last flush may be lost, copy it again."""
+        self._unvouch()
         self._through.drop()
         for flush in self._flushes:
             if flush.covered is not None:
                 self._copy_again(flush.covered)
                 flush.covered = DirtyBitmap(self.disk.size, self.chunk)
         self._copy_unflushed_again()
+
+    # -- the target instance ---------------------------------------------------
+
+    def _target_instance(self):
+        instance = getattr(self.target, "instance", None)
+        try:
+            return instance() if instance is not None else None
+        except OSError:
+            return None
+
+    def _vouch_target(self):
+        """Connected: does the record vouch for this target instance?
+
+        target.instance() names what holds the writes the target answered:
+        the same file in the same boot (the page cache), or the same NBD
+        server process over a Unix socket, with multi-conn (a flush on a new
+        connection covers the old one's writes); None where nothing can tell
+        (TCP, RBD).  The COPIED regions a crash left (exact within a boot:
+        intent.py) were answered by the instance the record names, so when
+        it is this one they need no comparison: they are unflushed copies,
+        made durable by the next flush, copied again if it fails.
+
+        A fresh job vouches for its instance at once.  A restored one whose
+        intent log has COPIED regions of another instance (or of an unknown
+        one) vouches only once READY: by then every such region is compared
+        or copied again, and flushed.  A lost connection takes it back
+        (_unvouch), before anything goes to a new one.
+        """
+        current = self._target_instance()
+        trusted = (self._restored and current is not None
+                   and current == self._recorded_instance)
+        if trusted and self._verify:
+            ranges, self._verify = list(self._verify), collections.deque()
+            with self._unflushed_lock:
+                for off, n in ranges:
+                    self._unflushed.mark(off, n)
+            self._copied_since_flush = True
+            log.info("Mirror trusts its copies id=%s bytes=%d: the same target instance (%s)",
+                     self.id, sum(n for _, n in ranges), _describe(current))
+        if not self._restored or trusted or not self._inherited_copied:
+            if current != self._instance:
+                self._instance = current
+                self._save()
+        else:
+            self._vouch_at_ready = current
+            if self._instance is not None:
+                self._instance = None
+                self._save()
+
+    def _vouch_now_ready(self):
+        """READY: every COPIED region of another instance has been compared (so this
+        one holds it) or copied again; vouch for this instance.  True if the
+        record changed."""
+        if self._vouch_at_ready is None:
+            return False
+        if self._target_instance() == self._vouch_at_ready:
+            self._instance = self._vouch_at_ready
+        self._vouch_at_ready = None
+        return self._instance is not None
+
+    def _unvouch(self):
+        self._vouch_at_ready = None
+        if self._instance is not None:
+            self._instance = None
+            self._save()
 
     # -- the durable record ---------------------------------------------------
 
@@ -279,7 +356,8 @@ class MirrorJob(Job):
                 "on-source-error": self.on_source_error,
                 "on-target-error": self.on_target_error, "copy-mode": self.copy_mode,
                 "region-size": self.intent.region_size if self.intent else None,
-                "reconnect-delay": self.reconnect_delay, "created": self.created}
+                "reconnect-delay": self.reconnect_delay, "created": self.created,
+                "target-instance": self._instance}
 
     def restore_state(self, paused, io_status, offset, total, ready_seen):
         super().restore_state(paused, io_status, offset, total, ready_seen)
@@ -305,6 +383,7 @@ class MirrorJob(Job):
             self._listening = True
         if self._restored and self.intent is not None:
             for off, n, copied in self.intent.runs():
+                self._inherited_copied |= copied
                 if copied and self.sync == "full":
                     self._verify.append((off, n))
                 else:
@@ -405,6 +484,7 @@ class MirrorJob(Job):
             self.target = self._open_target()
         if not self._await_target():
             return
+        self._vouch_target()
         if not self._restored:
             self._initial_dirty()
         pos = 0
@@ -465,6 +545,8 @@ class MirrorJob(Job):
                     self.sleep(max(0.01, self._retries.gate - now))
                 continue
             if not self.is_ready:
+                if self._vouch_now_ready():
+                    self._save()
                 self._update_progress()
                 self.transition_to_ready()
             if self.should_complete or self.cancel_requested:
@@ -526,7 +608,8 @@ class MirrorJob(Job):
         if lo < hi:
             shift = self.intent.region_size.bit_length() - 1
             first, end = lo >> shift, ((hi - 1) >> shift) + 1
-            self.intent.mark_copied(self._busy_regions(False, first, end), first, end)
+            since = self.intent.change_mark()
+            self.intent.mark_copied(self._busy_regions(False, first, end), first, end, since)
 
     def _start_verify(self):
         """Restored COPIED regions: compare them with the target in a helper thread
@@ -572,10 +655,11 @@ class MirrorJob(Job):
         The source is flushed first (data.img, then the cluster map), so the
         disk keeps, after any crash, the bytes those regions' copies read.
         """
+        since = self.intent.change_mark()
         busy = self._busy_regions(unflushed=False)
         candidates = self.intent.begin_checkpoint(busy)
         if candidates:
-            self.intent.mark_copied(busy)        # a hint until this flush clears them
+            self.intent.mark_copied(busy, since=since)   # until this flush clears them
             try:
                 self.disk.store.flush()
             except OSError as e:
@@ -923,6 +1007,8 @@ class MirrorJob(Job):
         self._last_flush = self.clock.now()
         if flush.candidates:
             checkpoints.append(flush.candidates)
+        if flush.to_ready:
+            self._vouch_now_ready()
         if self.intent is not None:
             self._update_progress()
             now = self.clock.now()
