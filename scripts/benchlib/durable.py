@@ -1,8 +1,8 @@
 """Section "durable": a mirror that outlives the process (docs/jobs.md), and what it costs.
 
 restart: a random --size disk mirrored (sync=full, no speed limit) to a fresh
-sparse raw file served by `nbdkit --filter=log file` (its log counts the
-bytes written).  The anchor is a fresh mirror until BLOCK_JOB_READY; the
+sparse raw file served by `nbdkit --filter=log file` on a Unix socket (its log
+counts the bytes written).  The anchor is a fresh mirror until BLOCK_JOB_READY; the
 measured row mirrors until offset >= len/2, kills nbdkit with SIGKILL,
 starts it again on the same state directory and waits for BLOCK_JOB_READY
 of the recovered job.  Two tables: bytes written to the target after the
@@ -10,7 +10,11 @@ restart (goal <= 0.6 of the fresh mirror's), and seconds to READY (goal <=
 0.6x the fresh mirror's).  Both rows of the time table count from the exec
 of nbdkit: after a crash, the operator without durable jobs starts nbdkit
 again and then the mirror again.  A third row shows the fresh mirror's time
-from drive-mirror alone (no start-up), for reference.
+from drive-mirror alone (no start-up), for reference.  The target server
+lives on across the kill, so the restarted job finds the same instance and
+trusts what it had copied (docs/overlay.md, "COPIED").  A third table does
+the same over TCP (127.0.0.1), where no instance can be told and the
+restarted job compares those regions instead.
 
 cost: client 4 KiB writes at random offsets for a fixed count, at queue
 depth 1 and 16 (libnbd aio), while a background mirror is in READY, on this
@@ -27,6 +31,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -62,29 +67,46 @@ def run(bench):
     ready.row("restart", "restart (nbdkit exec) to READY of the recovered job",
               goal=RESTART_GOAL)
     ready.row("fresh-mirror", "fresh mirror, drive-mirror to READY only (no start-up)")
+    tcp = bench.group(SECTION, "ready-tcp", "the same over TCP (127.0.0.1): the restarted job "
+                      "compares what it had copied (no instance to trust)", "s")
+    tcp.row("fresh", "fresh mirror: nbdkit exec, drive-mirror, READY", anchor=True)
+    tcp.row("restart", "restart (nbdkit exec) to READY of the recovered job")
     base = make_base(bench)
     for i in range(bench.runs + 1):
         bench.progress("durable: %s" % ("warm-up round" if i == 0 else
                                         "run %d/%d" % (i, bench.runs)))
-        for key in rotated(["fresh", "restart"], i):
-            if key == "fresh":
-                seconds, mirror_seconds, written = _fresh(bench, base)
+        for key in rotated(["fresh", "restart", "fresh-tcp", "restart-tcp"], i):
+            over_tcp = key.endswith("-tcp")
+            if key.startswith("fresh"):
+                seconds, mirror_seconds, written = _fresh(bench, base, over_tcp)
             else:
-                seconds, written = _killed(bench, base)
-            if i > 0:
-                ready.add(key, seconds)
-                copied.add(key, written / (1 << 20))
-                if key == "fresh":
-                    ready.add("fresh-mirror", mirror_seconds)
+                seconds, written = _killed(bench, base, over_tcp)
+            if i == 0:
+                continue
+            if over_tcp:
+                tcp.add(key[:-len("-tcp")], seconds)
+                continue
+            ready.add(key, seconds)
+            copied.add(key, written / (1 << 20))
+            if key == "fresh":
+                ready.add("fresh-mirror", mirror_seconds)
     cost_benchmark(bench, base)
 
 
-def _target(bench):
+def _target(bench, over_tcp=False):
+    """(path, log, server, uri): the target file behind nbdkit's log filter."""
     path, log = bench.path("dtarget.img"), bench.path("dtarget.log")
     with open(path, "wb") as f:
         f.truncate(bench.size)
-    server = bench.servers.nbdkit("target", "--filter=log", "file", path, "logfile=" + log)
-    return path, log, server
+    args = ("--filter=log", "file", path, "logfile=" + log)
+    if not over_tcp:
+        server = bench.servers.nbdkit("target", *args)
+        return path, log, server, server.uri
+    port = _free_port()
+    server = bench.servers.start("target-tcp", lambda sock: [
+        "nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), *args], ready=False)
+    _wait_for_port(port, server)
+    return path, log, server, "nbd://127.0.0.1:%d/" % port
 
 
 def _written(log, since=0):
@@ -111,14 +133,14 @@ def _cleanup(bench, server, state, target, path, log):
             os.unlink(p)
 
 
-def _fresh(bench, base):
-    path, log, target = _target(bench)
+def _fresh(bench, base, over_tcp=False):
+    path, log, target, uri = _target(bench, over_tcp)
     state, control = bench.path("dstate"), bench.path("dctl.sock")
     start = time.perf_counter()
     server = _start(bench, PLUGIN, base, state, control)
     try:
         with QMPClient(control, timeout=TIMEOUT) as qmp:
-            seconds = _until_ready(qmp, "drive-mirror", {"device": "disk0", "target": target.uri,
+            seconds = _until_ready(qmp, "drive-mirror", {"device": "disk0", "target": uri,
                                                         "sync": "full"})
             total = time.perf_counter() - start
             written, _ = _written(log)
@@ -128,13 +150,13 @@ def _fresh(bench, base):
         _cleanup(bench, server, state, target, path, log)
 
 
-def _killed(bench, base):
-    path, log, target = _target(bench)
+def _killed(bench, base, over_tcp=False):
+    path, log, target, uri = _target(bench, over_tcp)
     state, control = bench.path("dstate"), bench.path("dctl.sock")
     server = _start(bench, PLUGIN, base, state, control)
     try:
         with QMPClient(control, timeout=TIMEOUT) as qmp:
-            qmp.execute("drive-mirror", {"device": "disk0", "target": target.uri, "sync": "full"})
+            qmp.execute("drive-mirror", {"device": "disk0", "target": uri, "sync": "full"})
             deadline = time.monotonic() + TIMEOUT
             while True:
                 job = qmp.execute("query-block-jobs")[0]
@@ -167,6 +189,25 @@ def _killed(bench, base):
         return seconds, written
     finally:
         _cleanup(bench, server, state, target, path, log)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port, server, timeout=30):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or server.proc.poll() is not None:
+                raise RuntimeError("nbdkit did not listen on port %d%s"
+                                   % (port, server.log_tail()))
+            time.sleep(0.02)
 
 
 # -- client write cost -------------------------------------------------------
@@ -268,12 +309,12 @@ def cost_benchmark(bench, base):
             if key == "qsd":
                 _qsd_cost(bench, base, groups, count, i)
                 continue
-            path, log, target = _target(bench)
+            path, log, target, uri = _target(bench)
             state, control = bench.path("cstate"), bench.path("cctl.sock")
             server = _start(bench, plugins[key], base, state, control, name="overlay-" + key)
             try:
                 with QMPClient(control, timeout=TIMEOUT) as qmp:
-                    _until_ready(qmp, "drive-mirror", {"device": "disk0", "target": target.uri,
+                    _until_ready(qmp, "drive-mirror", {"device": "disk0", "target": uri,
                                                        "sync": "full"})
                     for depth in rotated([1, 16], i):
                         per_write = _write_seconds(server.uri, bench.size, count, depth,
@@ -286,7 +327,7 @@ def cost_benchmark(bench, base):
 
 def _qsd_cost(bench, base, groups, count, i):
     """The same writes into qemu-storage-daemon's export of a disk under its own mirror."""
-    path, log, target = _target(bench)
+    path, log, target, _ = _target(bench)
 
     def writes(uri):
         for depth in rotated([1, 16], i):
