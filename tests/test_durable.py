@@ -395,6 +395,37 @@ def test_a_new_target_instance_is_vouched_for_only_once_ready(servers, tmp_path)
     assert "Mirror verified" in rig.disk.log()
 
 
+def test_a_lost_target_connection_takes_the_vouching_back(servers, tmp_path):
+    """The target restarts under a running job (on-target-error=stop, then resume): the
+    record stops naming an instance as the loss is seen, and this process never vouches
+    again, so a crash after it compares what it had copied instead of trusting it."""
+    rig = Rig(servers, tmp_path)
+    rig.mirror(on_target_error="stop")
+    wait_until(lambda: (rig.records().get("disk0") or {}).get("target-instance"), timeout=30)
+    rig.target.kill9()
+    rig.qmp.wait_status("disk0", "paused", timeout=60)
+    assert rig.records()["disk0"]["target-instance"] is None
+    rig.target = rig.servers.restart(rig.target)
+    rig.qmp("block-job-resume", device="disk0")
+    wait_until(lambda: rig.qmp.job("disk0")["offset"] >= SIZE // 2, timeout=60, interval=0.01)
+    assert rig.records()["disk0"]["target-instance"] is None
+    rig.kill9()
+    intent = rig.overlay_dir / "jobs" / "disk0.intent"
+    marks = bytearray(intent.read_bytes())
+    first = [i for i in range(len(marks) // 2) if marks[i] == 0][:2]
+    for i in first:                    # copied after the reconnect, as far as the log says
+        marks[i] = 2
+    intent.write_bytes(marks)
+    rig.restart()
+    rig.qmp("block-job-set-speed", device="disk0", speed=0)
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=60)
+    log = rig.disk.log()
+    assert "Mirror verified" in log and "Mirror trusts its copies" not in log
+    rig.qmp("block-job-complete", device="disk0")
+    rig.qmp.wait_status("disk0", "null")
+    assert rig.target_path.read_bytes() == rig.model.data
+
+
 def _sigterm(rig, bound=5.0):
     rig.qmp.close()
     t0 = time.monotonic()
