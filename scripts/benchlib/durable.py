@@ -31,7 +31,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 
@@ -42,6 +41,7 @@ from benchlib.bench import REPO, human_size
 from benchlib.mirror import TIMEOUT, _until_ready, _cancel, qsd_mirror_until_ready
 from benchlib.overlay import make_base, rotated
 from benchlib.results import Goal
+from benchlib.servers import free_port, wait_for_port
 from benchlib.stream import _wait_for
 
 TITLE = "a mirror killed half way and resumed; client write cost of the job records"
@@ -102,10 +102,10 @@ def _target(bench, over_tcp=False):
     if not over_tcp:
         server = bench.servers.nbdkit("target", *args)
         return path, log, server, server.uri
-    port = _free_port()
+    port = free_port()
     server = bench.servers.start("target-tcp", lambda sock: [
         "nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), *args], ready=False)
-    _wait_for_port(port, server)
+    wait_for_port(port, server)
     return path, log, server, "nbd://127.0.0.1:%d/" % port
 
 
@@ -212,25 +212,6 @@ def _killed(bench, base, over_tcp=False):
         return seconds, written
     finally:
         _cleanup(bench, server, state, target, path, log)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port, server, timeout=30):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline or server.proc.poll() is not None:
-                raise RuntimeError("nbdkit did not listen on port %d%s"
-                                   % (port, server.log_tail()))
-            time.sleep(0.02)
 
 
 # -- client write cost -------------------------------------------------------

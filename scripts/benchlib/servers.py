@@ -10,6 +10,7 @@ cleaning up (PR_SET_PDEATHSIG), so no server outlives a run.
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -27,6 +28,27 @@ class ServerError(Exception):
 
 def nbd_uri(sock):
     return "nbd+unix:///?socket=%s" % sock
+
+
+def free_port(addr="127.0.0.1"):
+    """A TCP port nothing listens on now (for a server started on addr)."""
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port, server, addr="127.0.0.1", timeout=30.0):
+    """Wait until server (started with ready=False) accepts on addr:port."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((addr, port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or server.proc.poll() is not None:
+                raise ServerError("%s did not listen on port %d%s"
+                                  % (server.name, port, server.log_tail()))
+            time.sleep(0.02)
 
 
 class Server:

@@ -22,15 +22,14 @@ Rows are interleaved and rotated per run, after one untimed warm-up round.
 """
 
 import os
-import socket
 import subprocess
-import time
 
 
 from benchlib.bench import REPO
 from benchlib.mirror import ours_mirror_until_ready, qsd_mirror_until_ready
 from benchlib.overlay import make_base, rotated
 from benchlib.results import Goal
+from benchlib.servers import free_port, wait_for_port
 
 TITLE = "drive-mirror over TCP with TLS-PSK: overlay plugin vs qemu-storage-daemon"
 SECTION = "tls"
@@ -78,32 +77,17 @@ def run(bench):
                 group.add(key, seconds)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tcp_target(bench, keys):
     """A fresh sparse raw file served by nbdkit on 127.0.0.1 (TLS required if keys)."""
     path = bench.path("tls-target.img")
     with open(path, "wb") as f:
         f.truncate(bench.size)
-    port = _free_port()
+    port = free_port()
     tls = ["--tls=require", "--tls-psk=" + keys] if keys else []
     argv = ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), *tls, "file", path]
     server = bench.servers.start("tls-target", lambda sock: argv, env=_default_env(),
                                  ready=False)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.proc.poll() is not None:
-                raise RuntimeError("nbdkit did not listen on port %d%s"
-                                   % (port, server.log_tail()))
-            time.sleep(0.02)
+    wait_for_port(port, server)
     return path, port, server
 
 
