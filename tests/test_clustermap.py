@@ -2,7 +2,7 @@
 
 import threading
 
-from plugin.jobs.bitmap import DirtyBitmap
+from plugin.core.bitmap import DirtyBitmap
 import errno
 import os
 

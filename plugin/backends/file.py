@@ -7,7 +7,7 @@ import os
 import struct
 
 from ..core.extent import Extent
-from .fileio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
+from ..core.fileio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
                      fallocate, pread_all, pwrite_all, write_zeroes)
 
 log = logging.getLogger(__name__)

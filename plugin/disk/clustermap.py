@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 
-from ..backends.fileio import pread_all, pwrite_all
+from ..core.fileio import pread_all, pwrite_all
 
 log = logging.getLogger(__name__)
 

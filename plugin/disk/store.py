@@ -17,8 +17,8 @@ import errno
 import logging
 import os
 
-from ..backends.fileio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-from ..backends.fileio import pread_all, pwrite_all
+from ..core.fileio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+from ..core.fileio import pread_all, pwrite_all
 from ..core.extent import append_merged
 from . import clustermap, mapjournal, statedir
 from .clustermap import ABSENT, DATA, ZERO

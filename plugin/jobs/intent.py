@@ -67,7 +67,7 @@ import os
 import threading
 from array import array
 
-from ..backends.fileio import pwrite_all
+from ..core.fileio import pwrite_all
 
 log = logging.getLogger(__name__)
 

@@ -79,7 +79,7 @@ from ..backends.target import MAX_ZERO
 from ..core.errors import CommandError, errno_name, errno_of, os_error
 from ..disk.rangelock import RangeLock
 from .backoff import RetrySchedule
-from .bitmap import DirtyBitmap
+from ..core.bitmap import DirtyBitmap
 from .engine import Job
 from .verify import Verifier
 from .writethrough import WriteThrough
