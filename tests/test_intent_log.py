@@ -1,7 +1,7 @@
 """The mirror's write-intent log (plugin/jobs/intent.py), as a pure module: set before
 write (a group at a time), clear lazily at checkpoints, and what a restart reads back."""
 
-from plugin.jobs.intent import SET_GROUP, IntentLog
+from plugin.blockcopy.intent import SET_GROUP, IntentLog
 
 MiB = 1 << 20
 SIZE = 64 * MiB

@@ -2,7 +2,7 @@
 
 import pytest
 
-from plugin.jobs.backoff import RetrySchedule
+from plugin.blockcopy.backoff import RetrySchedule
 
 MiB = 1 << 20
 

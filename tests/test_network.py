@@ -339,7 +339,7 @@ def test_mirror_to_a_stopped_target_does_not_block_other_control_clients(servers
 
 def test_write_blocking_with_a_stopped_target_client_writes_fall_back_within_the_bound(
         servers, tmp_path, connect):
-    from plugin.jobs.writethrough import THROUGH_TIMEOUT
+    from plugin.blockcopy.writeblocking import THROUGH_TIMEOUT
     rig = Rig(servers, tmp_path, connect)
     target = servers.nbdkit("file", str(rig.target_path))
     rig.mirror(target.uri, copy_mode="write-blocking")

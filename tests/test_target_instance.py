@@ -10,7 +10,9 @@ import struct
 import nbd
 
 from netrig import nbdkit_tcp
-from plugin.backends.target import FileTarget, NbdTarget, server_instance
+from plugin.backends.filetarget import FileTarget
+from plugin.backends.nbdtarget import NbdTarget
+from plugin.core.host import server_instance
 from plugin.core import host
 
 MiB = 1 << 20

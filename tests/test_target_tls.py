@@ -12,7 +12,7 @@ import random
 import pytest
 
 from netrig import MiB, nbdkit_tcp, psk_file, x509_dirs
-from plugin.backends.target import NbdTarget
+from plugin.backends.nbdtarget import NbdTarget
 
 SIZE = 32 * MiB
 

@@ -8,8 +8,9 @@ import threading
 import pytest
 
 from faults import PauseControl, wait_until
-from plugin.backends.target import FileReader, NbdReader
-from plugin.jobs.verify import Verifier
+from plugin.backends.filetarget import FileReader
+from plugin.backends.nbdtarget import NbdReader
+from plugin.blockcopy.verify import Verifier
 
 MiB = 1 << 20
 

@@ -14,13 +14,20 @@ Synchronous backend (``open_backend``)::
     extents(offset, length)             [core.extent.Extent] covering the range
     close()
 
-Asynchronous mirror target (``open_target``, see target.py)::
+Asynchronous copy target (``open_target``: filetarget.py, nbdtarget.py,
+rbdtarget.py), driven by one job thread::
 
     wait_open(timeout) -> connected yet?, size(), extents(offset, length),
     in_flight(), multi_conn, losses, on_loss,
-    submit_write(buf, offset, tag), submit_zero(offset, length, tag),
-    submit_flush(tag), wait(timeout) -> [(tag, errno or 0)],
-    reconnect(timeout) -> connected?, detach() -> handle or None, close()
+    submit_write(buf, offset, tag), submit_zero(offset, length, tag)
+    (at most MAX_ZERO bytes), submit_flush(tag),
+    wait(timeout) -> [(tag, errno or 0)],
+    reconnect(timeout) -> connected?, detach() -> handle or None, close(),
+    instance() -> what holds the answered writes, or None (file, NBD),
+    open_reader() -> read(length, offset), interrupt(), close() (file, NBD)
+
+Write-through channel (``open_through``, through.py): the synchronous,
+deadline-bounded writes of a write-blocking mirror, in client threads.
 
 NBD addresses are any URI libnbd knows (nbd://, nbds:// with TLS, nbd+unix://,
 nbds+unix://, tls-psk-file=, tls-certificates=, tls-verify-peer= in the
@@ -35,10 +42,16 @@ Addresses: ``nbd://`` and friends (nbd.py, target.py), ``rbd://POOL/IMAGE?conf=P
 (rbd.py, Ceph's librbd), anything else a file path (file.py).
 """
 
+from .nbdconnect import CONNECT_TIMEOUT, redact  # noqa: F401  (part of the interface)
+from .through import open_through  # noqa: F401
+
 NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://", "nbd+vsock://")
 
 
 RBD_SCHEME = "rbd://"
+
+# The most one submit_zero() may cover (NBD requests carry a 32-bit length).
+MAX_ZERO = 1 << 30
 
 
 def is_nbd_uri(address):
@@ -67,12 +80,13 @@ def open_backend(address, readonly, connections=1, reconnect_delay=0.0, handle=N
 
 
 def open_target(address, reconnect_delay=0.0):
-    """An asynchronous mirror target for a file path, an NBD URI or an rbd:// address;
+    """An asynchronous copy target for a file path, an NBD URI or an rbd:// address;
     an NBD one connects in the background (wait_open())."""
     if is_rbd_uri(address):
-        from .rbd import RbdTarget
+        from .rbdtarget import RbdTarget
         return RbdTarget(address)
-    from .target import FileTarget, NbdTarget
     if is_nbd_uri(address):
+        from .nbdtarget import NbdTarget
         return NbdTarget(address, reconnect_delay)
+    from .filetarget import FileTarget
     return FileTarget(address)

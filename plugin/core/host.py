@@ -2,10 +2,12 @@
 
 A crash of this process keeps what the kernel holds (the page cache, other
 processes); a reboot does not.  The map journal (disk/mapjournal.py) and a
-mirror's target instance (backends/target.py) use these to know which.
+mirror's target instance (backends/filetarget.py, nbdtarget.py) use these to know which.
 """
 
 import os
+import socket
+import struct
 
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
@@ -65,3 +67,39 @@ def holds_socket(pid, inodes):
         if link.startswith("socket:[") and int(link[8:-1]) in inodes:
             return int(link[8:-1])
     return None
+
+
+def server_instance(fd):
+    """The server process at the other end of a Unix socket connection, named for the
+    life of the machine: {"kind": "nbd-unix", boot, pid, start, socket}; None if
+    it cannot be told (TCP, a server in another pid namespace, descriptors we
+    may not read, a server that listened in a parent that has exited).
+
+    The pid is the listener's (SO_PEERCRED); it counts only if that process
+    holds the listening socket bound to the path we reached, so a pid used
+    again by another process is never taken for the server."""
+    boot = boot_id()
+    if boot is None:
+        return None
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return None
+    try:
+        if sock.family != socket.AF_UNIX:
+            return None
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        path = sock.getpeername()
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    pid = struct.unpack("3i", creds)[0]
+    if pid <= 0 or not isinstance(path, str) or not path:
+        return None
+    start = process_start(pid)
+    listener = holds_socket(pid, unix_listeners(path))
+    if start is None or listener is None:
+        return None
+    return {"kind": "nbd-unix", "boot": boot.hex(), "pid": pid, "start": start,
+            "socket": listener}

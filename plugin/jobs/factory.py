@@ -20,7 +20,7 @@ import os
 import time
 
 from ..core.errors import CommandError
-from .intent import IntentLog, region_size_for
+from ..blockcopy.intent import IntentLog, region_size_for
 from .mirror import MirrorJob
 from .record import RecordError
 from .stream import StreamJob

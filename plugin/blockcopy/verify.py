@@ -1,7 +1,7 @@
 """A restored mirror's comparison of what it had copied before a crash.
 
 The intent log marks COPIED the regions whose copies the target answered but
-no flush has covered yet (plugin/jobs/intent.py).  After a crash the target
+no flush has covered yet (plugin/blockcopy/intent.py).  After a crash the target
 may or may not still hold them (its own crash would lose them), so they are
 compared, target against disk, instead of being copied blindly: equal ranges
 are in sync once a flush completes, every other range is copied.
@@ -24,6 +24,8 @@ import collections
 import logging
 import threading
 import time
+
+from ..backends import CONNECT_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +119,70 @@ class Verifier:
             self.done = True
         elif self._thread.is_alive():
             self._thread.join(timeout)
+
+
+class Comparison:
+    """A restored job's comparison of its COPIED regions, from the job thread.
+
+    `pending` holds the ranges to compare (the job may trust them instead:
+    link.TargetTrust); :meth:`start` hands them to a Verifier on a reader of
+    the target's own, :meth:`collect` marks dirty (mark(offset, length))
+    what it found different, :meth:`stop` gives up and marks the rest.
+    """
+
+    def __init__(self, store, chunk, job_id, clock, mark, kind="Mirror"):
+        self._store, self._chunk, self._job_id = store, chunk, job_id
+        self._clock, self._mark, self._kind = clock, mark, kind
+        self.pending = collections.deque()    # (offset, length) to compare
+        self.verifier = None
+
+    @property
+    def running(self):
+        return self.verifier is not None
+
+    def held_ranges(self):
+        return self.verifier.ranges if self.verifier is not None else ()
+
+    def remaining(self):
+        return self.verifier.remaining() if self.verifier is not None else 0
+
+    def start(self, target):
+        """Compare the pending ranges with the target in a helper thread while the
+        job thread copies the rest; a target with no reader: copy them."""
+        ranges, self.pending = list(self.pending), collections.deque()
+        open_reader = getattr(target, "open_reader", None)
+        reader = None
+        if open_reader is not None:
+            try:
+                reader = open_reader()
+            except OSError as e:
+                log.warning("%s cannot compare id=%s error=%s: copying instead", self._kind,
+                            self._job_id, e)
+        if reader is None:
+            for off, n in ranges:
+                self._mark(off, n)
+            return
+        self.verifier = Verifier(self._store, reader, ranges, self._chunk, self._job_id,
+                                 clock=self._clock)
+        self.verifier.start()
+
+    def collect(self, stall_timeout=CONNECT_TIMEOUT):
+        """Mark dirty what the comparison found different; log when it is done."""
+        v = self.verifier
+        done = v.done                 # read first: everything found before it is drained
+        for off, n in v.take_different():
+            self._mark(off, n)
+        if done:
+            self.verifier = None
+            log.info("%s verified id=%s equal=%d different=%d bytes seconds=%.3f", self._kind,
+                     self._job_id, v.equal_bytes, v.different_bytes,
+                     self._clock() - v.started_at)
+        elif v.stalled(stall_timeout):
+            log.warning("%s verify stalled id=%s: copying the rest instead", self._kind,
+                        self._job_id)
+            v.stop()
+
+    def stop(self, stall_timeout=CONNECT_TIMEOUT):
+        if self.verifier is not None:
+            self.verifier.stop()
+            self.collect(stall_timeout)

@@ -1,34 +1,28 @@
-"""Asynchronous writes to a mirror target, many requests in flight.
+"""An NBD export as an asynchronous copy target (the mirror's), and its reader.
 
-The mirror thread submits writes, zeroes and flushes tagged with what they
+The job thread submits writes, zeroes and flushes tagged with what they
 cover, then collects completions with wait(), so that a stalled target never
-blocks the thread (cancel stays prompt).  Only the mirror thread calls these
-methods, so an NBD target is one libnbd handle driven by aio_* calls and
-poll() (no completion callbacks: nothing runs inside libnbd's locks).  A raw
-file target uses a small thread pool of pwrite()s (they release the GIL).
+blocks the thread (cancel stays prompt).  Only the job thread calls these
+methods, so the target is one libnbd handle driven by aio_* calls and poll()
+(no completion callbacks: nothing runs inside libnbd's locks).
 
 A failed request comes back from wait() with its errno; the caller decides
 what it means (the job's error policy).  Nothing is ever dropped: a request
-that could not even be sent comes back as a failed completion too.  An NBD
-target whose connection is finished reconnects in the background; within
-its reconnect delay that is invisible to the caller (requests wait and are
-sent again), after it requests come back as ENOTCONN, whatever libnbd's own
-text says, and reconnect() brings a new connection once the server is back.
+that could not even be sent comes back as a failed completion too.  A target
+whose connection is finished reconnects in the background; within its
+reconnect delay that is invisible to the caller (requests wait and are sent
+again), after it requests come back as ENOTCONN, whatever libnbd's own text
+says, and reconnect() brings a new connection once the server is back.
 """
 
-import concurrent.futures
 import errno
 import logging
 import os
 import socket
-import stat
-import struct
 import threading
 import time
 
-from ..core.errors import errno_of
-from ..core.host import boot_id, holds_socket, process_start, unix_listeners
-from .file import FileBackend
+from ..core.host import server_instance
 from .nbd import nbd_extents
 from .nbdconnect import (CONNECT_TIMEOUT, Attempt, connect, hang_up, is_finished, nbd_errno,
                          redact)
@@ -41,91 +35,6 @@ PUMP_STEPS = 256
 log = logging.getLogger(__name__)
 
 MAX_ZERO = 1 << 30        # NBD requests carry a 32-bit length
-
-
-class FileTarget:
-    """A raw file or block device, written by a few threads."""
-
-    # fdatasync covers writes made through any descriptor of the file.
-    multi_conn = True
-    losses = 0              # files never lose their connection
-
-    def __init__(self, path, workers=4):
-        self.address = path
-        self.on_loss = None
-        self._backend = FileBackend(path, readonly=False)
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="mirror-io")
-        self._pending = {}
-
-    def size(self):
-        return self._backend.size()
-
-    def instance(self):
-        """What holds the writes this target answered: the regular file (device,
-        inode and the inode's generation, which a file made anew in a freed
-        inode does not share) in this boot, whose page cache a crash of this
-        process keeps.  None where that cannot be told: no boot id, a block
-        device (a volume made anew gets the same number), a file system
-        without inode generations (see MirrorJob._vouch_target)."""
-        boot = boot_id()
-        st = self._backend.stat()
-        generation = self._backend.generation() if stat.S_ISREG(st.st_mode) else None
-        if boot is None or generation is None:
-            return None
-        return {"kind": "file", "boot": boot.hex(), "dev": st.st_dev, "ino": st.st_ino,
-                "generation": generation}
-
-    def extents(self, offset, length):
-        return self._backend.extents(offset, length)
-
-    def open_reader(self):
-        """A Reader (a restored mirror compares what it had copied)."""
-        return FileReader(self.address)
-
-    def in_flight(self):
-        return len(self._pending)
-
-    def submit_write(self, buf, offset, tag):
-        fut = self._pool.submit(self._backend.write, buf, offset)
-        self._pending[fut] = tag
-
-    def submit_zero(self, offset, length, tag):
-        fut = self._pool.submit(self._backend.zero, offset, length, True)
-        self._pending[fut] = tag
-
-    def submit_flush(self, tag):
-        """Flush what completed before this call (fdatasync covers the whole file)."""
-        fut = self._pool.submit(self._backend.flush)
-        self._pending[fut] = tag
-
-    def wait(self, timeout):
-        """Completions so far (waiting up to timeout for one): [(tag, errno or 0)]."""
-        if not self._pending:
-            return []
-        done, _ = concurrent.futures.wait(self._pending, timeout,
-                                          concurrent.futures.FIRST_COMPLETED)
-        result = []
-        for fut in done:
-            tag = self._pending.pop(fut)
-            exc = fut.exception()
-            result.append((tag, errno_of(exc) if exc else 0))
-        return result
-
-    def wait_open(self, timeout):
-        """A file is open once made."""
-        return True
-
-    def reconnect(self, timeout=0.0):
-        """Files do not disconnect: always connected."""
-        return True
-
-    def detach(self):
-        """Nothing to hand over: the pivot opens the file itself."""
-        return None
-
-    def close(self):
-        self._pool.shutdown(wait=True)
-        self._backend.close()
 
 
 class NbdTarget:
@@ -465,65 +374,6 @@ def _grow_send_buffer(fd):
                 continue
     finally:
         sock.close()
-
-
-# -- readers: synchronous reads for one helper thread ------------------------
-
-def server_instance(fd):
-    """The server process at the other end of a Unix socket connection, named for the
-    life of the machine: {"kind": "nbd-unix", boot, pid, start, socket}; None if
-    it cannot be told (TCP, a server in another pid namespace, descriptors we
-    may not read, a server that listened in a parent that has exited).
-
-    The pid is the listener's (SO_PEERCRED); it counts only if that process
-    holds the listening socket bound to the path we reached, so a pid used
-    again by another process is never taken for the server."""
-    boot = boot_id()
-    if boot is None:
-        return None
-    try:
-        sock = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return None
-    try:
-        if sock.family != socket.AF_UNIX:
-            return None
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        path = sock.getpeername()
-    except OSError:
-        return None
-    finally:
-        sock.close()
-    pid = struct.unpack("3i", creds)[0]
-    if pid <= 0 or not isinstance(path, str) or not path:
-        return None
-    start = process_start(pid)
-    listener = holds_socket(pid, unix_listeners(path))
-    if start is None or listener is None:
-        return None
-    return {"kind": "nbd-unix", "boot": boot.hex(), "pid": pid, "start": start,
-            "socket": listener}
-
-
-class FileReader:
-    """read(length, offset) -> bytes from a file of its own descriptor."""
-
-    def __init__(self, path):
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-    def read(self, length, offset):
-        data = os.pread(self._fd, length, offset)
-        if len(data) != length:
-            raise OSError(errno.EIO, "short read at offset %d" % offset)
-        return data
-
-    def interrupt(self):
-        """A file read does not hang on a peer: nothing to do."""
-
-    def close(self):
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 class NbdReader:
