@@ -38,7 +38,7 @@ that many seconds after a connection is lost, requests wait for a new one.
 Errors are OSError with the errno the storage gave, so callers can tell ENOSPC
 from EIO.
 
-Addresses: ``nbd://`` and friends (nbd.py, target.py), ``rbd://POOL/IMAGE?conf=PATH``
+Addresses: ``nbd://`` and friends (nbd.py, nbdtarget.py), ``rbd://POOL/IMAGE?conf=PATH``
 (rbd.py, Ceph's librbd), anything else a file path (file.py).
 """
 

@@ -44,7 +44,7 @@ class FileTarget:
         inode does not share) in this boot, whose page cache a crash of this
         process keeps.  None where that cannot be told: no boot id, a block
         device (a volume made anew gets the same number), a file system
-        without inode generations (see MirrorJob._vouch_target)."""
+        without inode generations (see blockcopy/link.py TargetTrust)."""
         boot = boot_id()
         st = self._backend.stat()
         generation = self._backend.generation() if stat.S_ISREG(st.st_mode) else None

@@ -157,7 +157,7 @@ class RbdTarget:
         """After errors: True if the image is usable now, reopening it if the client
         was shut out (blocklisted) or closed; False if it cannot be opened yet.
 
-        The mirror's target interface (see target.py): a reopen counts as a
+        The copy target interface (backends/__init__.py): a reopen counts as a
         lost connection (on_loss: what was acknowledged but not flushed is
         copied again).
         """

@@ -30,6 +30,7 @@ import threading
 
 from ..core.bitmap import DirtyBitmap
 from ..core.errors import errno_name, errno_of
+from .cadence import Cadence
 from .pipeline import Failure
 
 log = logging.getLogger(__name__)
@@ -80,10 +81,8 @@ class FlushPipeline:
         self.exit_flushed = False         # a flush succeeded after complete/cancel was asked
         self.after = lambda flush: None   # the job's bookkeeping after a good flush
         self.also_held = lambda: ()       # ranges held elsewhere (a comparison in progress)
-        now = pipeline.clock()
-        self._checkpoint_bytes = max(CHECKPOINT_MIN_BYTES, size // CHECKPOINT_FRACTION)
-        self._copied_at_checkpoint = 0
-        self._last_checkpoint = now
+        self._checkpoints = Cadence(size, pipeline.clock, CHECKPOINT_INTERVAL,
+                                    CHECKPOINT_FRACTION, CHECKPOINT_MIN_BYTES)
         self._mark_bytes = max(MARK_MIN_BYTES, size // MARK_FRACTION)
         self._copied_at_mark = 0
 
@@ -108,8 +107,7 @@ class FlushPipeline:
         flush = Flush(leaving and not final, to_ready and not final)
         if self.intent is not None and not final:
             flush.candidates = self._checkpoint_begin()
-            self._copied_at_checkpoint = self.pipeline.copied
-            self._last_checkpoint = self.pipeline.clock()
+            self._checkpoints.mark(self.pipeline.copied)
         with self._lock:
             flush.covered, self.unflushed = self.unflushed, self._fresh()
         self.copied_since_flush = False
@@ -206,13 +204,7 @@ class FlushPipeline:
         if self.intent is None or len(self.queue) >= MAX_CHECKPOINTS or is_ready:
             return False
         p = self.pipeline
-        if not p.retries.gate_open():
-            return False
-        copied = p.copied - self._copied_at_checkpoint
-        if copied <= 0:
-            return False
-        return (copied >= self._checkpoint_bytes
-                or p.clock() - self._last_checkpoint >= CHECKPOINT_INTERVAL)
+        return p.retries.gate_open() and self._checkpoints.due(p.copied)
 
     def _checkpoint_begin(self):
         """Before a target flush: the intent regions it may let us clear.

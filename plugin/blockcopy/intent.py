@@ -39,7 +39,7 @@ The rule (docs/overlay.md, "Mirror durability"):
   answer is the truth: equal is in sync once a flush completes, anything
   else is copied), so the target-flush lag costs reads, not writes; when
   the target is the very instance that answered (the same file in the same
-  boot, the same server process: backends/target.py), it needs no
+  boot, the same server process: instance() in backends/filetarget.py, nbdtarget.py), it needs no
   comparison at all, only a flush.  For that, COPIED is exact within a
   boot: a client change into a COPIED region rewrites it as 1 (a pwrite,
   no sync: the page cache keeps it across a kill -9, as it keeps the

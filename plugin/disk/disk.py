@@ -13,7 +13,7 @@ jobs need:
   end(token), run around every write, zero or trim: begin and persist BEFORE
   the store is touched (persist again before each retry of a held request),
   end after the listeners, whether the change succeeded or not.  The mirror's
-  write-intent log (plugin/jobs/intent.py) is a guard: its record that a
+  write-intent log (plugin/blockcopy/intent.py) is a guard: its record that a
   region may differ from the target must be durable before a client's bytes
   can reach data.img.  persist() raising OSError is a write error of the disk
   (werror applies: the record is part of the disk's storage).

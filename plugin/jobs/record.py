@@ -3,7 +3,7 @@
 One JSON file per job, STATE_DIR/jobs/<id>.json, replaced atomically like
 meta.json (write a temporary file, fsync, rename, fsync the folder), so a
 crash leaves the old or the new record.  A mirror also keeps its write-intent
-log next to it (<id>.intent, plugin/jobs/intent.py).
+log next to it (<id>.intent, plugin/blockcopy/intent.py).
 
 A record holds the job's settings (Job.settings(): target, sync,
 granularity, buf-size, policies, copy-mode...), the engine's state

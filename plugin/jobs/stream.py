@@ -42,6 +42,7 @@ error (its copy-on-read is a read):
 
 import logging
 
+from ..blockcopy.cadence import Cadence
 from ..core.errors import errno_of
 from .engine import Job
 
@@ -78,9 +79,8 @@ class StreamJob(Job):
         self._copied = 0
         self._floor = 0               # a restored job's offset: progress never goes back
         self.created = None
-        self._last_checkpoint = self.clock.now()
-        self._copied_at_checkpoint = 0
-        self._checkpoint_bytes = max(MiB, self.store.size // CHECKPOINT_FRACTION)
+        self._checkpoints = Cadence(self.store.size, self.clock.now, CHECKPOINT_INTERVAL,
+                                    CHECKPOINT_FRACTION)
         self.set_progress(0, self.store.size)
 
     def policies(self):
@@ -104,14 +104,9 @@ class StreamJob(Job):
 
     def _checkpoint(self):
         """Make the copied clusters durable and save the record (about once a second)."""
-        now = self.clock.now()
-        if self.durable is None:
+        if self.durable is None or not self._checkpoints.due(self._copied, idle=True):
             return
-        if (now - self._last_checkpoint < CHECKPOINT_INTERVAL
-                and self._copied - self._copied_at_checkpoint < self._checkpoint_bytes):
-            return
-        self._last_checkpoint = now
-        self._copied_at_checkpoint = self._copied
+        self._checkpoints.mark(self._copied)
         try:
             self.store.flush()
         except OSError as e:
