@@ -2,7 +2,9 @@
 
 import pytest
 
-from jobctl.cli import UsageError, parse_args, socket_path
+from jobctl.location import socket_path
+from jobctl.options import UsageError
+from jobctl.parser import parse_args
 
 
 def test_socket_before_command():
@@ -146,7 +148,8 @@ def test_complete_and_cancel_can_wait():
 
 # socket discovery
 
-from jobctl.cli import locate_socket, not_running_hint, version_text  # noqa: E402
+from jobctl.location import locate_socket, not_running_hint  # noqa: E402
+from jobctl.version import version_text  # noqa: E402
 
 
 def test_overlay_means_its_control_socket():

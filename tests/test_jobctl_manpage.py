@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from jobctl import manpage
-from jobctl.cli import build_parser
+from jobctl.parser import build_parser
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PAGE = REPO / "docs" / "jobctl.1"

@@ -2,7 +2,9 @@
 
 import pytest
 
-from jobctl.cli import cmd_mirror, cmd_qmp, parse_args
+from jobctl.commands.qmp import cmd_qmp
+from jobctl.commands.start import cmd_mirror
+from jobctl.parser import parse_args
 from jobctl.paths import absolute_nbd_uri, absolute_path, absolute_target
 
 CWD = "/home/op/work"

@@ -27,6 +27,7 @@ def test_the_wheel_installs_no_top_level_plugin_package(wheel):
         names = set(z.namelist())
     assert "overlay_nbd/plugin/overlaydisk.py" in names
     assert "overlay_nbd/jobctl/cli.py" in names
+    assert "overlay_nbd/jobctl/commands/start.py" in names
 
 
 @pytest.mark.slow
