@@ -42,6 +42,7 @@ _PACKAGE = _import_package()
 ConfigError = importlib.import_module(_PACKAGE + ".config").ConfigError
 Service = importlib.import_module(_PACKAGE + ".service").Service
 KeptStates = importlib.import_module(_PACKAGE + ".threadstate").KeptStates
+ViewDisk = importlib.import_module(_PACKAGE + ".exports").ViewDisk
 
 API_VERSION = 2
 _get_ident = threading.get_ident
@@ -120,7 +121,18 @@ def cleanup():
 
 
 def open(readonly):
+    view = service.exports.get(nbdkit.export_name()) if service.exports.names() else None
+    if view is not None:
+        return _Connection(ViewDisk(view, service.disk))
     return _Connection(service.disk)
+
+
+def list_exports(readonly, is_tls):
+    return [""] + service.exports.names()
+
+
+def default_export(readonly, is_tls):
+    return ""
 
 
 def close(h):
@@ -136,7 +148,7 @@ def block_size(h):
 
 
 def can_write(h):
-    return True
+    return getattr(h.disk, "writable", True)
 
 
 def can_flush(h):
@@ -144,15 +156,15 @@ def can_flush(h):
 
 
 def can_trim(h):
-    return True
+    return getattr(h.disk, "writable", True)
 
 
 def can_zero(h):
-    return True
+    return getattr(h.disk, "writable", True)
 
 
 def can_fast_zero(h):
-    return True
+    return getattr(h.disk, "writable", True)
 
 
 def can_fua(h):

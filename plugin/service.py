@@ -17,6 +17,8 @@ from .disk.store import OverlayStore
 from .jobs import factory
 from .jobs.record import JobRecords, RecordError
 from .jobs.registry import JobRegistry
+from .exports import ExportTable
+from .qmp.backup_commands import register_backup_commands
 from .qmp.block_commands import register_block_commands
 from .qmp.dispatch import CommandRegistry, register_builtin_commands
 from .qmp.events import EventBus
@@ -40,6 +42,7 @@ class Service:
         self.records = None
         self._saved_jobs = []
         self.control = None
+        self.exports = ExportTable()          # a pull-mode backup's view, by name
 
     def configure(self, key, value):
         self.config.set(key, value)
@@ -121,7 +124,8 @@ class Service:
         return factory.JobContext(disk=self.disk, bus=self.bus, jobs=self.jobs,
                                   records=self.records, pivot=self.pivot_to,
                                   active_target=self.active_target,
-                                  reconnect_delay=self.config.reconnect_delay)
+                                  reconnect_delay=self.config.reconnect_delay,
+                                  exports=self.exports)
 
     def start(self):
         """after_fork: restore saved jobs, then start the control server.
@@ -139,6 +143,7 @@ class Service:
         register_builtin_commands(registry)
         register_job_commands(registry, self.jobs)
         register_block_commands(registry, self)
+        register_backup_commands(registry, self)
         path = self.config.control or self.state.file(CONTROL_SOCK)
         self.control = ControlServer(path, registry, self.bus)
         self.control.start()

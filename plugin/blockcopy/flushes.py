@@ -51,7 +51,7 @@ MARK_MIN_BYTES = 4 * MiB
 class Flush:
     """A target flush in flight: `covered` holds the copies it makes durable."""
 
-    __slots__ = ("covered", "leaving", "to_ready", "candidates", "result")
+    __slots__ = ("covered", "leaving", "to_ready", "candidates", "result", "payload")
 
     def __init__(self, leaving, to_ready):
         self.covered = None
@@ -59,6 +59,7 @@ class Flush:
         self.to_ready = to_ready
         self.candidates = ()          # an intent Checkpoint to clear when it succeeds
         self.result = None            # errno when it completed (0: success)
+        self.payload = None           # the job's own record of what it covers
 
 
 class FlushPipeline:
@@ -80,6 +81,7 @@ class FlushPipeline:
         self.copied_since_flush = False
         self.exit_flushed = False         # a flush succeeded after complete/cancel was asked
         self.after = lambda flush: None   # the job's bookkeeping after a good flush
+        self.on_start = lambda flush: None   # ... when a flush starts (flush.payload)
         self.also_held = lambda: ()       # ranges held elsewhere (a comparison in progress)
         self._checkpoints = Cadence(size, pipeline.clock, CHECKPOINT_INTERVAL,
                                     CHECKPOINT_FRACTION, CHECKPOINT_MIN_BYTES)
@@ -110,6 +112,7 @@ class FlushPipeline:
             self._checkpoints.mark(self.pipeline.copied)
         with self._lock:
             flush.covered, self.unflushed = self.unflushed, self._fresh()
+        self.on_start(flush)
         self.copied_since_flush = False
         if self.through is not None and not self.pipeline.target.multi_conn:
             # Write-throughs went over another connection that this flush

@@ -77,6 +77,8 @@ class CopyPipeline:
         self.target = None                # set by the job once connected
         self.target_name = ""
         self.blocked = lambda first, end: False   # another writer may still land there
+        self.skip_zero = False            # the target reads as zeros: zero ranges need nothing
+        self.copy_mask = None             # (offset, length) -> the sub-ranges to copy again
         self.on_flush = None              # (flush tag, errno) of a completed flush
         self.on_copied = None             # (offset, length) the target answered
         self._buffers = []                # free copy buffers of `chunk` bytes
@@ -132,8 +134,9 @@ class CopyPipeline:
         count = 0
         run = lost.take(0, self.size)
         while run is not None:
-            self.bitmap.mark(*run)
-            count += run[1]
+            for off, n in ([run] if self.copy_mask is None else self.copy_mask(*run)):
+                self.bitmap.mark(off, n)
+                count += n
             run = lost.take(0, self.size)
         if count:
             self.copied -= min(self.copied, count)
@@ -216,7 +219,8 @@ class CopyPipeline:
                 while pos < stop:
                     for e in store.extents(pos, stop - pos):
                         if e.zero:
-                            requests.append((e.offset, e.length, None))
+                            if not self.skip_zero:
+                                requests.append((e.offset, e.length, None))
                         else:
                             piece = view[e.offset - offset:e.end - offset]
                             store.read(piece, e.offset)
@@ -232,8 +236,13 @@ class CopyPipeline:
         op.remaining = len(requests)
         op.data = sum(n for _, n, buf in requests if buf is not None)
         if not requests:
+            # Nothing to send (zero ranges of a target that reads as zeros):
+            # copied as soon as it was looked at.
             self._give_buffer(op)
             self.ranges.release(op.token)
+            self.copied += length
+            self.retries.succeeded(offset, length)
+            self.on_copied(offset, length)
             return True
         self.ops.add(op)
         self.in_flight_bytes += length

@@ -138,15 +138,20 @@ class CopyJob(Job):
         try:
             while self.target.in_flight() and time.monotonic() < deadline:
                 self._reap(self.target.wait(0.1))
-            if self.target.in_flight() or self.copy.failures or self.intent is None:
+            if self.target.in_flight() or self.copy.failures or not self.checkpoints():
                 return
             self._start_flush(to_ready=False)
             while self.flushes.queue and time.monotonic() < deadline:
                 self._reap(self.target.wait(0.1))
-            log.info("%s shutdown checkpoint id=%s done=%s intent=%d bytes", self.kind, self.id,
-                     not self.flushes.queue, self.intent.set_bytes())
+            log.info("%s shutdown checkpoint id=%s done=%s", self.kind, self.id,
+                     not self.flushes.queue)
         except Exception:
             log.exception("%s shutdown checkpoint failed id=%s", self.kind, self.id)
+
+    def checkpoints(self):
+        """True if a target flush makes the job's progress durable (a shutdown
+        then checkpoints once): a mirror with an intent log."""
+        return self.intent is not None
 
     def _reap(self, completions):
         if self.copy.reap(completions):

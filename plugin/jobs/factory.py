@@ -21,6 +21,7 @@ import time
 
 from ..core.errors import CommandError
 from ..blockcopy.intent import IntentLog, region_size_for
+from .backup import BackupJob
 from .mirror import MirrorJob
 from .record import RecordError
 from .stream import StreamJob
@@ -37,7 +38,7 @@ class JobContext:
     """
 
     def __init__(self, disk, bus, jobs, records=None, pivot=None, active_target=None,
-                 reconnect_delay=0.0):
+                 reconnect_delay=0.0, exports=None):
         self.disk = disk
         self.bus = bus
         self.jobs = jobs               # JobRegistry
@@ -45,6 +46,7 @@ class JobContext:
         self.pivot = pivot
         self.active_target = active_target
         self.reconnect_delay = reconnect_delay
+        self.exports = exports         # a pull-mode backup's view export (plugin/exports.py)
 
 
 def start_mirror(ctx, settings, connect_wait=None):
@@ -84,6 +86,39 @@ def _mirror(ctx, s, intent, restored):
         target_instance=s.get("target-instance") if restored else None)
 
 
+def start_backup(ctx, settings, connect_wait=None):
+    """A new backup from checked settings; like start_mirror (connect_wait)."""
+    job = _backup(ctx, settings, restored=False)
+    if connect_wait is not None and job.export is None:
+        try:
+            job.open_target_within(connect_wait)
+        except (OSError, CommandError):
+            job.clean()
+            raise
+    _launch(ctx, job)
+    return job
+
+
+def _backup_files(ctx, job_id):
+    if ctx.records is not None:
+        return ctx.records.backup_path(job_id)
+    import tempfile
+    return os.path.join(tempfile.mkdtemp(prefix="overlay-backup-"), job_id)
+
+
+def _backup(ctx, s, restored):
+    return BackupJob(
+        s["id"], ctx.bus, ctx.disk, s["target"], _backup_files(ctx, s["id"]),
+        sync=s.get("sync", "full"), granularity=s.get("granularity") or None,
+        buf_size=s.get("buf-size") or None, speed=s.get("speed", 0),
+        on_source_error=s.get("on-source-error", "report"),
+        on_target_error=s.get("on-target-error", "report"),
+        on_cbw_error=s.get("on-cbw-error", "break-guest-write"),
+        auto_finalize=s.get("auto-finalize", True), auto_dismiss=s.get("auto-dismiss", True),
+        reconnect_delay=s.get("reconnect-delay", ctx.reconnect_delay), restored=restored,
+        max_chunk=s.get("max-chunk"), exports=ctx.exports)
+
+
 def _stream(ctx, s):
     return StreamJob(
         s["id"], ctx.bus, ctx.disk, on_error=s.get("on-error", "report"),
@@ -112,7 +147,7 @@ def _launch(ctx, job):
             job.shutdown()
             raise CommandError("Cannot save the job record in %s: %s"
                                % (ctx.records.state.path, e.strerror or e)) from None
-    if isinstance(job, MirrorJob):
+    if isinstance(job, (MirrorJob, BackupJob)):
         job.attach()
     job.start()
 
@@ -156,6 +191,13 @@ def _restore_one(ctx, rec, pause):
                             job_id)
             intent = IntentLog(path, ctx.disk.size, region, create=not exists)
             job = _mirror(ctx, rec, intent, restored=True)
+        elif kind == "backup":
+            if not os.path.exists(ctx.records.backup_path(job_id) + ".needed"):
+                log.warning("Job record dropped id=%s: the backup's point in time was never "
+                            "taken (a crash before it started)", job_id)
+                ctx.records.forget_id(job_id)
+                return None
+            job = _backup(ctx, rec, restored=True)
         else:
             job = _stream(ctx, rec)
     except (CommandError, ValueError, KeyError, TypeError) as e:
@@ -167,7 +209,7 @@ def _restore_one(ctx, rec, pause):
                       ready_seen=bool(rec.get("ready-seen")))
     ctx.jobs.add(job)
     job.durable = ctx.records
-    if isinstance(job, MirrorJob):
+    if isinstance(job, (MirrorJob, BackupJob)):
         job.attach()
     ctx.records.save(job)
     job.start()

@@ -31,6 +31,7 @@ FORMAT = "overlay-nbd-job"
 VERSION = 1
 SUFFIX = ".json"
 INTENT_SUFFIX = ".intent"
+BACKUP_SUFFIXES = (".needed", ".saved", ".cbw")   # a backup's point in time
 
 
 class RecordError(Exception):
@@ -59,6 +60,10 @@ class JobRecords:
 
     def intent_path(self, job_id):
         return os.path.join(self._dir(), job_id + INTENT_SUFFIX)
+
+    def backup_path(self, job_id):
+        """The prefix of a backup's point-in-time files (blockcopy/snapshot.py)."""
+        return os.path.join(self._dir(), job_id)
 
     def save(self, job, shutdown=False):
         """Write the job's record now (the latest state wins: taken under the lock)."""
@@ -92,7 +97,9 @@ class JobRecords:
 
     def forget_id(self, job_id):
         """Remove the record (and intent log) of a job that is not restored."""
-        for path in (self.path(job_id), self.intent_path(job_id)):
+        paths = [self.path(job_id), self.intent_path(job_id)]
+        paths += [self.backup_path(job_id) + suffix for suffix in BACKUP_SUFFIXES]
+        for path in paths:
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -116,9 +123,10 @@ class JobRecords:
             records.append(_load(path, name[:-len(SUFFIX)]))
         ids = {r["id"] for r in records}
         for name in names:
-            if name.endswith(INTENT_SUFFIX) and name[:-len(INTENT_SUFFIX)] not in ids:
+            stem, suffix = os.path.splitext(name)
+            if suffix in (INTENT_SUFFIX,) + BACKUP_SUFFIXES and stem not in ids:
                 os.unlink(os.path.join(folder, name))
-                log.info("Orphan intent log removed file=%s", name)
+                log.info("Orphan job file removed file=%s", name)
             elif name.endswith(".tmp"):
                 os.unlink(os.path.join(folder, name))
         for r in records:
@@ -151,6 +159,6 @@ def _load(path, job_id):
                               % (path, key, kind.__name__))
     if record["id"] != job_id:
         raise RecordError("job record %s holds job %r" % (path, record["id"]))
-    if record["type"] not in ("mirror", "stream"):
+    if record["type"] not in ("mirror", "stream", "backup"):
         raise RecordError("job record %s: unknown job type %r" % (path, record["type"]))
     return record

@@ -1,0 +1,237 @@
+"""A point in time of the served disk, kept while clients write (copy-before-write).
+
+A backup copies the disk as it was when the job started.  From that moment
+on, the snapshot is a Disk guard (plugin/disk/disk.py): before a client
+change (write, zero, trim) reaches the store, the old bytes of every granule
+the backup still *needs* are saved in a scratch file of the state directory
+(copy-before-write, CBW), durably, and only then is the change issued.  The
+snapshot's :meth:`read` and :meth:`extents` give the point-in-time view:
+saved granules from the scratch file, every other one from the disk (which
+has not changed there since the start, or the granule is not needed).  The
+backup job copies from this view to its target (push), or the view is
+served as a read-only NBD export (pull).
+
+Files, in STATE_DIR/jobs/ (ByteMap: one byte per granule):
+
+    ID.needed   1: the backup still needs the granule's point-in-time bytes
+                (the target does not durably hold them yet)
+    ID.saved    1: the granule's point-in-time bytes are in ID.cbw
+    ID.cbw      sparse, the disk's size: saved bytes at their own offsets
+
+The rules that make the view survive kill -9 and power loss:
+- SAVE before change: the scratch bytes are written and fdatasync()ed, then
+  the saved entries, then synced, before the change is issued.  A crash in
+  between leaves the granule unsaved and unchanged: the disk still holds it.
+- CLEAR after flush: a needed entry is cleared (in the file, synced, then in
+  memory) only after a target flush covering its copy succeeded.  Until then
+  a change into it is saved first, so after a crash the view still has it.
+- A change into a granule that is not needed is never held up: that granule
+  is on the target for good, or not part of the backup.
+
+Concurrency: the job's copies and the export's reads hold the granules in a
+range lock (the copy pipeline's) while they read the view; a CBW holds them
+from begin() to end(), i.e. until the client's change completed, so no read
+sees a granule half way between its old and new bytes.  The fast path (no
+needed granule in the change) takes no lock.
+"""
+
+import logging
+import os
+
+from ..core.extent import Extent, append_merged
+from ..core.fileio import pwrite_all
+from .bytemap import ByteMap
+
+log = logging.getLogger(__name__)
+
+NEEDED, SAVED, SCRATCH = ".needed", ".saved", ".cbw"
+
+
+class SnapshotBroken(Exception):
+    """on-cbw-error=break-snapshot: a save failed; the view is no longer exact."""
+
+
+class PointInTime:
+    def __init__(self, store, size, granularity, ranges, base_path, needed_runs=None,
+                 break_guest_write=True):
+        """base_path: STATE_DIR/jobs/ID (files get the suffixes above).
+
+        needed_runs: [(offset, length)] the backup needs (a new snapshot: the
+        caller computes them with clients quiesced); None: reopen the files a
+        crash or stop left.  ranges: the RangeLock the copies hold.
+        """
+        self.store = store
+        self.size = size
+        self.granularity = granularity
+        self._shift = granularity.bit_length() - 1
+        self._ranges = ranges
+        self.base_path = base_path
+        self.break_guest_write = break_guest_write
+        self.broken = None                # OSError that broke it (break-snapshot)
+        self.on_saved = None              # (offset, length) newly saved (sync=none)
+        self.on_broken = None             # () after a break-snapshot failure
+        self.saves = 0                    # CBW operations, for the log
+        count = (size + granularity - 1) >> self._shift
+        if needed_runs is None:
+            self.needed = ByteMap(base_path + NEEDED, count)
+            self.saved = ByteMap(base_path + SAVED, count)
+            self._scratch = os.open(base_path + SCRATCH, os.O_RDWR | os.O_CLOEXEC)
+            return
+        self._scratch = os.open(base_path + SCRATCH,
+                                os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.ftruncate(self._scratch, size)
+        self.saved = ByteMap(base_path + SAVED, count, 0, create=True)
+        self.needed = ByteMap(base_path + NEEDED, count, 0, create=True)
+        data = self.needed.bytes
+        for off, n in needed_runs:
+            first, end = self._span(off, n)
+            data[first:end] = b"\x01" * (end - first)
+        pwrite_all(self.needed._fd, data, 0)
+        self.needed.sync()
+
+    def _span(self, offset, length):
+        g = self.granularity
+        return offset >> self._shift, min((offset + length + g - 1) >> self._shift,
+                                          self.needed.count)
+
+    def _range(self, first, end):
+        off = first << self._shift
+        return off, min(end << self._shift, self.size) - off
+
+    def needed_runs(self):
+        """[(offset, length)] still needed (for the job's copy set)."""
+        return [self._range(f, e) for f, e in self.needed.runs(1)]
+
+    def needed_bytes(self):
+        return sum(n for _, n in self.needed_runs())
+
+    def is_needed(self, offset, length):
+        first, end = self._span(offset, length)
+        return self.needed.bytes.find(b"\x01", first, end) >= 0
+
+    def needed_within(self, offset, length):
+        """The needed sub-ranges of [offset, offset+length)."""
+        first, end = self._span(offset, length)
+        return [self._range(f, e) for f, e in self.needed.runs(1, first, end)]
+
+    # -- the guard (client threads) --------------------------------------------
+
+    def begin(self, offset, length):
+        if self.broken is not None or length <= 0:
+            return None
+        first, end = self._span(offset, length)
+        if self.needed.bytes.find(b"\x01", first, end) < 0:
+            return None
+        return (first, end, self._ranges.acquire(first, end))
+
+    def persist(self, token):
+        """Save the point-in-time bytes of the needed, unsaved granules of the change."""
+        if token is None or self.broken is not None:
+            return
+        first, end, _ = token
+        todo = [(f, e) for f, e in self.needed.runs(1, first, end)
+                if self.saved.bytes.find(b"\x00", f, e) >= 0]
+        if not todo:
+            return
+        try:
+            self._save(first, end)
+        except OSError as e:
+            if self.break_guest_write:
+                log.warning("Copy-before-write failed offset=%d length=%d error=%s: the "
+                            "client's change fails", first << self._shift,
+                            (end - first) << self._shift, e)
+                raise
+            self.broken = e
+            log.warning("Copy-before-write failed offset=%d error=%s: the snapshot breaks, "
+                        "the client's change goes on", first << self._shift, e)
+            if self.on_broken is not None:
+                self.on_broken()
+
+    def _save(self, first, end):
+        runs = []
+        for f, e in self.needed.runs(1, first, end):
+            for sf, se in self.saved.runs(0, f, e):
+                off, n = self._range(sf, se)
+                buf = bytearray(n)
+                self.store.read(buf, off)
+                pwrite_all(self._scratch, buf, off)
+                runs.append((sf, se))
+        os.fdatasync(self._scratch)
+        self.saved.set(runs, 1)
+        self.saves += 1
+        if self.on_saved is not None:
+            for sf, se in runs:
+                self.on_saved(*self._range(sf, se))
+
+    def end(self, token):
+        if token is not None:
+            self._ranges.release(token[2])
+
+    # -- the view ---------------------------------------------------------------
+
+    def read(self, buf, offset):
+        """Fill buf with the point-in-time bytes at offset (the caller holds the
+        granules in the range lock, or uses read_locked)."""
+        view = memoryview(buf)
+        length = len(view)
+        first, end = self._span(offset, length)
+        pos = offset
+        for sf, se in self.saved.runs(1, first, end):
+            soff = max(offset, sf << self._shift)
+            if soff > pos:
+                self.store.read(view[pos - offset:soff - offset], pos)
+            send = min(offset + length, se << self._shift)
+            got = os.preadv(self._scratch, [view[soff - offset:send - offset]], soff)
+            if got != send - soff:
+                raise OSError(5, "short read of the copy-before-write scratch at %d" % soff)
+            pos = send
+        if pos < offset + length:
+            self.store.read(view[pos - offset:], pos)
+
+    def read_locked(self, buf, offset):
+        """read(), holding the granules against a concurrent save (the export)."""
+        first, end = self._span(offset, len(buf))
+        with self._ranges.hold(first, end):
+            self.read(buf, offset)
+
+    def extents(self, offset, length):
+        """What the view reads as: saved granules are data, the rest as the disk."""
+        first, end = self._span(offset, length)
+        out = []
+        pos, stop = offset, offset + length
+        for sf, se in self.saved.runs(1, first, end):
+            soff = max(offset, sf << self._shift)
+            if soff > pos:
+                for e in self.store.extents(pos, soff - pos):
+                    append_merged(out, e.offset, e.length, e.zero)
+            send = min(stop, se << self._shift)
+            append_merged(out, soff, send - soff, False)
+            pos = send
+        if pos < stop:
+            for e in self.store.extents(pos, stop - pos):
+                append_merged(out, e.offset, e.length, e.zero)
+        return [Extent(e.offset, e.length, e.zero) for e in out]
+
+    # -- the job ------------------------------------------------------------------
+
+    def copied(self, ranges):
+        """The target durably holds these ranges (a flush covering their copies
+        succeeded): they are no longer needed.  File first, then memory."""
+        # Copies are granule aligned (the last granule ends at the disk's end).
+        self.needed.set([self._span(off, n) for off, n in ranges], 0)
+
+    def close(self):
+        self.needed.close()
+        self.saved.close()
+        if self._scratch is not None:
+            os.close(self._scratch)
+            self._scratch = None
+
+    def remove(self):
+        """The job ended: free the scratch space and the maps."""
+        self.close()
+        for suffix in (NEEDED, SAVED, SCRATCH):
+            try:
+                os.unlink(self.base_path + suffix)
+            except FileNotFoundError:
+                pass

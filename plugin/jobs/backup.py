@@ -1,0 +1,275 @@
+"""The backup job (drive-backup): the disk as it was when the job started, to a target.
+
+As QEMU's block/backup.c with its copy-before-write filter: the job starts
+a point in time (plugin/blockcopy/snapshot.py: a Disk guard that saves the
+old bytes of a granule the backup still needs before a client change
+reaches it), then copies the point-in-time view to the target with the
+copy machinery (blockcopy/pipeline.py, flushes.py, link.py).  No READY: the
+job ends with BLOCK_JOB_COMPLETED once the target durably holds every
+needed granule, or BLOCK_JOB_CANCELLED.
+
+sync: full (everything; zero ranges are zeroed, or skipped where the target
+reads as zeros), top (what the overlay holds), none (only what
+copy-before-write saves, until the job is cancelled), incremental/bitmap
+(a dirty bitmap's ranges: see the bitmap hooks).  Target `export:NAME`
+(pull mode): nothing is copied; the view is served as the read-only NBD
+export NAME on the disk's socket until the job is cancelled.
+
+Policies: on-source-error for reads of the view, on-target-error for
+target writes and flushes (CopyJob._handle_failures); a stopped backup
+keeps its point in time while paused.  on-cbw-error: break-guest-write
+(default) fails the client's change when its save fails; break-snapshot
+ends the job with the error and lets the change through.
+
+Durability: the snapshot's files (needed, saved, scratch) are durable
+before a change proceeds; a needed granule is cleared only after a target
+flush covering its copy succeeded (every CHECKPOINT_INTERVAL or 1/32 of the
+disk: Cadence).  A restored backup reopens them and copies what is still
+needed: the same point in time, and nothing copied twice that the target
+durably held.
+"""
+
+import logging
+
+from ..blockcopy.cadence import Cadence
+from ..blockcopy.snapshot import PointInTime
+from .copyjob import CopyJob
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+DEFAULT_BUF_SIZE = 16 * MiB
+MAX_CHUNK = 1 * MiB
+EXPORT_PREFIX = "export:"
+IDLE_INTERVAL = 0.5               # sync=none / pull: how often an idle job looks around
+
+
+class BackupJob(CopyJob):
+    changeable_options = frozenset({"on_source_error", "on_target_error"})
+
+    def __init__(self, job_id, bus, disk, target, files, sync="full", granularity=None,
+                 buf_size=None, speed=0, on_source_error="report", on_target_error="report",
+                 on_cbw_error="break-guest-write", auto_finalize=True, auto_dismiss=True,
+                 clock=None, reconnect_delay=0.0, restored=False, max_chunk=None,
+                 exports=None):
+        """files: STATE_DIR/jobs/ID, the prefix of the snapshot's files.
+        exports: the server's export table (pull mode registers its view there)."""
+        granularity = granularity or disk.store.cluster_size
+        chunk = max(granularity, min(max_chunk or MAX_CHUNK, 64 * MiB))
+        buf_size = max(buf_size or DEFAULT_BUF_SIZE, chunk)
+        pull = target.startswith(EXPORT_PREFIX)
+        super().__init__(job_id, "backup", bus, disk, target, granularity, chunk, buf_size,
+                         speed, auto_finalize, auto_dismiss, clock, reconnect_delay, None,
+                         True if pull else restored, None, kind="Backup")
+        self._restored = restored
+        self.export = target[len(EXPORT_PREFIX):] if pull else None
+        self._exports = exports
+        self.sync = sync
+        self.granularity, self.chunk, self.buf_size = granularity, chunk, buf_size
+        self.max_chunk = max_chunk
+        self.on_source_error, self.on_target_error = on_source_error, on_target_error
+        self.on_cbw_error = on_cbw_error
+        self.files = files
+        self.created = None
+        self.snapshot = None
+        self._answered = []               # copies answered since the last flush started
+        copied = self.copy.on_copied
+
+        def on_copied(offset, length):
+            copied(offset, length)
+            self._answered.append((offset, length))
+
+        self.copy.on_copied = on_copied
+        self.flushes.on_start = self._flush_started
+        self.flushes.after = self._after_flush
+        self._checkpoints = Cadence(disk.size, self.clock.now)
+        self.set_progress(0, 0)
+
+    # -- the point in time ---------------------------------------------------
+
+    def _needed_at_start(self):
+        """What the backup needs, with clients quiesced: the point in time's scope."""
+        store = self.disk.store
+        if self.sync == "top" and store.has_base:
+            return list(store.overlay_runs())
+        return [(0, self.disk.size)]
+
+    def attach(self):
+        """Start the point in time (before start(), or first thing in run()).
+
+        A new job takes it with clients quiesced, so every change after this
+        passes the copy-before-write guard; a restored one reopens its files.
+        """
+        if self.snapshot is not None:
+            return
+        disk = self.disk
+        with disk.quiesce():
+            if self._restored:
+                snap = PointInTime(disk.store, disk.size, self.granularity, self.copy.ranges,
+                                   self.files, break_guest_write=self._breaks_guest())
+            else:
+                snap = PointInTime(disk.store, disk.size, self.granularity, self.copy.ranges,
+                                   self.files, self._needed_at_start(),
+                                   break_guest_write=self._breaks_guest())
+            disk.add_guard(snap)
+        self.snapshot = snap
+        snap.on_broken = self.kick
+        self.copy.store = snap
+        self.copy.copy_mask = snap.needed_within
+        if self.export is not None:
+            if self._exports is not None:
+                self._exports.add(self.export, snap)
+        elif self.sync == "none":
+            snap.on_saved = self._saved
+        else:
+            for off, n in snap.needed_runs():
+                self.bitmap.mark(off, n)
+        log.info("Backup %s id=%s sync=%s target=%s needed=%d saved=%d bytes",
+                 "resumes" if self._restored else "starts", self.id, self.sync,
+                 self.target_name, snap.needed_bytes(),
+                 sum(e - f for f, e in snap.saved.runs(1)) * self.granularity)
+
+    def _breaks_guest(self):
+        return self.on_cbw_error != "break-snapshot"
+
+    def _saved(self, offset, length):
+        """sync=none: what copy-before-write saved is what the job copies."""
+        self.bitmap.mark(offset, length)
+        self.kick()
+
+    def _detach(self):
+        snap = self.snapshot
+        if snap is None:
+            return
+        if self.export is not None and self._exports is not None:
+            self._exports.remove(self.export)
+        with self.disk.quiesce():
+            self.disk.remove_guard(snap)
+        snap.close()
+
+    # -- the durable record ------------------------------------------------------
+
+    def settings(self):
+        return {"target": self.target_address, "sync": self.sync,
+                "granularity": self.granularity, "buf-size": self.buf_size,
+                "on-source-error": self.on_source_error,
+                "on-target-error": self.on_target_error, "on-cbw-error": self.on_cbw_error,
+                "reconnect-delay": self.reconnect_delay, "created": self.created,
+                "max-chunk": self.max_chunk}
+
+    def restore_state(self, paused, io_status, offset, total, ready_seen):
+        super().restore_state(paused, io_status, offset, total, ready_seen)
+        self.copy.copied = offset
+
+    def checkpoints(self):
+        return True
+
+    def remove_files(self):
+        if self.snapshot is not None:
+            self.snapshot.remove()
+
+    def change(self, on_source_error=None, on_target_error=None):
+        if on_source_error is not None:
+            self.on_source_error = on_source_error
+        if on_target_error is not None:
+            self.on_target_error = on_target_error
+        log.info("Backup changed id=%s on_source_error=%s on_target_error=%s", self.id,
+                 self.on_source_error, self.on_target_error)
+
+    def policies(self):
+        return {"on-source-error": self.on_source_error,
+                "on-target-error": self.on_target_error, "on-cbw-error": self.on_cbw_error}
+
+    # -- flushes: what the target durably holds ------------------------------------
+
+    def _flush_started(self, flush):
+        flush.payload, self._answered = self._answered, []
+
+    def _after_flush(self, flush):
+        """A flush succeeded: what it covers is no longer needed (durably)."""
+        if flush.payload:
+            self.snapshot.copied(flush.payload)
+        if self.durable is not None:
+            self._update_progress()
+            self._save()
+
+    # -- the job thread ---------------------------------------------------------------
+
+    def run(self):
+        try:
+            self._run()
+        finally:
+            if self.suspended:
+                self._shutdown_checkpoint()
+
+    def _run(self):
+        self.attach()
+        if self.export is not None:
+            log.info("Backup serves its point in time id=%s export=%s", self.id, self.export)
+            while not self.pause_point():
+                self._check_broken()
+                if self.sleep(IDLE_INTERVAL):
+                    return
+            return
+        copy, flushes, snap = self.copy, self.flushes, self.snapshot
+        self.link.connect()
+        if not self.link.await_open(self, self.disk.size, lambda: self.on_target_error):
+            return
+        if self.sync == "full" and not self._restored:
+            copy.skip_zero = self.link.reads_zero(self.disk.size)
+        pos = 0
+        while True:
+            if self.pause_point():
+                return
+            self._check_broken()
+            for off, n in copy.retries.due():
+                self.bitmap.mark(off, n)
+            self._update_progress()
+            pos = copy.issue(pos, speed=self.speed, throttle=self.throttle)
+            if self.cancelled:
+                return
+            if self.target.in_flight() and not copy.failures:
+                self._reap(self.target.wait(0.1))
+            if copy.failures:
+                if self._handle_failures():
+                    return
+                continue
+            if not flushes.queue and self._checkpoints.due(copy.copied):
+                self._checkpoints.mark(copy.copied)
+                self._start_flush(to_ready=False)
+            if self.target.in_flight():
+                continue
+            now = self.clock.now()
+            if copy.pending():
+                if copy.retries.gate > now:
+                    self.sleep(max(0.01, copy.retries.gate - now))
+                continue
+            if copy.retries:
+                self.sleep(max(0.01, copy.retries.next_due() - now))
+                continue
+            if flushes.copied_since_flush:
+                if copy.retries.gate_open():
+                    self._start_flush(to_ready=False)
+                else:
+                    self.sleep(max(0.01, copy.retries.gate - now))
+                continue
+            if self.sync == "none":
+                self.sleep(IDLE_INTERVAL)     # until cancelled; saves wake it (kick)
+                continue
+            left = snap.needed_runs()
+            if not left:
+                break
+            # Needed, yet neither dirty nor in flight (a failed flush's ranges
+            # under another mask): copy them again.
+            for off, n in left:
+                self.bitmap.mark(off, n)
+        self._update_progress()
+        log.info("Backup copied id=%s bytes=%d saves=%d", self.id, copy.copied, snap.saves)
+
+    def _check_broken(self):
+        if self.snapshot is not None and self.snapshot.broken is not None:
+            raise self.snapshot.broken
+
+    def clean(self):
+        self._detach()
+        self.link.close()
