@@ -14,6 +14,7 @@ import pytest
 from conftest import Server, make_image
 from plugin import backends
 from plugin.backends import rbd as plugin_rbd
+from plugin.backends.rbdtarget import RbdTarget
 
 MiB = 1 << 20
 _names = itertools.count()
@@ -206,7 +207,7 @@ def _drain(target, timeout=60):
 
 def test_async_target_writes_land(ceph_cluster):
     name, uri = new_image(ceph_cluster, size=16 * MiB)
-    t = plugin_rbd.RbdTarget(uri)
+    t = RbdTarget(uri)
     assert t.wait_open(60)
     try:
         assert t.size() == 16 * MiB and t.multi_conn
@@ -240,7 +241,7 @@ def test_async_target_writes_land(ceph_cluster):
 def test_async_target_pool_quota_is_enospc(ceph_cluster):
     name, uri, b = _full_pool(ceph_cluster, "quota2")
     b.close()
-    t = plugin_rbd.RbdTarget(uri)
+    t = RbdTarget(uri)
     assert t.wait_open(60)
     try:
         t.submit_write(b"n" * 4096, 8 * MiB, "new")
@@ -258,7 +259,7 @@ def test_blocklisted_target_reconnects_and_fails_the_old_requests_once(ceph_clus
     old handle come back (ENOTCONN) exactly once."""
     import json
     name, uri = new_image(ceph_cluster, size=16 * MiB)
-    t = plugin_rbd.RbdTarget("%s&timeout=%d" % (uri, timeout))
+    t = RbdTarget("%s&timeout=%d" % (uri, timeout))
     assert t.wait_open(60)
     addr = None
     try:
@@ -319,7 +320,7 @@ def test_stopped_osd_times_out_then_recovers(ceph_cluster):
     """librbd waits on a stopped OSD; the address's timeout bounds that wait."""
     name, uri = new_image(ceph_cluster, size=8 * MiB)
     b = plugin_rbd.RbdBackend(uri + "&timeout=2", readonly=False)
-    t = plugin_rbd.RbdTarget(uri + "&timeout=2")
+    t = RbdTarget(uri + "&timeout=2")
     assert t.wait_open(60)
     osd = ceph_cluster.osd_pid()
     os.kill(osd, signal.SIGSTOP)
@@ -356,7 +357,7 @@ def test_whole_bytearrays_go_to_librbd_uncopied():
 def test_target_close_does_not_wait_for_a_hung_osd(ceph_cluster):
     """timeout=0: a write to a stopped OSD stays pending; close() still returns."""
     name, uri = new_image(ceph_cluster, size=8 * MiB)
-    t = plugin_rbd.RbdTarget(uri + "&timeout=0")
+    t = RbdTarget(uri + "&timeout=0")
     assert t.wait_open(60)
     osd = ceph_cluster.osd_pid()
     os.kill(osd, signal.SIGSTOP)
