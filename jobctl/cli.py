@@ -18,7 +18,7 @@ import sys
 import time
 
 from . import jobs as joblib
-from . import paths, qmp_client
+from . import metrics_cli, paths, qmp_client
 from .render import event_line, render_table, terminal_columns
 from .units import parse_size
 from .waiter import JobEnded, JobWaiter, WaitTimedOut, make_display
@@ -214,6 +214,7 @@ def build_parser():
     p.add_argument("qmp_args", metavar="JSON-ARGS", nargs="?", help="arguments as a JSON object")
     p.set_defaults(func=cmd_qmp)
 
+    metrics_cli.add_command(command)
     return parser
 
 
@@ -520,6 +521,8 @@ def run(argv):
         # lines (its "Connected." comes before the greeting) would only blur it.
         logging.getLogger("qemu.qmp").setLevel(logging.INFO)
     path, origin = locate_socket(args)
+    if getattr(args, "standalone", None):      # metrics --listen: a session per scrape
+        return args.standalone(args, path)
     try:
         with qmp_client.QMPClient(path, timeout=REPLY_TIMEOUT) as client:
             return args.func(client, args)
