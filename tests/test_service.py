@@ -20,6 +20,7 @@ import nbd
 import pytest
 
 from conftest import REPO, make_image
+from plugin.core.host import unix_listeners
 from qmp_helpers import Control
 
 MiB = 1 << 20
@@ -162,8 +163,9 @@ class Activated:
         self.proc = subprocess.Popen(["systemd-socket-activate", "-l", str(sock), *argv],
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        # Listening, not only bound: a probe connection would start nbdkit.
         deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
+        while not unix_listeners(str(sock)):
             assert self.proc.poll() is None, self.log()
             assert time.monotonic() < deadline, "no socket: " + self.log()
             time.sleep(0.02)
@@ -212,8 +214,9 @@ def activate(installed, tmp_path):
 
 
 def wait_for_socket(path, proc, timeout=30):
+    """Wait until something listens on the Unix socket path (the control server)."""
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
+    while not unix_listeners(str(path)):
         assert proc.poll() is None and time.monotonic() < deadline, "no %s" % path
         time.sleep(0.02)
 
