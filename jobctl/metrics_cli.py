@@ -16,6 +16,7 @@ import http.server
 import os
 import signal
 import socket
+import socketserver
 import sys
 import tempfile
 
@@ -160,6 +161,12 @@ class _Server(http.server.HTTPServer):
         self.address_family = family
         self.scraper = scraper
         super().__init__(address, _Handler)
+
+    def server_bind(self):
+        # HTTPServer's own also looks the address up in DNS (getfqdn), which can
+        # hang where DNS does not answer; the name is only used in CGI variables.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 
 
 def serve(args, control_path):
