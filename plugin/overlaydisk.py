@@ -120,11 +120,13 @@ def cleanup():
 
 
 def open(readonly):
+    service.connections.opened()
     return _Connection(service.disk)
 
 
 def close(h):
     h.states.release()
+    service.connections.closed()
 
 
 def get_size(h):

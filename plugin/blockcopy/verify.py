@@ -72,7 +72,7 @@ class Verifier:
                     target = self._reader.read(length, off)
                 except OSError as e:
                     if not self._stopping.is_set():
-                        log.warning("Mirror verify failed id=%s offset=%d error=%s: copying "
+                        log.warning("Mirror verify failed job=%s offset=%d error=%s: copying "
                                     "the rest instead", self._job_id, off, e)
                     rest.appendleft((off, length))
                     break
@@ -83,7 +83,7 @@ class Verifier:
                     self.different_bytes += length
                 self.progress_at = self._clock()
         except Exception:
-            log.exception("Mirror verify failed id=%s: copying the rest instead", self._job_id)
+            log.exception("Mirror verify failed job=%s: copying the rest instead", self._job_id)
         finally:
             for off, n in rest:               # not compared: copied
                 self.different.append((off, n))
