@@ -156,7 +156,7 @@ class Comparison:
             try:
                 reader = open_reader()
             except OSError as e:
-                log.warning("%s cannot compare id=%s error=%s: copying instead", self._kind,
+                log.warning("%s cannot compare job=%s error=%s: copying instead", self._kind,
                             self._job_id, e)
         if reader is None:
             for off, n in ranges:
@@ -174,11 +174,11 @@ class Comparison:
             self._mark(off, n)
         if done:
             self.verifier = None
-            log.info("%s verified id=%s equal=%d different=%d bytes seconds=%.3f", self._kind,
+            log.info("%s verified job=%s equal=%d different=%d bytes seconds=%.3f", self._kind,
                      self._job_id, v.equal_bytes, v.different_bytes,
                      self._clock() - v.started_at)
         elif v.stalled(stall_timeout):
-            log.warning("%s verify stalled id=%s: copying the rest instead", self._kind,
+            log.warning("%s verify stalled job=%s: copying the rest instead", self._kind,
                         self._job_id)
             v.stop()
 

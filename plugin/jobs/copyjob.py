@@ -143,10 +143,10 @@ class CopyJob(Job):
             self._start_flush(to_ready=False)
             while self.flushes.queue and time.monotonic() < deadline:
                 self._reap(self.target.wait(0.1))
-            log.info("%s shutdown checkpoint id=%s done=%s intent=%d bytes", self.kind, self.id,
+            log.info("%s shutdown checkpoint job=%s done=%s intent=%d bytes", self.kind, self.id,
                      not self.flushes.queue, self.intent.set_bytes())
         except Exception:
-            log.exception("%s shutdown checkpoint failed id=%s", self.kind, self.id)
+            log.exception("%s shutdown checkpoint failed job=%s", self.kind, self.id)
 
     def _reap(self, completions):
         if self.copy.reap(completions):

@@ -100,7 +100,7 @@ class JobRegistry:
         process: its record was saved first.
         """
         return self._each_then_join("suspend", timeout,
-                                    "Job thread still busy at shutdown id=%s (its record is saved)")
+                                    "Job thread still busy at shutdown job=%s (its record is saved)")
 
     def stop_all(self, timeout: float = 10.0) -> bool:
         """Force-cancel every job and join the threads (nbdkit cleanup).
