@@ -45,6 +45,8 @@ def run(argv):
         # lines (its "Connected." comes before the greeting) would only blur it.
         logging.getLogger("qemu.qmp").setLevel(logging.INFO)
     path, origin = locate_socket(args)
+    if getattr(args, "standalone", None):      # metrics --listen: a session per scrape
+        return args.standalone(args, path)
     try:
         with qmp_client.QMPClient(path, timeout=REPLY_TIMEOUT) as client:
             return args.func(client, args)

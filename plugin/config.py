@@ -44,6 +44,8 @@ def parse_seconds(text, what):
 ERROR_ACTIONS = ("report", "stop", "enospc")
 # auto: a saved job comes back as it was (running, or paused); pause: user-paused.
 JOB_RESTART = ("auto", "pause")
+# nbdkit: nbdkit's debug stream (seen with -v); stderr: a service's journal (plugin/logsetup.py).
+LOG_TARGETS = ("nbdkit", "stderr")
 
 
 class Config:
@@ -60,9 +62,10 @@ class Config:
         self.rerror = "report"
         self.reconnect_delay = 0.0
         self.job_restart = "auto"
+        self.log = "nbdkit"
 
     KEYS = ("overlay", "base", "size", "control", "device", "cluster-size", "werror", "rerror",
-            "reconnect-delay", "job-restart")
+            "reconnect-delay", "job-restart", "log")
 
     def set(self, key, value):
         """Take one key=value from the command line."""
@@ -100,6 +103,10 @@ class Config:
                 raise ConfigError("job-restart=%s: must be one of %s"
                                   % (value, ", ".join(JOB_RESTART)))
             self.job_restart = value
+        elif key == "log":
+            if value not in LOG_TARGETS:
+                raise ConfigError("log=%s: must be one of %s" % (value, ", ".join(LOG_TARGETS)))
+            self.log = value
         else:
             raise ConfigError("unknown parameter %r (known: %s; see docs/plugin-keys.md)"
                               % (key, ", ".join(self.KEYS)))

@@ -121,6 +121,7 @@ def cleanup():
 
 
 def open(readonly):
+    service.connections.opened()
     view = service.exports.get(nbdkit.export_name()) if service.exports.names() else None
     if view is not None:
         return _Connection(ViewDisk(view, service.disk))
@@ -137,6 +138,7 @@ def default_export(readonly, is_tls):
 
 def close(h):
     h.states.release()
+    service.connections.closed()
 
 
 def get_size(h):

@@ -8,8 +8,9 @@ start in after_fork and are stopped and joined in cleanup.
 import logging
 import os
 
-from . import backends
+from . import backends, logsetup
 from .config import Config, ConfigError
+from .core.procstat import OpenCount
 from .disk import identity, statecheck, statedir
 from .disk.disk import Disk
 from .disk.passthrough import BackendStore
@@ -23,6 +24,7 @@ from .qmp.block_commands import register_block_commands
 from .qmp.dispatch import CommandRegistry, register_builtin_commands
 from .qmp.events import EventBus
 from .qmp.job_commands import register_job_commands
+from .qmp.process_commands import register_process_commands
 from .qmp.server import ControlServer
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class Service:
         self._saved_jobs = []
         self.control = None
         self.exports = ExportTable()          # a pull-mode backup's view, by name
+        self.connections = OpenCount()      # NBD connections (overlaydisk.open/close)
 
     def configure(self, key, value):
         self.config.set(key, value)
@@ -54,6 +57,7 @@ class Service:
         passed (plugin/disk/statecheck.py); a failed start leaves it as it was.
         """
         cfg = self.config
+        logsetup.route(cfg.log)
         cfg.check()
         try:
             statecheck.check_control(cfg.control or os.path.join(cfg.overlay, CONTROL_SOCK),
@@ -144,6 +148,7 @@ class Service:
         register_job_commands(registry, self.jobs)
         register_block_commands(registry, self)
         register_backup_commands(registry, self)
+        register_process_commands(registry, self.connections)
         path = self.config.control or self.state.file(CONTROL_SOCK)
         self.control = ControlServer(path, registry, self.bus)
         self.control.start()

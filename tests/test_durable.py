@@ -323,7 +323,7 @@ def test_restart_compares_what_was_copied_and_copies_only_what_differs(servers, 
     rig.qmp("block-job-set-speed", device="disk0", speed=0)
     rig.qmp.wait_event("BLOCK_JOB_READY", timeout=60)
     after = rig.recopied()
-    verified = re.findall(r"Mirror verified id=disk0 equal=(\d+) different=(\d+)", rig.disk.log())
+    verified = re.findall(r"Mirror verified job=disk0 equal=(\d+) different=(\d+)", rig.disk.log())
     assert verified, rig.disk.log()
     equal, different = map(int, verified[-1])
     print("\nset %d, COPIED %d; after the restart: equal %d, different %d, written %d"
@@ -368,7 +368,7 @@ def test_restart_with_the_same_target_instance_trusts_what_it_had_copied(servers
     rig.qmp.wait_event("BLOCK_JOB_READY", timeout=60)
     after = rig.recopied()
     log = rig.disk.log()
-    trusted = re.findall(r"Mirror trusts its copies id=disk0 bytes=(\d+)", log)
+    trusted = re.findall(r"Mirror trusts its copies job=disk0 bytes=(\d+)", log)
     print("\nset %d, COPIED %d; after the restart: trusted %s, written %d"
           % (set_bytes, marked * region, trusted, after))
     assert trusted == [str(marked * region)] and "Mirror verified" not in log

@@ -521,6 +521,16 @@ def test_repeated_identical_errors_are_counted_in_the_last_error(start, events):
     assert job.block_info()["x-last-error"]["count"] == 5
 
 
+def test_error_counts_add_up_every_error_by_operation_and_errno(start, events):
+    job = start(faults={1: [errno.EIO, errno.EIO, errno.ENOSPC, errno.EIO]},
+                on_error="ignore", auto_dismiss=False)
+    events.until_status("concluded")
+    info = job.block_info()
+    assert info["x-error-counts"] == [{"operation": "write", "errno": "EIO", "count": 3},
+                                      {"operation": "write", "errno": "ENOSPC", "count": 1}]
+    assert info["x-last-error"]["count"] == 1      # the last streak only: one EIO after ENOSPC
+
+
 def test_a_job_without_errors_has_no_last_error(start, events):
     job = start(auto_dismiss=False)
     events.until_status("concluded")

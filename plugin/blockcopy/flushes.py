@@ -142,7 +142,7 @@ class FlushPipeline:
             self._done(flush, flush.result, checkpoints)
         if checkpoints:
             cleared = self.intent.finish_checkpoints(checkpoints, self.busy_regions(True))
-            log.debug("%s checkpoint id=%s cleared=%d regions", self.pipeline.kind,
+            log.debug("%s checkpoint job=%s cleared=%d regions", self.pipeline.kind,
                       self.pipeline.job_id, cleared)
 
     def _done(self, flush, err, checkpoints=None):
@@ -152,7 +152,7 @@ class FlushPipeline:
         flushes still in flight."""
         p = self.pipeline
         if err:
-            log.warning("%s target flush failed id=%s errno=%s", p.kind, p.job_id,
+            log.warning("%s target flush failed job=%s errno=%s", p.kind, p.job_id,
                         errno_name(err))
             p.copy_again(flush.covered)
             # Copies since it started are no safer (a failed fsync may drop later
@@ -223,7 +223,7 @@ class FlushPipeline:
             try:
                 self.pipeline.store.flush()
             except OSError as e:
-                log.warning("%s checkpoint: source flush failed id=%s error=%s",
+                log.warning("%s checkpoint: source flush failed job=%s error=%s",
                             self.pipeline.kind, self.pipeline.job_id, e)
                 return ()
         return candidates

@@ -75,7 +75,7 @@ class TargetLink:
                 self.check_size(size)
                 return True
             except OSError as e:
-                log.warning("%s target unreachable id=%s target=%s error=%s",
+                log.warning("%s target unreachable job=%s target=%s error=%s",
                             self.kind, self.job_id, self.name, e)
                 action = job.report_io_error("write", errno_of(e), policy())
                 if action == "report":
@@ -92,7 +92,7 @@ class TargetLink:
         deadline = clock() + CONNECT_TIMEOUT
         while not self.target.reconnect(0.1):
             if cancelled() or clock() > deadline:
-                log.warning("%s target not reconnected id=%s target=%s", self.kind,
+                log.warning("%s target not reconnected job=%s target=%s", self.kind,
                             self.job_id, self.name)
                 return
 
@@ -105,7 +105,7 @@ class TargetLink:
         try:
             return all(e.zero for e in self.target.extents(0, size))
         except OSError as e:
-            log.warning("%s target extents failed id=%s error=%s", self.kind, self.job_id, e)
+            log.warning("%s target extents failed job=%s error=%s", self.kind, self.job_id, e)
             return False
 
     def instance(self):
@@ -162,7 +162,7 @@ class TargetTrust:
             ranges = list(to_compare)
             to_compare.clear()
             flushes.move_to_unflushed(ranges)
-            log.info("%s trusts its copies id=%s bytes=%d: the same target instance (%s)",
+            log.info("%s trusts its copies job=%s bytes=%d: the same target instance (%s)",
                      self._link.kind, job_id, sum(n for _, n in ranges), describe(current))
         if not self._restored or trusted or not self.inherited_copied:
             if current != self.instance:

@@ -140,7 +140,7 @@ class CopyPipeline:
             run = lost.take(0, self.size)
         if count:
             self.copied -= min(self.copied, count)
-            log.info("%s copies again what the target may have lost id=%s bytes=%d",
+            log.info("%s copies again what the target may have lost job=%s bytes=%d",
                      self.kind, self.job_id, count)
 
     def take_failures(self):
@@ -229,7 +229,7 @@ class CopyPipeline:
         except OSError as e:
             self._give_buffer(op)
             self.ranges.release(op.token)
-            log.warning("%s read failed id=%s offset=%d length=%d error=%s",
+            log.warning("%s read failed job=%s offset=%d length=%d error=%s",
                         self.kind, self.job_id, offset, length, e)
             self.failures.append(Failure("read", errno_of(e), offset, length, str(e)))
             return False
@@ -286,7 +286,7 @@ class CopyPipeline:
             self._give_buffer(op)
             self.in_flight_bytes -= op.length
             if op.error:
-                log.warning("%s write failed id=%s offset=%d length=%d errno=%s",
+                log.warning("%s write failed job=%s offset=%d length=%d errno=%s",
                             self.kind, self.job_id, op.offset, op.length, errno_name(op.error))
                 self.failures.append(Failure("write", op.error, op.offset, op.length,
                                              "write to %s" % self.target_name))

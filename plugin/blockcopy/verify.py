@@ -72,7 +72,7 @@ class Verifier:
                     target = self._reader.read(length, off)
                 except OSError as e:
                     if not self._stopping.is_set():
-                        log.warning("Mirror verify failed id=%s offset=%d error=%s: copying "
+                        log.warning("Mirror verify failed job=%s offset=%d error=%s: copying "
                                     "the rest instead", self._job_id, off, e)
                     rest.appendleft((off, length))
                     break
@@ -83,7 +83,7 @@ class Verifier:
                     self.different_bytes += length
                 self.progress_at = self._clock()
         except Exception:
-            log.exception("Mirror verify failed id=%s: copying the rest instead", self._job_id)
+            log.exception("Mirror verify failed job=%s: copying the rest instead", self._job_id)
         finally:
             for off, n in rest:               # not compared: copied
                 self.different.append((off, n))
@@ -156,7 +156,7 @@ class Comparison:
             try:
                 reader = open_reader()
             except OSError as e:
-                log.warning("%s cannot compare id=%s error=%s: copying instead", self._kind,
+                log.warning("%s cannot compare job=%s error=%s: copying instead", self._kind,
                             self._job_id, e)
         if reader is None:
             for off, n in ranges:
@@ -174,11 +174,11 @@ class Comparison:
             self._mark(off, n)
         if done:
             self.verifier = None
-            log.info("%s verified id=%s equal=%d different=%d bytes seconds=%.3f", self._kind,
+            log.info("%s verified job=%s equal=%d different=%d bytes seconds=%.3f", self._kind,
                      self._job_id, v.equal_bytes, v.different_bytes,
                      self._clock() - v.started_at)
         elif v.stalled(stall_timeout):
-            log.warning("%s verify stalled id=%s: copying the rest instead", self._kind,
+            log.warning("%s verify stalled job=%s: copying the rest instead", self._kind,
                         self._job_id)
             v.stop()
 

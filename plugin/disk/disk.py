@@ -107,6 +107,7 @@ class Disk:
         self._io_cond = threading.Condition()
         self._io_status = "ok"
         self._io_generation = 0       # bumped by resume_io(): held requests retry
+        self._held_requests = 0       # requests waiting in _io_error for cont
 
     # -- listeners (jobs) -------------------------------------------------
 
@@ -175,6 +176,11 @@ class Disk:
     def io_status(self):
         return self._io_status
 
+    @property
+    def held_requests(self):
+        """How many client requests werror/rerror=stop holds until cont (query-block)."""
+        return self._held_requests
+
     def _io_error(self, operation, e):
         """A request failed on the disk's own storage: report it, or hold it until cont.
 
@@ -192,14 +198,18 @@ class Disk:
             if self._io_status == "ok":
                 self._io_status = policy.io_status_for(err)
             generation = self._io_generation
+            self._held_requests += 1
             self._emit_io_error(operation, action, err)
-        log.warning("I/O error, request held device=%s operation=%s error=%s",
-                    self.device, operation, os.strerror(err))
+        log.warning("I/O error, request held device=%s operation=%s errno=%s error=%s",
+                    self.device, operation, errno.errorcode.get(err, err), os.strerror(err))
         self._gate.leave()            # a held request must not block quiesce or stop
         try:
             with self._io_cond:
-                while self._io_generation == generation:
-                    self._io_cond.wait()
+                try:
+                    while self._io_generation == generation:
+                        self._io_cond.wait()
+                finally:
+                    self._held_requests -= 1
         finally:
             self._gate.enter()
 

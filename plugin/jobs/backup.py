@@ -124,7 +124,7 @@ class BackupJob(CopyJob):
         else:
             for off, n in snap.needed_runs():
                 self.bitmap.mark(off, n)
-        log.info("Backup %s id=%s sync=%s target=%s needed=%d saved=%d bytes",
+        log.info("Backup %s job=%s sync=%s target=%s needed=%d saved=%d bytes",
                  "resumes" if self._restored else "starts", self.id, self.sync,
                  self.target_name, snap.needed_bytes(),
                  sum(e - f for f, e in snap.saved.runs(1)) * self.granularity)
@@ -173,7 +173,7 @@ class BackupJob(CopyJob):
             self.on_source_error = on_source_error
         if on_target_error is not None:
             self.on_target_error = on_target_error
-        log.info("Backup changed id=%s on_source_error=%s on_target_error=%s", self.id,
+        log.info("Backup changed job=%s on_source_error=%s on_target_error=%s", self.id,
                  self.on_source_error, self.on_target_error)
 
     def policies(self):
@@ -205,7 +205,7 @@ class BackupJob(CopyJob):
     def _run(self):
         self.attach()
         if self.export is not None:
-            log.info("Backup serves its point in time id=%s export=%s", self.id, self.export)
+            log.info("Backup serves its point in time job=%s export=%s", self.id, self.export)
             while not self.pause_point():
                 self._check_broken()
                 if self.sleep(IDLE_INTERVAL):
@@ -264,7 +264,7 @@ class BackupJob(CopyJob):
             for off, n in left:
                 self.bitmap.mark(off, n)
         self._update_progress()
-        log.info("Backup copied id=%s bytes=%d saves=%d", self.id, copy.copied, snap.saves)
+        log.info("Backup copied job=%s bytes=%d saves=%d", self.id, copy.copied, snap.saves)
 
     def _check_broken(self):
         if self.snapshot is not None and self.snapshot.broken is not None:

@@ -143,10 +143,10 @@ class CopyJob(Job):
             self._start_flush(to_ready=False)
             while self.flushes.queue and time.monotonic() < deadline:
                 self._reap(self.target.wait(0.1))
-            log.info("%s shutdown checkpoint id=%s done=%s", self.kind, self.id,
+            log.info("%s shutdown checkpoint job=%s done=%s", self.kind, self.id,
                      not self.flushes.queue)
         except Exception:
-            log.exception("%s shutdown checkpoint failed id=%s", self.kind, self.id)
+            log.exception("%s shutdown checkpoint failed job=%s", self.kind, self.id)
 
     def checkpoints(self):
         """True if a target flush makes the job's progress durable (a shutdown

@@ -152,6 +152,7 @@ class Job:
         self._rate = RateLimiter(speed, self.clock.now())
         self._error_events: dict = {}   # operation -> (last emit time, suppressed count)
         self._last_error: dict | None = None   # x-last-error of query-block-jobs
+        self._error_counts: dict = {}   # (operation, errno name) -> count: x-error-counts
         self._on_null: list = []
         self.durable = None             # record keeper (save/forget), see plugin/jobs/record.py
         self._ready_seen = False
@@ -231,7 +232,7 @@ class Job:
         try:
             durable.save(self, shutdown=self.suspended)
         except OSError as e:
-            log.error("Job record not saved id=%s error=%s", self.id, e)
+            log.error("Job record not saved job=%s error=%s", self.id, e)
 
     def suspend(self) -> None:
         """Process shutdown: save the record, then make run() return (the record stays)."""
@@ -246,12 +247,12 @@ class Job:
             try:
                 durable.save(self, shutdown=True)
             except OSError as e:
-                log.error("Job record not saved at shutdown id=%s error=%s", self.id, e)
+                log.error("Job record not saved at shutdown job=%s error=%s", self.id, e)
         with self._cond:
             self._suspended = True
             self._force_cancel = True
             self._kick_locked()
-        log.info("Job suspended id=%s", self.id)
+        log.info("Job suspended job=%s", self.id)
 
     # ------------------------------------------------------------------
     # State, read from any thread
@@ -320,6 +321,8 @@ class Job:
             ext["x-copied-bytes"] = copied
         if self._last_error is not None:
             ext["x-last-error"] = dict(self._last_error)
+            ext["x-error-counts"] = [{"operation": op, "errno": name, "count": n}
+                                     for (op, name), n in sorted(self._error_counts.items())]
         return ext
 
     def _with_error(self, info: dict) -> dict:
@@ -465,7 +468,7 @@ class Job:
                     self._io_status = policy.io_status_for(error_errno)
         if action == "stop":
             self._save()
-        log.info("Job I/O error id=%s operation=%s errno=%s policy=%s action=%s",
+        log.info("Job I/O error job=%s operation=%s errno=%s policy=%s action=%s",
                  self.id, operation, errno_name(error_errno),
                  on_error, action)
         if action == "stop" and threading.current_thread() is self._thread:
@@ -585,7 +588,7 @@ class Job:
 
     def _emit(self, name: str, data: dict) -> None:
         # Called with _cond held so that events leave in state order.
-        log.debug("Job event id=%s event=%s data=%s", self.id, name, data)
+        log.debug("Job event job=%s event=%s data=%s", self.id, name, data)
         self._bus.emit(name, data)
 
     def _transition(self, new: str) -> None:
@@ -594,7 +597,7 @@ class Job:
             raise RuntimeError(f"job {self.id}: illegal transition {old} -> {new}")
         self._status = new
         if new != old:
-            log.info("Job status change id=%s from=%s to=%s", self.id, old, new)
+            log.info("Job status change job=%s from=%s to=%s", self.id, old, new)
             self._emit("JOB_STATUS_CHANGE", {"id": self.id, "status": new})
 
     def _apply_verb(self, verb: str) -> None:
@@ -618,6 +621,7 @@ class Job:
     def _note_error(self, operation: str, err: int) -> None:
         # The job keeps its last error so the operator can see why it paused.
         name = errno_name(err)
+        self._error_counts[operation, name] = self._error_counts.get((operation, name), 0) + 1
         last = self._last_error
         if last is not None and last["operation"] == operation and last["errno"] == name:
             last["count"] += 1
@@ -635,7 +639,7 @@ class Job:
                 self._error_events[operation] = (last, suppressed + 1)
                 return
             if suppressed:
-                log.info("Job error events coalesced id=%s operation=%s count=%d",
+                log.info("Job error events coalesced job=%s operation=%s count=%d",
                          self.id, operation, suppressed)
             self._error_events[operation] = (now, 0)
         # x-errno / x-desc: why, an extension of QEMU's event (QEMU clients ignore them).
@@ -651,9 +655,9 @@ class Job:
                 self.run()
         except Exception as exc:  # any failure of run() ends the job with an error
             if self.suspended:
-                log.info("Job stopped for shutdown id=%s (%s)", self.id, error_text(exc))
+                log.info("Job stopped for shutdown job=%s (%s)", self.id, error_text(exc))
                 return
-            log.warning("Job failed id=%s type=%s error=%s", self.id, self.type,
+            log.warning("Job failed job=%s type=%s error=%s", self.id, self.type,
                         error_text(exc), exc_info=not isinstance(exc, OSError))
             failure = exc
         if self.suspended:
@@ -667,7 +671,7 @@ class Job:
                         self._error = error_text(failure)
                 self._completed()
         except Exception:
-            log.exception("Job completion failed id=%s", self.id)
+            log.exception("Job completion failed job=%s", self.id)
 
     def _update_rc_locked(self) -> bool:
         """QEMU's job_update_rc: a forced cancel is an error; errors abort."""
@@ -700,10 +704,10 @@ class Job:
                 self.prepare()
             except Exception as exc:
                 if self.suspended:
-                    log.info("Job completion interrupted by shutdown id=%s (%s)", self.id,
+                    log.info("Job completion interrupted by shutdown job=%s (%s)", self.id,
                              error_text(exc))
                     return      # the record stays: the job resumes after a restart
-                log.warning("Job prepare failed id=%s error=%s", self.id, error_text(exc),
+                log.warning("Job prepare failed job=%s error=%s", self.id, error_text(exc),
                             exc_info=not isinstance(exc, OSError))
                 with self._cond:
                     self._error = error_text(exc)
@@ -720,7 +724,7 @@ class Job:
             try:
                 durable.forget(self)
             except OSError as e:
-                log.error("Job record not removed id=%s error=%s", self.id, e)
+                log.error("Job record not removed job=%s error=%s", self.id, e)
         with self._cond:
             started = self._thread is not None
             if started:
@@ -741,7 +745,7 @@ class Job:
         try:
             hook()
         except Exception:
-            log.exception("Job hook failed id=%s hook=%s", self.id, hook.__name__)
+            log.exception("Job hook failed job=%s hook=%s", self.id, hook.__name__)
 
     def _do_dismiss(self) -> None:
         # Leave the registry before announcing null, so a query made after the
@@ -780,4 +784,4 @@ class Job:
         elif deferred and self.cancelled:
             # Waiting for job-finalize: abort it now.
             self._finalize_single()
-        log.info("Job cancel requested id=%s force=%s", self.id, force)
+        log.info("Job cancel requested job=%s force=%s", self.id, force)

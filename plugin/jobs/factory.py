@@ -171,12 +171,12 @@ def _restore_one(ctx, rec, pause):
     job_id, kind = rec["id"], rec["type"]
     if kind == "mirror" and ctx.active_target is not None and \
             ctx.active_target() == rec.get("target"):
-        log.info("Job record dropped id=%s: the mirror had pivoted to %s before the stop",
+        log.info("Job record dropped job=%s: the mirror had pivoted to %s before the stop",
                  job_id, rec.get("target"))
         ctx.records.forget_id(job_id)
         return None
     if kind == "stream" and not getattr(ctx.disk.store, "has_base", False):
-        log.info("Job record dropped id=%s: the stream had finished (no base) before the stop",
+        log.info("Job record dropped job=%s: the stream had finished (no base) before the stop",
                  job_id)
         ctx.records.forget_id(job_id)
         return None
@@ -187,7 +187,7 @@ def _restore_one(ctx, rec, pause):
             region = rec.get("region-size") or region_size_for(ctx.disk.size, granularity)
             exists = os.path.exists(path)
             if not exists:
-                log.warning("Mirror intent log missing id=%s: every region counts as dirty",
+                log.warning("Mirror intent log missing job=%s: every region counts as dirty",
                             job_id)
             intent = IntentLog(path, ctx.disk.size, region, create=not exists)
             job = _mirror(ctx, rec, intent, restored=True)
@@ -220,7 +220,7 @@ def _restore_one(ctx, rec, pause):
             "offset": rec["offset"], "len": rec["len"]}
     if isinstance(job, MirrorJob):
         info["dirty"] = job.bitmap.dirty_bytes()
-    log.info("Job recovered id=%s type=%s after=%s status=%s offset=%d len=%d%s", job_id, kind,
+    log.info("Job recovered job=%s type=%s after=%s status=%s offset=%d len=%d%s", job_id, kind,
              after, status, rec["offset"], rec["len"],
              " dirty=%d" % info["dirty"] if "dirty" in info else "")
     ctx.bus.emit("JOB_RECOVERED", info)

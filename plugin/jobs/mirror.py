@@ -130,7 +130,7 @@ class MirrorJob(CopyJob):
                     self.compare.pending.append((off, n))
                 else:
                     self.bitmap.mark(off, n)
-            log.info("Mirror resumes id=%s dirty=%d to_verify=%d of %d bytes", self.id,
+            log.info("Mirror resumes job=%s dirty=%d to_verify=%d of %d bytes", self.id,
                      self.bitmap.dirty_bytes(), sum(n for _, n in self.compare.pending),
                      self.disk.size)
 
@@ -145,7 +145,7 @@ class MirrorJob(CopyJob):
             self.on_source_error = on_source_error
         if on_target_error is not None:
             self.on_target_error = on_target_error
-        log.info("Mirror changed id=%s copy_mode=%s on_source_error=%s on_target_error=%s",
+        log.info("Mirror changed job=%s copy_mode=%s on_source_error=%s on_target_error=%s",
                  self.id, self.copy_mode, self.on_source_error, self.on_target_error)
 
     def policies(self):
@@ -160,7 +160,7 @@ class MirrorJob(CopyJob):
             try:
                 through = self._through.apply(kind, offset, length, buf)
             except OSError as e:
-                log.warning("Mirror write-through failed id=%s offset=%d length=%d error=%s",
+                log.warning("Mirror write-through failed job=%s offset=%d length=%d error=%s",
                             self.id, offset, length, e)
                 self.bitmap.mark(offset, length)
                 self._through.drop()
@@ -249,7 +249,7 @@ class MirrorJob(CopyJob):
             if self.compare.running:
                 # Nothing else left to copy: copying what is not compared yet is
                 # faster than waiting for the comparison, which never delays READY.
-                log.info("Mirror stops comparing id=%s: copying the rest", self.id)
+                log.info("Mirror stops comparing job=%s: copying the rest", self.id)
                 self.compare.stop()
                 continue
             if copy.retries:
@@ -339,7 +339,7 @@ class MirrorJob(CopyJob):
                 self._through.drop()
                 self._pivot(self.target_address, self.target.detach(), self.reconnect_delay)
             self._stop_listening()
-        log.info("Mirror finished id=%s pivot=%s copied=%d", self.id, self.should_complete,
+        log.info("Mirror finished job=%s pivot=%s copied=%d", self.id, self.should_complete,
                  copy.copied)
 
     def _stop_listening(self):

@@ -77,7 +77,7 @@ class JobRecords:
             record.update(job.saved_state())
             statedir.write_json_atomic(self.path(job.id), record)
             self._generations[job.id] = generation
-        log.debug("Job record saved id=%s generation=%d", job.id, generation)
+        log.debug("Job record saved job=%s generation=%d", job.id, generation)
 
     def forget(self, job):
         """The job concluded: remove its record, then its other files."""
@@ -93,7 +93,7 @@ class JobRecords:
         remove = getattr(job, "remove_files", None)
         if remove is not None:
             remove()
-        log.info("Job record removed id=%s", job.id)
+        log.info("Job record removed job=%s", job.id)
 
     def forget_id(self, job_id):
         """Remove the record (and intent log) of a job that is not restored."""

@@ -47,7 +47,7 @@ class JobRegistry:
             job._mark_created()
             job._on_null.append(self._remove)
             self._jobs.insert(0, job)
-        log.info("Job created id=%s type=%s device=%s", job.id, job.type, job.device)
+        log.info("Job created job=%s type=%s device=%s", job.id, job.type, job.device)
 
     def _active_on(self, device: str) -> Job | None:
         for job in self._jobs:
@@ -100,14 +100,14 @@ class JobRegistry:
         process: its record was saved first.
         """
         return self._each_then_join("suspend", timeout,
-                                    "Job thread still busy at shutdown id=%s (its record is saved)")
+                                    "Job thread still busy at shutdown job=%s (its record is saved)")
 
     def stop_all(self, timeout: float = 10.0) -> bool:
         """Force-cancel every job and join the threads (nbdkit cleanup).
 
         Returns True if every job thread ended within ``timeout`` seconds.
         """
-        return self._each_then_join("shutdown", timeout, "Job thread did not stop id=%s")
+        return self._each_then_join("shutdown", timeout, "Job thread did not stop job=%s")
 
     def _each_then_join(self, method: str, timeout: float, stuck: str) -> bool:
         """Call job.<method>() on every job, then join them all within timeout."""
@@ -116,7 +116,7 @@ class JobRegistry:
             try:
                 getattr(job, method)()
             except Exception:
-                log.exception("Job %s failed id=%s", method, job.id)
+                log.exception("Job %s failed job=%s", method, job.id)
         deadline = time.monotonic() + timeout
         stopped = True
         for job in jobs:

@@ -110,20 +110,20 @@ class StreamJob(Job):
         try:
             self.store.flush()
         except OSError as e:
-            log.warning("Stream checkpoint flush failed id=%s error=%s", self.id, e)
+            log.warning("Stream checkpoint flush failed job=%s error=%s", self.id, e)
             return
         self._save()
 
     def change(self, on_error=None):
         if on_error is not None:
             self.on_error = on_error
-        log.info("Stream changed id=%s on_error=%s", self.id, self.on_error)
+        log.info("Stream changed job=%s on_error=%s", self.id, self.on_error)
 
     # -- the job thread ----------------------------------------------------
 
     def run(self):
         store = self.store
-        log.info("Stream started id=%s size=%d chunk=%d on_error=%s", self.id, store.size,
+        log.info("Stream started job=%s size=%d chunk=%d on_error=%s", self.id, store.size,
                  self.chunk, self.on_error)
         pos = 0
         while True:
@@ -153,7 +153,7 @@ class StreamJob(Job):
         self.set_progress(store.size)
         if self._first_ignored is not None:
             raise self._first_ignored
-        log.info("Stream copied id=%s bytes=%d", self.id, self._copied)
+        log.info("Stream copied job=%s bytes=%d", self.id, self._copied)
 
     def _handle_error(self, exc, offset, length):
         """Apply on-error to a failed chunk; True to move on, False to retry it.
@@ -162,7 +162,7 @@ class StreamJob(Job):
         resumed (or cancelled) inside report_io_error.
         """
         err = errno_of(exc)
-        log.warning("Stream chunk failed id=%s offset=%d length=%d error=%s",
+        log.warning("Stream chunk failed job=%s offset=%d length=%d error=%s",
                     self.id, offset, length, exc)
         action = self.report_io_error("read", err, self.on_error)
         if action == "report":
@@ -188,4 +188,4 @@ class StreamJob(Job):
         # holds data of the disk is never forgotten.
         with self.disk.quiesce():
             self.store.drop_base()
-        log.info("Stream finished id=%s base dropped", self.id)
+        log.info("Stream finished job=%s base dropped", self.id)
