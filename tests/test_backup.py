@@ -302,3 +302,22 @@ def test_kill_9_at_random_moments_the_resumed_backup_delivers_the_same_point_in_
         rig.qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
         assert rig.target_path.read_bytes() == model, (round_, mode)
     rig.qmp.close()
+
+
+def test_jobctl_backup_waits_for_the_end_and_status_shows_the_job(rig):
+    import sys
+    jobctl = os.path.join(os.path.dirname(sys.executable), "jobctl")
+    model = rig.disk_bytes()
+    done = subprocess.run([jobctl, "--socket", str(rig.ctl), "backup", "disk0",
+                           rig.target.uri, "--wait", "--timeout", "120"],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "completed" in done.stdout.lower()
+    assert rig.target_path.read_bytes() == model
+    rig.backup(sync="none", target="export:view", job_id="v")
+    status = subprocess.run([jobctl, "--socket", str(rig.ctl), "status", "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    jobs = json.loads(status.stdout)
+    listed = jobs if isinstance(jobs, list) else jobs.get("jobs", [])
+    assert [j.get("type") for j in listed if j.get("device", j.get("id")) == "v"] == ["backup"]

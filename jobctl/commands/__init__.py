@@ -15,6 +15,6 @@ To add a command: write its module here and list it in MODULES.
 """
 
 from .. import metrics_cli
-from . import qmp, start, status, verbs, watch
+from . import backup, qmp, start, status, verbs, watch
 
-MODULES = (status, start, verbs, watch, qmp, metrics_cli)
+MODULES = (status, start, backup, verbs, watch, qmp, metrics_cli)
