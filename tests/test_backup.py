@@ -321,3 +321,32 @@ def test_jobctl_backup_waits_for_the_end_and_status_shows_the_job(rig):
     jobs = json.loads(status.stdout)
     listed = jobs if isinstance(jobs, list) else jobs.get("jobs", [])
     assert [j.get("type") for j in listed if j.get("device", j.get("id")) == "v"] == ["backup"]
+
+
+def test_cancel_with_a_stalled_target_frees_a_client_waiting_to_copy_before_write(
+        servers, tmp_path, connect):
+    rig = Rig(servers, tmp_path, connect, size=8 * MiB)
+    rig.target.stop()
+    requests = tmp_path / "target-requests.log"
+    rig.target = servers.nbdkit("file", str(rig.target_path), "delay-write=60",
+                                "logfile=%s" % requests, filters=["log", "delay"])
+    rig.backup(job_id="slow")
+    # The copy of the first chunk reached the target (the log filter sees it
+    # before the delay filter holds it).
+    wait_until(lambda: requests.exists() and "Write id=" in requests.read_text()
+               and "offset=0x0 " in requests.read_text(), timeout=20)
+    h2 = connect(rig.disk.uri)
+    done = threading.Event()
+
+    def write():
+        h2.pwrite(b"\x55" * 4096, 0)        # the first chunk: its copy is stuck in flight
+        done.set()
+
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    assert not done.wait(1.0)               # held: its old bytes are still being copied
+    rig.qmp("block-job-cancel", device="slow", force=True)
+    rig.qmp.wait_event("BLOCK_JOB_CANCELLED", timeout=15)
+    assert done.wait(15), "the client's write stayed blocked after the cancel"
+    assert bytes(rig.h.pread(4096, 0)) == b"\x55" * 4096
+    rig.qmp.close()

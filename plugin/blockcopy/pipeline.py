@@ -302,6 +302,15 @@ class CopyPipeline:
                 self.on_copied(op.offset, op.length)
         return bool(completions)
 
+    def abandon(self):
+        """The job ends with copies still in flight (cancelled, failed): let go of
+        their granules, so nothing waits for answers no one will collect."""
+        for op in list(self.ops):
+            self.ranges.release(op.token)
+            self._give_buffer(op)
+        self.ops.clear()
+        self.in_flight_bytes = 0
+
     def drain(self, cancelled):
         """Wait for every request in flight; False if cancelled() first."""
         target = self.target

@@ -271,5 +271,8 @@ class BackupJob(CopyJob):
             raise self.snapshot.broken
 
     def clean(self):
-        self._detach()
+        # The link first: copies still in flight hold granules a client's
+        # copy-before-write may be waiting for, and the detach waits for clients.
         self.link.close()
+        self.copy.abandon()
+        self._detach()
