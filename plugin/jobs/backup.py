@@ -90,7 +90,9 @@ class BackupJob(CopyJob):
     def _needed_at_start(self):
         """What the backup needs, with clients quiesced: the point in time's scope."""
         store = self.disk.store
-        if self.sync == "top" and store.has_base:
+        if self.export is not None:
+            return [(0, self.disk.size)]      # a pull-mode view: the whole disk, consistent
+        if self.sync == "top" and getattr(store, "has_base", False):
             return list(store.overlay_runs())
         return [(0, self.disk.size)]
 
