@@ -350,3 +350,63 @@ def test_cancel_with_a_stalled_target_frees_a_client_waiting_to_copy_before_writ
     assert done.wait(15), "the client's write stayed blocked after the cancel"
     assert bytes(rig.h.pread(4096, 0)) == b"\x55" * 4096
     rig.qmp.close()
+
+
+def _small_fs_disk(servers, tmp_path, size_mib):
+    """Our plugin with its state directory on a tmpfs of size_mib MiB (a private mount
+    namespace: only nbdkit sees it); None where tmpfs cannot be mounted."""
+    from conftest import PLUGIN, Server
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs %s"
+                       % probe], capture_output=True).returncode != 0:
+        return None
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    sock, log, control = tmp_path / "small.sock", tmp_path / "small.log", tmp_path / "sctl.sock"
+    script = ("mount -t tmpfs -o size={n}m tmpfs {fs} && exec nbdkit -f -v -U {sock} python "
+              "{plugin} overlay={fs}/ov size=16M control={control}").format(
+                  n=size_mib, fs=fs, sock=sock, plugin=PLUGIN, control=control)
+    srv = Server(["unshare", "-m", "sh", "-c", script], sock, log, control=str(control))
+    servers.started.append(srv)
+    return srv.wait_ready()
+
+
+@pytest.mark.parametrize("on_cbw_error", ["break-guest-write", "break-snapshot"])
+def test_copy_before_write_failing_for_space_follows_on_cbw_error(servers, tmp_path, connect,
+                                                                   on_cbw_error):
+    import nbd
+    srv = _small_fs_disk(servers, tmp_path, 6)
+    if srv is None:
+        pytest.skip("needs root to mount a tmpfs in a private mount namespace")
+    h = connect(srv.uri)
+    for off in range(0, 4 * MiB, MiB):        # the overlay holds these: rewrites need no space
+        h.pwrite(bytes([off // MiB + 1]) * MiB, off)
+    h.flush()
+    target = tmp_path / "t.img"
+    with open(target, "wb") as f:
+        f.truncate(16 * MiB)
+    qmp = Control(srv.control)
+    try:
+        qmp("drive-backup", device="disk0", target=str(target), sync="none", job_id="b",
+            on_cbw_error=on_cbw_error)
+        failed = None
+        for off in range(0, 4 * MiB, 65536):   # each rewrite saves 64K first: the fs fills
+            try:
+                h.pwrite(b"\xee" * 65536, off)
+            except nbd.Error as e:
+                failed = (off, e.errno)
+                break
+        if on_cbw_error == "break-guest-write":
+            assert failed is not None and failed[1] == "ENOSPC", failed
+            assert qmp.job("b") is not None          # the backup goes on
+            assert bytes(h.pread(65536, failed[0])) != b"\xee" * 65536   # not written
+            qmp("block-job-cancel", device="b")
+            qmp.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
+        else:
+            assert failed is None                    # every client write went through
+            e = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=30)
+            assert e["data"]["error"] == "No space left on device"
+            assert bytes(h.pread(65536, 3 * MiB)) == b"\xee" * 65536
+    finally:
+        qmp.close()
