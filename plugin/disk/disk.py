@@ -107,6 +107,7 @@ class Disk:
         self._io_cond = threading.Condition()
         self._io_status = "ok"
         self._io_generation = 0       # bumped by resume_io(): held requests retry
+        self.bitmaps = None           # the disk's dirty bitmaps (bitmaps.py): a guard
 
     # -- listeners (jobs) -------------------------------------------------
 
@@ -300,6 +301,8 @@ class Disk:
                 self._retry("write", e, self.store.flush, ())
         finally:
             self._gate.leave()
+        if self.bitmaps is not None:
+            self.bitmaps.flushed()
 
     def extents(self, offset, length, req_one=False):
         self._gate.enter()

@@ -123,6 +123,7 @@ def register_block_commands(registry, service):
             "allocation": disk.store.allocation(),
             "io-status": service.io_status(),
             "held": disk.held,
+            "dirty-bitmaps": disk.bitmaps.info(),
         }
         return [info]
 
