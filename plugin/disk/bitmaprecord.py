@@ -56,10 +56,24 @@ def fsync_dir(path):
 
 
 def make_folder(folder):
-    """STATE_DIR/bitmaps, made durably on first use."""
-    if not os.path.isdir(folder):
-        os.mkdir(folder, 0o700)
+    """STATE_DIR/bitmaps, made durably on first use; True if it was made now."""
+    if os.path.isdir(folder):
+        return False
+    os.mkdir(folder, 0o700)
+    try:
         fsync_dir(os.path.dirname(folder))
+    except OSError:
+        remove_folder(folder)
+        raise
+    return True
+
+
+def remove_folder(folder):
+    """Take back a folder make_folder() made for an add that failed."""
+    try:
+        os.rmdir(folder)
+    except OSError as e:
+        log.warning("cannot remove the bitmaps folder path=%s error=%s", folder, e)
 
 
 def _write_new(path, length, blocks):

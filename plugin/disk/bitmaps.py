@@ -198,8 +198,13 @@ class BitmapSet:
     def ensure_record(self):
         """The folder and the region record, made (durably) for the first persistent bitmap."""
         if self._record is None:
-            bitmaprecord.make_folder(self.folder)
-            self._record = RegionRecord.create(self.folder, self.size)
+            made = bitmaprecord.make_folder(self.folder)
+            try:
+                self._record = RegionRecord.create(self.folder, self.size)
+            except OSError:
+                if made:
+                    bitmaprecord.remove_folder(self.folder)
+                raise
         return self._record
 
     def next_file_id(self):
