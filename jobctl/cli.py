@@ -17,6 +17,7 @@ import re
 import sys
 import time
 
+from . import bitmap_cmd
 from . import jobs as joblib
 from . import paths, qmp_client
 from .render import event_line, render_table, terminal_columns
@@ -208,6 +209,8 @@ def build_parser():
                    help="ready: mirror in sync; done: job completed (default)")
     p.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="give up after this long")
     p.set_defaults(func=cmd_wait)
+
+    bitmap_cmd.add_parser(command, common)
 
     p = command("qmp", "run any QMP command and print its return value as JSON")
     p.add_argument("qmp_command", metavar="CMD")
