@@ -160,10 +160,7 @@ class _NullDisk:
     size = SIZE
     device = "disk0"
 
-    def add_guard(self, guard):
-        pass
-
-    def remove_guard(self, guard):
+    def set_marker(self, fn):
         pass
 
 

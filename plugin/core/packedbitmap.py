@@ -52,26 +52,28 @@ class PackedBitmap:
 
     # -- marking (client threads) -------------------------------------------
 
-    def _granules(self, offset, length):
-        first = offset >> self._shift
-        end = min(((offset + length - 1) >> self._shift) + 1, self.nbits)
-        return first, end
-
     def mark(self, offset, length):
-        """Mark every granule [offset, offset+length) touches."""
+        """Mark every granule [offset, offset+length) touches (inside the disk)."""
+        shift = self._shift
+        first = offset >> shift
+        last = (offset + length - 1) >> shift
+        if last == first and length > 0:
+            # The client path (a request inside one granule): a bit test and store.
+            i, m = first >> 3, 1 << (first & 7)
+            bits, lock = self._bits, self._lock
+            lock.acquire()
+            b = bits[i]
+            if not b & m:
+                bits[i] = b | m
+                self._count += 1
+                self.changes += 1
+            lock.release()
+            return
         if length <= 0 or offset >= self.size:
             return
-        first, end = self._granules(offset, length)
+        end = min(last + 1, self.nbits)
         bits = self._bits
         with self._lock:
-            if end - first == 1:
-                i, m = first >> 3, 1 << (first & 7)
-                b = bits[i]
-                if not b & m:
-                    bits[i] = b | m
-                    self._count += 1
-                    self.changes += 1
-                return
             lo, hi = first >> 3, (end - 1) >> 3
             before = _popcount(bits[lo:hi + 1])
             self._set(first, end)

@@ -141,18 +141,17 @@ class RegionRecord:
     def cover(self, offset, length):
         """Before a change to [offset, offset+length) is issued: stamp its regions
         and make sure they are set on disk (the bitmaps are marked already)."""
-        first = offset >> self._shift
-        end = min(((offset + max(length, 1) - 1) >> self._shift) + 1, self.nregions)
-        epoch = self._epoch
-        if end - first == 1:
-            self._touched[first] = epoch
-            if self._trusted[first]:
-                return
-        else:
-            self._touched[first:end] = array("Q", (epoch,)) * (end - first)
-            if self._trusted.find(_CLEAR, first, end) < 0:
-                return
-        self._set(first, end)
+        shift = self._shift
+        first = offset >> shift
+        if (offset + length - 1) >> shift == first:
+            self._touched[first] = self._epoch
+            if not self._trusted[first]:
+                self._set(first, first + 1)
+            return
+        end = min(((offset + max(length, 1) - 1) >> shift) + 1, self.nregions)
+        self._touched[first:end] = array("Q", (self._epoch,)) * (end - first)
+        if self._trusted.find(_CLEAR, first, end) >= 0:
+            self._set(first, end)
 
     def _set(self, first, end):
         first -= first % SET_GROUP

@@ -2,11 +2,13 @@
 
 A BitmapSet belongs to the Disk (disk.bitmaps).  Every recording bitmap
 holds every byte a client changed (write, zero, trim) since it was created
-or cleared: the set is a Disk guard (plugin/disk/disk.py), and its persist()
-marks the recording bitmaps in memory before the change is issued to the
-store (so also before it is acknowledged), then has the region record
+or cleared: the set gives the Disk a marker (plugin/disk/disk.py) that marks
+the recording bitmaps in memory before the change is issued to the store (so
+also before it is acknowledged), then has the region record
 (bitmaprecord.py) cover the change when any persistent bitmap records.
-Changes that fail are marked too (more is allowed, never less).
+Changes that fail are marked too (more is allowed, never less).  The marker
+is a closure made for the set as it is (refresh()), so a client write pays
+one call per bitmap and one for the record, and nothing without bitmaps.
 
 Commands (add, remove, clear, enable, disable, merge) go through a Change
 (bitmapchange.py): all or nothing, under disk.quiesce(), so no client
@@ -79,10 +81,7 @@ class BitmapSet:
         self._bitmaps = []                 # creation order
         self._record = None                # RegionRecord once a persistent bitmap was made
         self._next_file = 1
-        # The guard's view, replaced whole (read with no lock by client threads).
-        self._recording = ()
         self._covering = None              # the record while a persistent bitmap records
-        self._guarding = False
         self._wake = threading.Event()
         self._stopping = False
         self._thread = None
@@ -120,34 +119,14 @@ class BitmapSet:
         bitmaps.refresh()
         return bitmaps
 
-    # -- the guard (client threads; plugin/disk/disk.py) ------------------------
-
-    def begin(self, offset, length):
-        return offset, length
-
-    def persist(self, token):
-        """Before the change is issued: mark it, then have the record cover it."""
-        offset, length = token
-        for bits in self._recording:
-            bits.mark(offset, length)
-        covering = self._covering
-        if covering is not None:
-            covering.cover(offset, length)
-
-    def end(self, token):
-        pass
+    # -- the client path (plugin/disk/disk.py's marker) ---------------------------
 
     def refresh(self):
-        """Recompute the guard's view after a change of the set (clients quiesced)."""
-        self._recording = tuple(b.bits for b in self._bitmaps if b.recording)
+        """Give the disk the marker for the set as it is now (clients quiesced)."""
+        recording = tuple(b.bits for b in self._bitmaps if b.recording)
         persistent = any(b.persistent and b.recording for b in self._bitmaps)
         self._covering = self._record if persistent else None
-        want = bool(self._bitmaps)
-        if want and not self._guarding:
-            self.disk.add_guard(self)
-        elif not want and self._guarding:
-            self.disk.remove_guard(self)
-        self._guarding = want
+        self.disk.set_marker(_marker(recording, self._covering) if recording else None)
 
     # -- lookups and jobs ---------------------------------------------------------
 
@@ -302,3 +281,31 @@ def _gained(snaps, shift, nregions):
             last = min(((j * 8 + 8) * g - 1) >> shift, nregions - 1)
             out.update(range(first, last + 1))
     return out
+
+
+def _marker(recording, record):
+    """fn(offset, length): mark every recording bitmap, then cover the change in the
+    region record (None: no persistent bitmap records)."""
+    marks = tuple(bits.mark for bits in recording)
+    if record is None:
+        if len(marks) == 1:
+            return marks[0]
+
+        def mark_all(offset, length):
+            for mark in marks:
+                mark(offset, length)
+        return mark_all
+    cover = record.cover
+    if len(marks) == 1:
+        mark = marks[0]
+
+        def mark_one_and_cover(offset, length):
+            mark(offset, length)
+            cover(offset, length)
+        return mark_one_and_cover
+
+    def mark_all_and_cover(offset, length):
+        for mark in marks:
+            mark(offset, length)
+        cover(offset, length)
+    return mark_all_and_cover
