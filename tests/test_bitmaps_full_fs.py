@@ -114,3 +114,41 @@ def test_the_first_persistent_bitmap_on_a_full_filesystem_leaves_nothing(servers
     h.shutdown()
     control.close()
     assert srv.stop() == 0
+
+
+def test_a_write_held_by_werror_stop_is_marked_again_when_it_is_retried(servers, tmp_path,
+                                                                        small_fs):
+    """A write fails for want of space and is held (werror=stop); meanwhile the bitmap is
+    cleared; cont retries it once space is back: the bitmap must hold it."""
+    import threading
+    ballast = small_fs / "ballast"
+    ballast.write_bytes(b"b" * MiB)
+    ov = small_fs / "ov"
+    ctl = tmp_path / "ctl.sock"
+    srv = servers.overlay(ov, size="64M", control=str(ctl), werror="stop")
+    control = Control(ctl)
+    control("block-dirty-bitmap-add", node="disk0", name="a", persistent=True)
+    h = nbd.NBD()
+    h.connect_uri(srv.uri)
+    offset = 0
+    done = threading.Event()
+
+    def writer():
+        nonlocal offset
+        while not done.is_set():
+            h.pwrite(b"w" * MiB, offset)       # held once the filesystem is full
+            offset += MiB
+    thread = threading.Thread(target=writer)
+    thread.start()
+    control.wait_event("BLOCK_IO_ERROR", timeout=30, action="stop")
+    held = offset
+    control("block-dirty-bitmap-clear", node="disk0", name="a")
+    assert extents(control, "a") == []
+    done.set()
+    ballast.unlink()
+    control("cont")
+    thread.join(30)
+    assert not thread.is_alive()
+    assert extents(control, "a") == [(held, MiB)]
+    h.shutdown()
+    control.close()

@@ -84,9 +84,8 @@ class Change:
             raise CommandError("Bitmap already exists: %s" % name)
         if len(name) > MAX_NAME:
             raise CommandError("Bitmap name too long: %s" % name)
-        from .bitmaps import Bitmap
         bits = PackedBitmap(self._set.size, granularity)
-        bm = Bitmap(name, bits, persistent, recording=not disabled)
+        bm = self._set.new_bitmap(name, bits, persistent, recording=not disabled)
         if persistent:
             if self._set.folder is None:
                 raise CommandError("Can't make bitmap '%s' persistent: the disk has no state "

@@ -1,4 +1,4 @@
-"""The disk's dirty bitmaps: the set of them, the guard that marks them, checkpoints.
+"""The disk's dirty bitmaps: the set of them, the marker that marks them, checkpoints.
 
 A BitmapSet belongs to the Disk (disk.bitmaps).  Every recording bitmap
 holds every byte a client changed (write, zero, trim) since it was created
@@ -67,7 +67,7 @@ class Bitmap:
 
 
 class BitmapSet:
-    """Every bitmap of one disk; the disk's guard while it has any."""
+    """Every bitmap of one disk; the disk's marker while any records."""
 
     def __init__(self, disk, state_path, size, default_granularity,
                  interval=CHECKPOINT_SECONDS):
@@ -162,6 +162,10 @@ class BitmapSet:
         return Change(self)
 
     # -- used by Change -------------------------------------------------------------
+
+    @staticmethod
+    def new_bitmap(name, bits, persistent, recording):
+        return Bitmap(name, bits, persistent, recording)
 
     def insert(self, bm, index=None):
         self._bitmaps.insert(len(self._bitmaps) if index is None else index, bm)
