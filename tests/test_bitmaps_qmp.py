@@ -324,3 +324,20 @@ def test_non_persistent_bitmaps_end_with_the_process(ours, servers):
     again = Control(srv.control)
     assert [b["name"] for b in our_bitmaps(again)] == ["kept"]
     again.close()
+
+
+def test_a_name_removed_and_added_again_in_one_transaction_survives_a_restart(ours, servers,
+                                                                              tmp_path):
+    srv, control = ours
+    control("block-dirty-bitmap-add", node="disk0", name="x", persistent=True)
+    control("transaction", actions=[
+        {"type": "block-dirty-bitmap-remove", "data": {"node": "disk0", "name": "x"}},
+        {"type": "block-dirty-bitmap-add",
+         "data": {"node": "disk0", "name": "x", "persistent": True, "granularity": MiB}}])
+    assert sorted(os.listdir(tmp_path / "ov" / "bitmaps")) == ["00000002.bitmap", "regions"]
+    control.close()
+    srv.kill9()
+    servers.restart(srv)
+    again = Control(srv.control)
+    assert [(b["name"], b["granularity"]) for b in our_bitmaps(again)] == [("x", MiB)]
+    again.close()

@@ -680,7 +680,7 @@ def test_state_dir_versions_1_to_3_are_upgraded_and_a_newer_one_refused(servers,
     server.proc.wait(30)
     assert server.proc.returncode != 0
     lines = [l for l in server.log().splitlines() if "overlay: error" in l]
-    assert len(lines) == 1 and "format version 4" in lines[0], server.log()
+    assert len(lines) == 1 and "format version 5" in lines[0], server.log()
 
 
 def test_a_corrupt_job_record_stops_start_up_with_one_line(servers, tmp_path):

@@ -14,10 +14,11 @@ applies itself in memory at once, keeping what undoes it, so the commands
 after it see its result (add then merge into the new bitmap).  The only step
 that may need new space, writing an added bitmap's file, happens here too
 (as NNNNNNNN.bitmap.tmp, synced): an ENOSPC fails the command that caused it.
-commit() makes the result durable in an order that never leaves a bitmap
-holding less than it should: added files are put in place first, then the
-changed bitmaps are saved (a new copy each, bitmaprecord.py), then removed
-files are retired.  A failure there (EIO) undoes the change in memory and, as
+commit() makes the result durable: removed files are retired first (so a
+name removed and added again is never in two files), then added files are
+put in place, then the changed bitmaps are saved (a new copy each,
+bitmaprecord.py); each step is atomic on its own, and none leaves a bitmap
+holding less than it should.  A failure there (EIO) undoes the change in memory and, as
 far as the storage lets, on disk, and raises the OSError.
 
 The change holds the bitmap set's lock from creation to commit/abort, so no
@@ -154,6 +155,12 @@ class Change:
         is undone (see the module docstring) and the error raised."""
         installed, saved, retired = [], [], []
         try:
+            # Removed files go first: a name removed and added again in one change
+            # must never be in two files (a start-up would refuse the directory).
+            for bm in self._removed:
+                if bm.file is not None:
+                    bm.file.retire()
+                    retired.append(bm)
             for bm in self._added:
                 if self._set.contains(bm):
                     bm.file = bm.pending.install()
@@ -165,10 +172,6 @@ class Change:
                     bm.file.save(data, bm.recording)
                     bm.saved_changes = changes
                     saved.append(bm)
-            for bm in self._removed:
-                if bm.file is not None:
-                    bm.file.retire()
-                    retired.append(bm)
         except OSError:
             self._undo_durable(installed, saved, retired)
             raise
@@ -177,8 +180,6 @@ class Change:
         self._finish()
 
     def _undo_durable(self, installed, saved, retired):
-        for bm in retired:
-            _try(bm.file.restore, "restore the file of bitmap %r" % bm.name)
         self._undo_memory()
         for bm in saved:
             data, changes = bm.bits.snapshot()
@@ -193,6 +194,8 @@ class Change:
                 bm.file.discard()
             _try(drop, "remove the file of bitmap %r" % bm.name)
             bm.file = None
+        for bm in retired:
+            _try(bm.file.restore, "restore the file of bitmap %r" % bm.name)
         self._finish()
 
     def abort(self):
