@@ -247,6 +247,8 @@ class BitmapSet:
                     log.debug("bitmap checkpoint cleared=%d", cleared)
             except OSError as e:
                 log.warning("bitmap checkpoint failed error=%s: regions stay set", e)
+            except Exception:                # a bug must not end the checkpoints silently
+                log.exception("bitmap checkpoint failed: regions stay set")
 
     def close(self):
         """cleanup: stop the thread, save everything (a clean stop leaves no set
