@@ -130,6 +130,17 @@ def _options(out, actions):
         out.append(_line(_option_help(action)) if _option_help(action) else "\\&")
 
 
+def _command(out, name, help_text, sub):
+    out.append(".SS " + escape(name))
+    out.append(".B " + _line(usage(sub)))
+    out.append(".PP")
+    out.append(_line(help_text[:1].upper() + help_text[1:] + "."))
+    own = [a for a in sub._actions
+           if not (a.option_strings and a.option_strings[0] in ("-h", "--socket", "--overlay"))]
+    if own:
+        _options(out, own)
+
+
 def render(parser=None):
     """The whole man page as a string."""
     parser = parser or build_parser()
@@ -157,14 +168,9 @@ def render(parser=None):
     _options(out, parser._actions)
     out.append(".SH COMMANDS")
     for name, help_text, sub in _subcommands(parser):
-        out.append(".SS " + escape(name))
-        out.append(".B " + _line(usage(sub)))
-        out.append(".PP")
-        out.append(_line(help_text[:1].upper() + help_text[1:] + "."))
-        own = [a for a in sub._actions
-               if not (a.option_strings and a.option_strings[0] in ("-h", "--socket", "--overlay"))]
-        if own:
-            _options(out, own)
+        _command(out, name, help_text, sub)
+        for action, action_help, action_sub in _subcommands(sub):     # jobctl bitmap add
+            _command(out, name + " " + action, action_help, action_sub)
     out.append(".SH ENVIRONMENT")
     for name, text in _ENVIRONMENT:
         out += [".TP", "\\fB" + escape(name) + "\\fR", _line(text)]

@@ -71,6 +71,8 @@ def build_parser():
     def add_command(name, help_text):
         return subparsers.add_parser(name, help=help_text, description=help_text, parents=[common])
 
+    add_command.common = common        # for commands with subcommands of their own (bitmap)
+
     for module in commands.MODULES:
         module.register(add_command)
     return parser

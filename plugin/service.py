@@ -12,6 +12,7 @@ from . import backends, logsetup
 from .config import Config, ConfigError
 from .core.procstat import OpenCount
 from .disk import identity, statecheck, statedir
+from .disk.bitmaps import BitmapSet
 from .disk.disk import Disk
 from .disk.passthrough import BackendStore
 from .disk.store import OverlayStore
@@ -20,6 +21,7 @@ from .jobs.record import JobRecords, RecordError
 from .jobs.registry import JobRegistry
 from .exports import ExportTable
 from .qmp.backup_commands import register_backup_commands
+from .qmp.bitmap_commands import register_bitmap_commands
 from .qmp.block_commands import register_block_commands
 from .qmp.dispatch import CommandRegistry, register_builtin_commands
 from .qmp.events import EventBus
@@ -46,6 +48,7 @@ class Service:
         self.control = None
         self.exports = ExportTable()          # a pull-mode backup's view, by name
         self.connections = OpenCount()      # NBD connections (overlaydisk.open/close)
+        self.transactions = None      # transaction's action table (qmp/transaction.py)
 
     def configure(self, key, value):
         self.config.set(key, value)
@@ -85,6 +88,11 @@ class Service:
             store = OverlayStore(self.state, base)
         device = cfg.device or self.state.device or DEFAULT_DEVICE
         self.disk = Disk(store, device, self.bus, werror=cfg.werror, rerror=cfg.rerror)
+        try:
+            self.disk.bitmaps = BitmapSet.open(self.disk, self.state.path, store.size,
+                                               self.state.cluster_size)
+        except (statecheck.Damaged, OSError) as e:
+            raise ConfigError("dirty bitmaps: %s" % e) from None
         self.records = JobRecords(self.state)
         try:
             self._saved_jobs = self.records.load_all()
@@ -149,6 +157,9 @@ class Service:
         register_block_commands(registry, self)
         register_backup_commands(registry, self)
         register_process_commands(registry, self.connections)
+        # transaction's action table: a drive-backup action registers there too.
+        self.transactions = register_bitmap_commands(registry, self)
+        self.disk.bitmaps.start()
         path = self.config.control or self.state.file(CONTROL_SOCK)
         self.control = ControlServer(path, registry, self.bus)
         self.control.start()
@@ -170,6 +181,7 @@ class Service:
                 self.disk.flush()
             except OSError as e:
                 log.error("final flush failed error=%s", e)
+            self.disk.bitmaps.close()
             self.disk.close()
             self.disk = None
         if self.state is not None:

@@ -658,28 +658,29 @@ def _base_read(log_path, since):
     return sum(int(m.group(1), 16) for m in _READ_RE.finditer(text)), end
 
 
-def test_state_dir_versions_1_and_2_are_upgraded_and_a_newer_one_refused(servers, tmp_path):
+def test_state_dir_versions_1_to_3_are_upgraded_and_a_newer_one_refused(servers, tmp_path):
     ov = tmp_path / "ov"
     disk = servers.overlay(ov, size="4M")
     disk.stop()
     meta = json.loads((ov / "meta.json").read_text())
-    assert meta["version"] == 3
-    for old in (1, 2):
+    assert meta["version"] == 4
+    for old in (1, 2, 3):
         meta["version"] = old
         (ov / "meta.json").write_text(json.dumps(meta))
-        for name in ("clusters.journal.0", "clusters.journal.1"):
-            (ov / name).unlink()          # version 2 and older had no map journal
+        if old < 3:
+            for name in ("clusters.journal.0", "clusters.journal.1"):
+                (ov / name).unlink()      # version 2 and older had no map journal
         disk = servers.restart(disk)
         disk.stop()
-        assert json.loads((ov / "meta.json").read_text())["version"] == 3
+        assert json.loads((ov / "meta.json").read_text())["version"] == 4
         assert (ov / "clusters.journal.0").is_file() and (ov / "clusters.journal.1").is_file()
-    meta["version"] = 4
+    meta["version"] = 5
     (ov / "meta.json").write_text(json.dumps(meta))
     server = servers.restart(disk, wait=False)
     server.proc.wait(30)
     assert server.proc.returncode != 0
     lines = [l for l in server.log().splitlines() if "overlay: error" in l]
-    assert len(lines) == 1 and "format version 4" in lines[0], server.log()
+    assert len(lines) == 1 and "format version 5" in lines[0], server.log()
 
 
 def test_a_corrupt_job_record_stops_start_up_with_one_line(servers, tmp_path):

@@ -14,7 +14,7 @@ arguments (shared ones are in jobctl/options.py) and sets with set_defaults:
 To add a command: write its module here and list it in MODULES.
 """
 
-from .. import metrics_cli
+from .. import bitmap_cmd, metrics_cli
 from . import backup, qmp, start, status, verbs, watch
 
-MODULES = (status, start, backup, verbs, watch, qmp, metrics_cli)
+MODULES = (status, start, backup, verbs, watch, bitmap_cmd, qmp, metrics_cli)

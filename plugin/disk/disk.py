@@ -17,6 +17,10 @@ jobs need:
   region may differ from the target must be durable before a client's bytes
   can reach data.img.  persist() raising OSError is a write error of the disk
   (werror applies: the record is part of the disk's storage).
+- a marker: fn(offset, length) run before every write, zero or trim is
+  issued to the store (and again before each retry of a held one): the dirty
+  bitmaps (bitmaps.py) mark the change there, so it is in every recording
+  bitmap before it can reach the disk and before it is acknowledged.
 - a gate: every request passes it; quiesce() closes it and waits for the
   requests in progress, so a job can copy the last dirty bytes and pivot while
   no request runs.  hold()/release() close it for the operator (QMP stop/cont).
@@ -101,6 +105,7 @@ class Disk:
         self.rerror = rerror
         self._listeners = ()
         self._guards = ()
+        self._marker = None
         self._lock = threading.Lock()
         self._gate = Gate()
         self._held = False
@@ -108,6 +113,7 @@ class Disk:
         self._io_status = "ok"
         self._io_generation = 0       # bumped by resume_io(): held requests retry
         self._held_requests = 0       # requests waiting in _io_error for cont
+        self.bitmaps = None           # the disk's dirty bitmaps (bitmaps.py): a guard
 
     # -- listeners (jobs) -------------------------------------------------
 
@@ -127,6 +133,10 @@ class Disk:
 
     def remove_guard(self, guard):
         self._swap("_guards", lambda guards: tuple(g for g in guards if g is not guard))
+
+    def set_marker(self, fn):
+        """Run fn(offset, length) before every change (None: nothing)."""
+        self._swap("_marker", lambda _: fn)
 
     def _swap(self, name, change):
         with self._lock:
@@ -249,26 +259,31 @@ class Disk:
         self._gate.enter()
         try:
             fn = getattr(self.store, method)
+            marker = self._marker
             guards = self._guards
             if guards:
-                self._guarded_change(guards, kind, offset, length, buf, fn, args)
+                self._guarded_change(guards, marker, kind, offset, length, buf, fn, args)
                 return
             try:
+                if marker is not None:
+                    marker(offset, length)
                 fn(*args)
             except OSError as e:
-                self._retry("write", e, fn, args)
+                self._retry("write", e, self._persist_then,
+                            ((), (), marker, offset, length, fn, args))
             for listener in self._listeners:
                 listener(kind, offset, length, buf)
         finally:
             self._gate.leave()
 
-    def _guarded_change(self, guards, kind, offset, length, buf, fn, args):
+    def _guarded_change(self, guards, marker, kind, offset, length, buf, fn, args):
         tokens = [g.begin(offset, length) for g in guards]
         try:
+            call = (guards, tokens, marker, offset, length, fn, args)
             try:
-                self._persist_then(guards, tokens, fn, args)
+                self._persist_then(*call)
             except OSError as e:
-                self._retry("write", e, self._persist_then, (guards, tokens, fn, args))
+                self._retry("write", e, self._persist_then, call)
             for listener in self._listeners:
                 listener(kind, offset, length, buf)
         finally:
@@ -276,7 +291,10 @@ class Disk:
                 g.end(token)
 
     @staticmethod
-    def _persist_then(guards, tokens, fn, args):
+    def _persist_then(guards, tokens, marker, offset, length, fn, args):
+        """Mark, persist the guards, then change (again for each retry of a held one)."""
+        if marker is not None:
+            marker(offset, length)
         for g, token in zip(guards, tokens):
             g.persist(token)
         fn(*args)
@@ -310,6 +328,8 @@ class Disk:
                 self._retry("write", e, self.store.flush, ())
         finally:
             self._gate.leave()
+        if self.bitmaps is not None:
+            self.bitmaps.flushed()
 
     def extents(self, offset, length, req_one=False):
         self._gate.enter()

@@ -31,11 +31,13 @@ from .mapjournal import NAMES
 log = logging.getLogger(__name__)
 
 FORMAT = "overlay-nbd-state"
-VERSION = 3                   # the version this server writes (2: jobs/, 3: map journal)
-READS = (1, 2, 3)             # the versions it reads (1 and 2 are upgraded in place)
+VERSION = 4                   # the version this server writes (2: jobs/, 3: map journal,
+                              # 4: bitmaps/, checked by bitmapfile.py)
+READS = (1, 2, 3, 4)          # the versions it reads (1 to 3 are upgraded in place)
 META = "meta.json"
 DATA = "data.img"
 MAP = "clusters.map"
+BITMAPS = "bitmaps"           # persistent dirty bitmaps (bitmapfile.py)
 MAX_META_BYTES = 1 << 20
 MAX_SIZE = (1 << 63) - 1      # NBD's limit
 MIN_CLUSTER, MAX_CLUSTER = 4096, 2 << 20
@@ -288,7 +290,7 @@ FILE_CHECKS = (
 )
 
 # Without meta.json, any of these means the directory is not new.
-LEFTOVERS = (MAP, DATA, META + ".tmp") + JOURNALS
+LEFTOVERS = (MAP, DATA, META + ".tmp", BITMAPS) + JOURNALS
 
 
 def check_files(state_dir, meta):

@@ -1,6 +1,6 @@
 """The state directory: where the overlay disk lives between runs.
 
-Layout (format version 3, docs/overlay.md "State directory"):
+Layout (format version 4, docs/overlay.md "State directory"):
 
     STATE_DIR/meta.json      what the disk is: size, cluster size, base (and its
                              fingerprint), device name, pivot target
@@ -12,10 +12,11 @@ Layout (format version 3, docs/overlay.md "State directory"):
     STATE_DIR/lock           flock()ed while a server uses the directory
     STATE_DIR/control.sock   default control socket
     STATE_DIR/jobs/          one record per job that outlives the process (plugin/jobs/record.py)
+    STATE_DIR/bitmaps/       persistent dirty bitmaps (bitmapfile.py, docs/bitmaps.md)
 
-Version 1 had no jobs/ folder and version 2 no map journal; such a directory
-is upgraded in place once every check passed (meta.json rewritten with
-version 3).  A newer version is
+Version 1 had no jobs/ folder, version 2 no map journal and version 3 no
+bitmaps/ folder; such a directory is upgraded in place once every check
+passed (meta.json rewritten with version 4).  A newer version is
 refused with one line.
 
 Opening an existing directory only reads until every check of statecheck.py
@@ -34,7 +35,7 @@ import json
 import logging
 import os
 
-from . import clustermap, statecheck
+from . import bitmapfile, clustermap, statecheck
 from .statecheck import DATA, FORMAT, MAP, META, VERSION, Damaged
 
 log = logging.getLogger(__name__)
@@ -260,6 +261,10 @@ def _open_existing(path, meta_path, open_base, base, size, cluster_size, device)
             except Damaged as e:
                 opened.close()
                 raise StateError(str(e)) from None
+    try:
+        bitmapfile.read_bitmaps(path, meta["size"])     # served or pivoted: the disk's own
+    except Damaged as e:
+        raise StateError(str(e)) from None
     tmp = meta_path + ".tmp"
     if os.path.lexists(tmp):
         log.info("removing a leftover %s (meta.json is valid)", tmp)
@@ -267,7 +272,9 @@ def _open_existing(path, meta_path, open_base, base, size, cluster_size, device)
     if meta["version"] != VERSION:
         # Every check passed: upgrade in place (version 1 differs only in
         # having no jobs/ folder, which is made on first use; version 2 in
-        # having no map journal, which the store makes when it opens the map).
+        # having no map journal, which the store makes when it opens the map;
+        # version 3 in having no bitmaps/ folder, made for the first
+        # persistent dirty bitmap).
         old = meta["version"]
         meta = dict(meta, version=VERSION)
         write_json_atomic(meta_path, meta)

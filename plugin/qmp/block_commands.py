@@ -124,6 +124,7 @@ def register_block_commands(registry, service):
             "io-status": service.io_status(),
             "held": disk.held,
             "x-held-requests": disk.held_requests,
+            "dirty-bitmaps": disk.bitmaps.info(),
         }
         return [info]
 

@@ -5,7 +5,7 @@ tables with bench.group(...) and adds one sample per run to each row.  To add a
 benchmark, write such a module and list it here.
 """
 
-from benchlib import ceph, durable, mirror, overlay, smallio, stream, tls
+from benchlib import bitmaps, ceph, durable, mirror, overlay, smallio, stream, tls
 
 SECTIONS = {
     "overlay": overlay,
@@ -14,5 +14,6 @@ SECTIONS = {
     "smallio": smallio,
     "durable": durable,
     "tls": tls,
+    "bitmaps": bitmaps,
     "ceph": ceph,
 }
