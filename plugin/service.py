@@ -155,10 +155,10 @@ class Service:
         register_builtin_commands(registry)
         register_job_commands(registry, self.jobs)
         register_block_commands(registry, self)
-        register_backup_commands(registry, self)
         register_process_commands(registry, self.connections)
         # transaction's action table: a drive-backup action registers there too.
         self.transactions = register_bitmap_commands(registry, self)
+        register_backup_commands(registry, self)      # drive-backup is a transaction action
         self.disk.bitmaps.start()
         path = self.config.control or self.state.file(CONTROL_SOCK)
         self.control = ControlServer(path, registry, self.bus)

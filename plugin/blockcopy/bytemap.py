@@ -54,6 +54,11 @@ class ByteMap:
         for first, end in spans:
             self.bytes[first:end] = bytes([value]) * (end - first)
 
+    def write_all(self):
+        """Write the whole map from memory and sync it (a map filled in place)."""
+        pwrite_all(self._fd, self.bytes, 0)
+        self.sync()
+
     def sync(self):
         os.fdatasync(self._fd)
 

@@ -86,8 +86,7 @@ class PointInTime:
         for off, n in needed_runs:
             first, end = self._span(off, n)
             data[first:end] = b"\x01" * (end - first)
-        pwrite_all(self.needed._fd, data, 0)
-        self.needed.sync()
+        self.needed.write_all()
 
     def _span(self, offset, length):
         g = self.granularity

@@ -116,6 +116,17 @@ class Change:
         self._undo.append(lambda: bm.bits.load(data))
         log.info("dirty bitmap clear name=%r", name)
 
+    def give_back(self, name, ranges):
+        """A job hands ranges back to a bitmap it holds busy (drive-backup's
+        bitmap-mode: what it did not take out for good)."""
+        bm = self._set.lookup(name)
+        data, _ = bm.bits.snapshot()
+        for off, n in ranges:
+            bm.bits.mark(off, n)
+        self._save_later(bm)
+        self._undo.append(lambda: bm.bits.load(data))
+        log.info("dirty bitmap give-back name=%r bytes=%d", name, sum(n for _, n in ranges))
+
     def enable(self, name):
         self._set_recording(self._usable(name), True)
 

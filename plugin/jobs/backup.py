@@ -30,9 +30,12 @@ durably held.
 """
 
 import logging
+import os
 
+from ..blockcopy.bytemap import ByteMap
 from ..blockcopy.cadence import Cadence
 from ..blockcopy.snapshot import PointInTime
+from ..core.errors import CommandError
 from .copyjob import CopyJob
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,7 @@ MiB = 1 << 20
 DEFAULT_BUF_SIZE = 16 * MiB
 MAX_CHUNK = 1 * MiB
 EXPORT_PREFIX = "export:"
+FROZEN = ".frozen"                # the bitmap's contents at the start (sync=bitmap)
 IDLE_INTERVAL = 0.5               # sync=none / pull: how often an idle job looks around
 
 
@@ -51,7 +55,7 @@ class BackupJob(CopyJob):
                  buf_size=None, speed=0, on_source_error="report", on_target_error="report",
                  on_cbw_error="break-guest-write", auto_finalize=True, auto_dismiss=True,
                  clock=None, reconnect_delay=0.0, restored=False, max_chunk=None,
-                 exports=None):
+                 exports=None, bitmap=None, bitmap_mode=None):
         """files: STATE_DIR/jobs/ID, the prefix of the snapshot's files.
         exports: the server's export table (pull mode registers its view there)."""
         granularity = granularity or disk.store.cluster_size
@@ -70,8 +74,10 @@ class BackupJob(CopyJob):
         self.on_source_error, self.on_target_error = on_source_error, on_target_error
         self.on_cbw_error = on_cbw_error
         self.files = files
+        self.bitmap_name, self.bitmap_mode = bitmap, bitmap_mode
         self.created = None
         self.snapshot = None
+        self._frozen = None               # ByteMap: the bitmap's contents at the start
         self._answered = []               # copies answered since the last flush started
         copied = self.copy.on_copied
 
@@ -92,6 +98,8 @@ class BackupJob(CopyJob):
         store = self.disk.store
         if self.export is not None:
             return [(0, self.disk.size)]      # a pull-mode view: the whole disk, consistent
+        if self.sync == "bitmap":
+            return self._frozen_runs()
         if self.sync == "top" and getattr(store, "has_base", False):
             return list(store.overlay_runs())
         return [(0, self.disk.size)]
@@ -106,6 +114,8 @@ class BackupJob(CopyJob):
             return
         disk = self.disk
         with disk.quiesce():
+            if self.bitmap_name is not None:
+                self._take_bitmap()
             if self._restored:
                 snap = PointInTime(disk.store, disk.size, self.granularity, self.copy.ranges,
                                    self.files, break_guest_write=self._breaks_guest())
@@ -130,6 +140,105 @@ class BackupJob(CopyJob):
                  "resumes" if self._restored else "starts", self.id, self.sync,
                  self.target_name, snap.needed_bytes(),
                  sum(e - f for f, e in snap.saved.runs(1)) * self.granularity)
+
+    # -- the bitmap (sync=bitmap/incremental, bitmap-mode) ----------------------------
+
+    def _take_bitmap(self):
+        """With clients quiesced: freeze the bitmap's contents (durably, in
+        ID.frozen), clear the bitmap (it records the writes after the point in
+        time from now on: QEMU's successor) and hold it busy.  A restored job
+        reopens its frozen copy and holds the bitmap again."""
+        bitmaps = self.disk.bitmaps
+        path = self.files + FROZEN
+        try:
+            bm = bitmaps.lookup(self.bitmap_name)
+        except CommandError:
+            bm = None
+        if self._restored:
+            if os.path.exists(path):
+                self._frozen = ByteMap(path, self._frozen_count(bm))
+            if bm is None:
+                log.warning("Backup bitmap gone job=%s bitmap=%s: its bitmap-mode cannot be "
+                            "applied at the end", self.id, self.bitmap_name)
+                return
+            if not bm.busy:
+                bitmaps.set_busy(self.bitmap_name)
+            return
+        self._granule = bm.granularity
+        frozen = ByteMap(path, self._frozen_count(bm), 0, create=True)
+        runs, _ = bm.bits.runs()
+        shift = bm.granularity.bit_length() - 1
+        for off, n in runs:
+            first, end = off >> shift, (off + n + bm.granularity - 1) >> shift
+            frozen.bytes[first:end] = b"\x01" * (end - first)
+        frozen.write_all()
+        self._frozen = frozen
+        change = bitmaps.change()
+        try:
+            change.clear(self.bitmap_name)
+        except BaseException:
+            change.abort()
+            raise
+        change.commit()
+        bitmaps.set_busy(self.bitmap_name)
+
+    def _frozen_count(self, bm):
+        granularity = bm.granularity if bm is not None else self._frozen_granularity()
+        self._granule = granularity
+        return (self.disk.size + granularity - 1) // granularity
+
+    def _frozen_granularity(self):
+        size = os.path.getsize(self.files + FROZEN)
+        granularity = 512
+        while (self.disk.size + granularity - 1) // granularity > size:
+            granularity <<= 1
+        return granularity
+
+    def _frozen_runs(self):
+        g = self._granule
+        return [(f * g, min(e * g, self.disk.size) - f * g)
+                for f, e in self._frozen.runs(1)] if self._frozen is not None else []
+
+    def _give_back(self, succeeded):
+        """The end: what of the frozen contents goes back into the bitmap
+        (QEMU's bitmap-mode), then the bitmap is free again."""
+        if self.bitmap_name is None:
+            return
+        bitmaps = self.disk.bitmaps
+        mode = self.bitmap_mode or "on-success"
+        if mode == "never" or (mode == "on-success" and not succeeded):
+            back = self._frozen_runs()
+        elif mode == "always" and not succeeded and self.snapshot is not None:
+            back = [r for off, n in self._frozen_runs()
+                    for r in self.snapshot.needed_within(off, n)]
+        else:
+            back = []
+        try:
+            bm = bitmaps.lookup(self.bitmap_name)
+        except CommandError:
+            return
+        if back:
+            with self.disk.quiesce():
+                change = bitmaps.change()
+                try:
+                    change.give_back(self.bitmap_name, back)
+                except BaseException:
+                    change.abort()
+                    raise
+                change.commit()
+        if bm.busy:
+            bitmaps.set_busy(self.bitmap_name, False)
+        log.info("Backup bitmap job=%s bitmap=%s mode=%s succeeded=%s given_back=%d",
+                 self.id, self.bitmap_name, mode, succeeded, sum(n for _, n in back))
+
+    def commit(self):
+        self._give_back(True)
+
+    def abort(self):
+        # Copies stuck on a silent target hold granules a client may wait for.
+        self.link.close()
+        self.copy.abandon()
+        self._give_back(False)
 
     def _breaks_guest(self):
         return self.on_cbw_error != "break-snapshot"
@@ -157,7 +266,8 @@ class BackupJob(CopyJob):
                 "on-source-error": self.on_source_error,
                 "on-target-error": self.on_target_error, "on-cbw-error": self.on_cbw_error,
                 "reconnect-delay": self.reconnect_delay, "created": self.created,
-                "max-chunk": self.max_chunk}
+                "max-chunk": self.max_chunk, "bitmap": self.bitmap_name,
+                "bitmap-mode": self.bitmap_mode}
 
     def restore_state(self, paused, io_status, offset, total, ready_seen):
         super().restore_state(paused, io_status, offset, total, ready_seen)
@@ -169,6 +279,8 @@ class BackupJob(CopyJob):
     def remove_files(self):
         if self.snapshot is not None:
             self.snapshot.remove()
+        if self._frozen is not None:
+            self._frozen.remove()
 
     def change(self, on_source_error=None, on_target_error=None):
         if on_source_error is not None:

@@ -88,6 +88,14 @@ def _mirror(ctx, s, intent, restored):
 
 def start_backup(ctx, settings, connect_wait=None):
     """A new backup from checked settings; like start_mirror (connect_wait)."""
+    job = prepare_backup(ctx, settings, connect_wait)
+    _launch(ctx, job)
+    return job
+
+
+def prepare_backup(ctx, settings, connect_wait=None):
+    """A backup built and connected but not launched (a `transaction` launches it
+    with launch() once every action is prepared, or drops it with job.clean())."""
     job = _backup(ctx, settings, restored=False)
     if connect_wait is not None and job.export is None:
         try:
@@ -95,8 +103,11 @@ def start_backup(ctx, settings, connect_wait=None):
         except (OSError, CommandError):
             job.clean()
             raise
-    _launch(ctx, job)
     return job
+
+
+def launch(ctx, job):
+    _launch(ctx, job)
 
 
 def _backup_files(ctx, job_id):
@@ -116,7 +127,8 @@ def _backup(ctx, s, restored):
         on_cbw_error=s.get("on-cbw-error", "break-guest-write"),
         auto_finalize=s.get("auto-finalize", True), auto_dismiss=s.get("auto-dismiss", True),
         reconnect_delay=s.get("reconnect-delay", ctx.reconnect_delay), restored=restored,
-        max_chunk=s.get("max-chunk"), exports=ctx.exports)
+        max_chunk=s.get("max-chunk"), exports=ctx.exports, bitmap=s.get("bitmap"),
+        bitmap_mode=s.get("bitmap-mode"))
 
 
 def _stream(ctx, s):

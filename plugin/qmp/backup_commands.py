@@ -54,13 +54,32 @@ def check_backup(service, args):
         raise CommandError("Only mode 'existing' is supported: create the target first")
     if args.get("compress"):
         raise CommandError("Compression is not supported for this target")
-    sync = args["sync"]
-    bitmap = args.get("bitmap")
+    sync, bitmap = args["sync"], args.get("bitmap")
+    mode = args.get("bitmap-mode")
     if sync in ("incremental", "bitmap") and bitmap is None:
         raise CommandError("must provide a valid bitmap name for '%s' sync mode" % sync)
+    if sync == "incremental":
+        if mode is not None and mode != "on-success":
+            raise CommandError("Bitmap sync mode must be 'on-success' when using sync mode "
+                               "'incremental'")
+        sync, mode = "bitmap", "on-success"
     if bitmap is not None:
-        raise CommandError("Dirty bitmap '%s' not found" % bitmap)
-    if "bitmap-mode" in args and bitmap is None:
+        bitmaps = disk.bitmaps
+        try:
+            bm = bitmaps.lookup(bitmap)
+        except CommandError:
+            raise CommandError("Bitmap '%s' could not be found" % bitmap) from None
+        if mode is None:
+            raise CommandError("Bitmap sync mode must be given when providing a bitmap")
+        if bm.busy:
+            raise CommandError("Bitmap '%s' is currently in use by another operation and "
+                               "cannot be used" % bitmap)
+        if sync == "none":
+            raise CommandError("sync mode 'none' does not produce meaningful bitmap outputs")
+        if mode == "never" and sync != "bitmap":
+            raise CommandError("Bitmap sync mode 'never' has no meaningful effect when "
+                               "combined with sync mode '%s'" % sync)
+    elif mode is not None:
         raise CommandError("Cannot specify bitmap sync mode without a bitmap")
     speed = args.get("speed", 0)
     if speed < 0:
@@ -86,7 +105,7 @@ def check_backup(service, args):
                            % (disk.device, busy.type))
     settings = {"id": job_id, "target": target, "sync": sync, "speed": speed,
                 "granularity": granularity or None, "reconnect-delay": reconnect_delay,
-                "max-chunk": max_chunk or None}
+                "max-chunk": max_chunk or None, "bitmap": bitmap, "bitmap-mode": mode}
     for name in ("on-source-error", "on-target-error", "on-cbw-error", "auto-finalize",
                  "auto-dismiss"):
         if name in args:
@@ -105,3 +124,44 @@ def register_backup_commands(registry, service):
                                                             e.strerror or e)) from None
 
     registry.register("drive-backup", drive_backup, SCHEMA)
+
+    def backup_action(ctx, data):
+        """`transaction` action: the job is built (and connected) while clients are
+        quiesced; commit launches it, so its point in time is taken before any
+        client write, together with the other actions (a bitmap's add or clear)."""
+        settings = check_backup(service, data)
+        context = service.job_context()
+        try:
+            job = factory.prepare_backup(context, settings, connect_wait=COMMAND_CONNECT_WAIT)
+        except OSError as e:
+            raise CommandError("Could not open '%s': %s" % (redact(data["target"]),
+                                                            e.strerror or e)) from None
+        return _Launch(context, job)
+
+    if service.transactions is not None:
+        service.transactions.add("drive-backup", _ACTION_SCHEMA, backup_action,
+                                 check=_check_enums, grouped=True)
+
+
+# In a transaction the data is checked by transaction.check_members (scalar kinds);
+# the enumerations are checked here, with QEMU's text.
+_ACTION_SCHEMA = {k: ("str" if isinstance(v, list) else v) for k, v in SCHEMA.items()}
+
+
+def _check_enums(data, prefix):
+    for key, kind in SCHEMA.items():
+        key = key.lstrip("*")
+        if isinstance(kind, list) and key in data and data[key] not in kind:
+            raise CommandError("Parameter '%s%s' does not accept value '%s'"
+                               % (prefix, key, data[key]))
+
+
+class _Launch:
+    def __init__(self, context, job):
+        self.context, self.job = context, job
+
+    def commit(self):
+        factory.launch(self.context, self.job)
+
+    def abort(self):
+        self.job.clean()
