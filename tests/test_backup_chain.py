@@ -213,3 +213,43 @@ def test_bitmap_arguments_are_checked_as_qemu_does(servers, tmp_path, connect):
     d.qmp.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
     assert d.qmp("query-block")[0]["dirty-bitmaps"][0]["busy"] is False
     d.qmp.close()
+
+
+def test_pull_mode_incremental_reads_only_the_frozen_bitmaps_ranges_of_the_view(
+        servers, tmp_path, connect):
+    """docs/backup.md's pull script: a new bitmap, the old one disabled and the view
+    exported in one transaction; the changed ranges read from the view are the disk's
+    bytes at that instant while a client keeps writing."""
+    d = Disk(servers, tmp_path, connect)
+    d.qmp("block-dirty-bitmap-add", node="disk0", name="b0", persistent=True)
+    rnd = random.Random(7)
+    for _ in range(12):
+        d.h.pwrite(rnd.randbytes(65536), rnd.randrange(SIZE // 65536) * 65536)
+    w = Writer(connect(d.srv.uri), SIZE, seed=8)
+    w.start()
+    model = d.read()
+    d.qmp("transaction", actions=[
+        {"type": "block-dirty-bitmap-add",
+         "data": {"node": "disk0", "name": "b1", "persistent": True}},
+        {"type": "block-dirty-bitmap-disable", "data": {"node": "disk0", "name": "b0"}},
+        {"type": "drive-backup",
+         "data": {"device": "disk0", "job-id": "pull", "sync": "none", "target": "export:pit"}}])
+    w.go()
+    wait_until(lambda: w.count > 30)
+    view = connect(d.srv.uri.replace(":///?", ":///pit?"))
+    changed = d.qmp("x-block-dirty-bitmap-extents", node="disk0", name="b0",
+                    max_extents=4)
+    extents = list(changed["extents"])
+    while "next" in changed:
+        changed = d.qmp("x-block-dirty-bitmap-extents", node="disk0", name="b0",
+                        offset=changed["next"], max_extents=4)
+        extents += changed["extents"]
+    assert 0 < sum(e["length"] for e in extents) < SIZE
+    for e in extents:
+        off, n = e["offset"], e["length"]
+        assert bytes(view.pread(n, off)) == model[off:off + n]
+    w.finish()
+    assert d.qmp("x-block-dirty-bitmap-extents", node="disk0", name="b1")["extents"]
+    d.qmp("block-job-cancel", device="pull")
+    d.qmp.wait_event("BLOCK_JOB_CANCELLED", timeout=30)
+    d.qmp.close()
