@@ -159,12 +159,18 @@ class Soak:
         return self.rig.jobs().get(self.job.id)
 
     def wait_end(self, timeout):
-        """Wait for the job to conclude (events); True if it did."""
+        """Wait for the job to conclude (events); True if it did.  A job that waits in
+        pending (auto-finalize=false) is finalized, as its operator would."""
         deadline = time.monotonic() + timeout
+        job = self.job
         while time.monotonic() < deadline:
             self.settle()
             if self.job is None:
                 return True
+            if not job.info.get("auto_finalize", True):
+                info = self.job_info()
+                if info is not None and info["status"] == "pending":
+                    self.try_qmp("job-finalize", {"id": job.id})
             time.sleep(0.05)
         return False
 
@@ -255,6 +261,20 @@ class Soak:
         if self.job is not None:
             self.job.faulted.append(how)
         self.forget_unknown_job()
+
+    def fresh_disk(self):
+        """Throw the disk away and serve a new one over the base (the clients idle)."""
+        with self.clients_paused():
+            if self.job is not None:
+                self.job.faulted.append("disk thrown away")
+                self._end(self.job, "cancelled")
+            if self.store is not None:
+                self.store.protected = False
+                self.retire(self.store)
+            self.store, self.base_gone, self.chain = None, False, None
+            self.rig.fresh(self.name("ov-"))
+            with open(self.rig.base_path, "rb") as f:
+                self.model.reset(f.read())
 
     # -- the checks after every step -----------------------------------------------
 

@@ -79,8 +79,10 @@ class Rig:
         half = size // 2
         self.base_path = make_image(self.workdir / "base.img", size,
                                     [(0, half - 3 * MiB), (half, half // 2)], seed=seed)
-        self.base_server = self.servers.nbdkit("file", self.base_path, "-r")
+        # Writable: block-commit writes the overlay back into it (docs/commit.md).
+        self.base_server = self.servers.nbdkit("file", self.base_path)
         self.state = self.workdir / "ov"
+        self._new_state = True
         self.ctl = self.workdir / "ctl.sock"
         self.sock = self.workdir / "disk.sock"
         self.disk_uri = "nbd+unix:///?socket=%s" % self.sock
@@ -105,8 +107,9 @@ class Rig:
         log = self.workdir / ("disk-%d.log" % len(self.logs))
         argv = [str(LAUNCHER), "-f", "-U", str(self.sock), "overlay=%s" % self.state,
                 "control=%s" % self.ctl, "log=stderr", "reconnect-delay=%d" % RECONNECT_DELAY]
-        if not self.logs:                 # then the state directory knows (or dropped) it
+        if self._new_state:               # later the state directory knows (or dropped) it
             argv.append("base=%s" % self.base_server.uri)
+            self._new_state = False
         server = Server(argv, self.sock, log, control=str(self.ctl))
         self.servers.started.append(server)
         self.logs.append(log)
@@ -139,6 +142,13 @@ class Rig:
         before = self.events.connections
         self._start_disk()
         self.events.wait_connected(before)
+
+    def fresh(self, name):
+        """Kill the disk and serve a new one: a new state directory over the base."""
+        self.kill9()
+        self.state = self.workdir / name
+        self._new_state = True
+        self.restart()
 
     @property
     def alive(self):
