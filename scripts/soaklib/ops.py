@@ -192,11 +192,29 @@ def backup_pull(soak, rnd):
         raise Skip("job %s runs" % soak.job.id)
     job_id, export = soak.name("pull"), soak.name("pit")
     track = JobTrack(job_id, "backup", export=export)
+    args = {"device": "disk0", "job-id": job_id, "target": "export:" + export, "sync": "none"}
+    checkpoint = rnd.random() < 0.5 and len(soak.model.bitmaps) < 4
     with soak.clients_paused():
         track.info["snapshot"] = soak.model.snapshot()
-        soak.start_job(track, "drive-backup", {"device": "disk0", "job-id": job_id,
-                                               "target": "export:" + export, "sync": "none"})
-    return "%s as export %s" % (job_id, export)
+        if not checkpoint:
+            soak.start_job(track, "drive-backup", args)
+            return "%s as export %s" % (job_id, export)
+        # libvirt's checkpoint pattern (docs/backup.md): all at one instant.
+        name = soak.name("cp")
+        old = [b for b in soak.model.bitmaps.values() if b.recording and not b.busy][:1]
+        soak.start_job(track, "transaction", {"actions": [
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": "disk0", "name": name, "persistent": True}}] + [
+            {"type": "block-dirty-bitmap-disable", "data": {"node": "disk0", "name": b.name}}
+            for b in old] + [{"type": "drive-backup", "data": args}]})
+        soak.model.bitmaps[name] = BitmapModel(name, soak.model.size, 65536, True, True)
+        for b in old:
+            b.recording = False
+            b.exact = soak.bitmap_extents(b.name)
+            if soak.chain is not None and soak.chain[0] == b.name:
+                soak.chain = None
+    return "%s as export %s; checkpoint: add %s%s" % (
+        job_id, export, name, "".join(", disable " + b.name for b in old))
 
 
 @op(2)
