@@ -6,7 +6,7 @@ bitmap (an incremental backup holds it) must refuse remove, clear, enable, disab
 merges; any other bitmap must accept them.
 """
 
-from .core import Skip, Violation
+from .bounds import Skip, Violation
 from .model import BitmapModel
 from .registry import op
 

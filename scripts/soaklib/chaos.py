@@ -14,7 +14,7 @@ import time
 
 from qmp_fuzz import messages
 
-from .core import SIGTERM_BOUND, Skip, Violation
+from .bounds import SIGTERM_BOUND, Skip, Violation
 from .registry import op
 from .rig import RECONNECT_DELAY
 

@@ -6,11 +6,11 @@ import contextlib
 import time
 
 from . import invariants
-from .bounds import (CANCEL_BOUND, FINAL_SYNC, JOB_END_WAIT, PAUSE_TIMEOUT,  # noqa: F401
-                     RETIRED_KEPT, SIGTERM_BOUND, Skip, Violation)
+from .bounds import CANCEL_BOUND, PAUSE_TIMEOUT, RETIRED_KEPT, Skip, Violation
 from .clients import Reader, Writer
 from .model import DiskModel
 from .rig import QMPError, Rig, Target
+
 
 class JobTrack:
     """A job the soak started, and what its end must show."""
@@ -43,14 +43,13 @@ class Soak:
         self.base_gone = False            # a stream completed: no base any more
         self.chain = None                 # (bitmap name, bytes at its last backup)
         self.steps = []                   # (index, op name, what it did, seconds)
-        self.notes = []
         self.counts = collections.Counter()
         self.maxima = collections.defaultdict(float)
         self.rss = []                     # (server generation, RSS) at every check
         self._events_pos = 0
-        self._allowances = collections.deque(maxlen=64)   # (from, to, extra seconds)
-        self._cancels = []                # (asked, event came, kind) of forced cancels
-        self._error_windows = collections.deque(maxlen=16)   # (from, to, errno name)
+        self.allowances = collections.deque(maxlen=64)   # (from, to, extra seconds)
+        self.cancels = []                # (asked, event came, kind) of forced cancels
+        self.error_windows = collections.deque(maxlen=16)   # (from, to, errno name)
         self._step_start = time.monotonic()
         self._names = collections.Counter()
 
@@ -101,11 +100,11 @@ class Soak:
 
     def allow_errors(self, start, end, errno_name):
         """Client requests in [start, end] may fail with this errno (a full filesystem)."""
-        self._error_windows.append((start, end, errno_name))
+        self.error_windows.append((start, end, errno_name))
 
     def allow(self, seconds):
         """Client requests of this step may wait `seconds` more (a stopped target...)."""
-        self._allowances.append((self._step_start, None, seconds))
+        self.allowances.append((self._step_start, None, seconds))
 
     def new_target(self, rnd, prefix, kinds=("file", "nbd", "nbd", "tls", "far"), fill=None):
         kind = rnd.choice(kinds)
@@ -176,7 +175,7 @@ class Soak:
             for when, e in self.rig.events.since(self._events_pos):
                 if (e["event"] in ("BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED")
                         and e["data"].get("device") == job.id):
-                    self._cancels.append((t0, when, job.kind))
+                    self.cancels.append((t0, when, job.kind))
                     self.maxima["forced cancel s"] = max(self.maxima["forced cancel s"],
                                                          when - t0)
                     self.settle()

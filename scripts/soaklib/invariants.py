@@ -13,19 +13,10 @@ from .model import first_missing
 MiB = 1 << 20
 
 
-def _check_retired(soak):
-    now = time.monotonic()
-    for t in soak.retired:
-        if t.stopped or now - max(t.retired, t.running_since) < RETIRED_GRACE:
-            continue
-        mtime = os.stat(t.path).st_mtime_ns
-        if t.baseline is None:
-            t.baseline = mtime
-        elif mtime != t.baseline:
-            raise Violation("%r was written after its job ended" % t)
 
 
 def check(soak):
+    """Every invariant; raises Violation for the first that does not hold."""
     rig = soak.rig
     if not rig.alive:
         raise Violation("the disk's nbdkit exited (%s)" % rig.disk.proc.returncode)
@@ -40,7 +31,7 @@ def check(soak):
     _check_clients(soak)
     _check_replies(soak)
     _check_log_and_process(soak)
-    soak._cancels = []
+    soak.cancels = []
 
 
 def read_disk(soak, uri=None):
@@ -79,7 +70,7 @@ def _check_bitmaps(soak):
 
 
 def _extra_allowed(soak, r):
-    return max([extra for start, end, extra in soak._allowances
+    return max([extra for start, end, extra in soak.allowances
                 if start <= r.end and (end is None or r.start <= end)] or [0.0])
 
 
@@ -91,7 +82,7 @@ def _check_clients(soak):
             soak.maxima["request s"] = max(soak.maxima["request s"], r.seconds)
             if r.error is not None:
                 if any(s <= r.end and r.start <= e and r.error.startswith(name + ":")
-                       for s, e, name in soak._error_windows):
+                       for s, e, name in soak.error_windows):
                     soak.counts["client errors allowed"] += 1
                     continue
                 if r.generation == soak.rig.generation:
@@ -102,15 +93,15 @@ def _check_clients(soak):
             if r.seconds > bound:
                 raise Violation("%s's %s took %.2fs (bound %.1fs)"
                                 % (r.client, r.kind, r.seconds, bound))
-            for asked, came, kind in soak._cancels:
+            for asked, came, kind in soak.cancels:
                 waited = r.end - max(r.start, asked)
                 if waited > CANCEL_FREE and (kind == "mirror" or r.end > came + CANCEL_SLACK):
                     raise Violation("%s's %s went on %.2fs after a forced cancel was asked "
                                     "(%.2fs after its event)"
                                     % (r.client, r.kind, waited, r.end - came))
     now = time.monotonic()
-    soak._allowances = collections.deque(
-        ((s, now if e is None else e, x) for s, e, x in soak._allowances), maxlen=64)
+    soak.allowances = collections.deque(
+        ((s, now if e is None else e, x) for s, e, x in soak.allowances), maxlen=64)
 
 
 def _check_replies(soak):
@@ -137,3 +128,14 @@ def _check_log_and_process(soak):
     if rss > RSS_BOUND or fds > FD_BOUND:
         raise Violation("the server holds %d MiB and %d descriptors (bounds %d MiB, %d)"
                         % (rss // MiB, fds, RSS_BOUND // MiB, FD_BOUND))
+
+def _check_retired(soak):
+    now = time.monotonic()
+    for t in soak.retired:
+        if t.stopped or now - max(t.retired, t.running_since) < RETIRED_GRACE:
+            continue
+        mtime = os.stat(t.path).st_mtime_ns
+        if t.baseline is None:
+            t.baseline = mtime
+        elif mtime != t.baseline:
+            raise Violation("%r was written after its job ended" % t)

@@ -10,7 +10,8 @@ import time
 
 import nbd
 
-from .core import FINAL_SYNC, JOB_END_WAIT, JobTrack, Skip, Violation
+from .bounds import FINAL_SYNC, JOB_END_WAIT, Skip, Violation
+from .core import JobTrack
 from .model import BitmapModel, Mask
 from .registry import op
 

@@ -7,6 +7,7 @@ Servers, tests/netrig.py's TLS servers) and killed by pid at the end.
 
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import threading
@@ -170,8 +171,10 @@ class Rig:
         self.events.wait_connected(before)
 
     def fresh(self, name):
-        """Kill the disk and serve a new one: a new state directory over the base."""
+        """Kill the disk and serve a new one: a new state directory over the base (the
+        old one goes: the tmpfs holds a few disks, not a soak's worth)."""
         self.kill9()
+        shutil.rmtree(self.state, ignore_errors=True)
         self.state = (self.fs or self.workdir) / name
         self._new_state = True
         self.restart()

@@ -17,7 +17,8 @@ import time
 import traceback
 
 from . import bitmaps, chaos, ops        # noqa: F401 (they register their operations)
-from .core import Skip, Soak, Violation
+from .bounds import Skip, Violation
+from .core import Soak
 from .registry import OPS
 
 
