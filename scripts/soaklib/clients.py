@@ -10,6 +10,7 @@ client has no request in flight: the full checks and the point-in-time commands
 import random
 import threading
 import time
+import traceback
 
 import nbd
 
@@ -61,6 +62,7 @@ class Client(threading.Thread):
         self._h = None
         self._generation = None
         self.in_flight_since = None       # when the request in flight started
+        self.crashed = None               # the traceback the thread died of
 
     # -- the soak's side -------------------------------------------------------
 
@@ -85,6 +87,13 @@ class Client(threading.Thread):
     # -- the thread -------------------------------------------------------------
 
     def run(self):
+        try:
+            self._run()
+        except BaseException:
+            self.crashed = traceback.format_exc()
+            raise
+
+    def _run(self):
         while not self._halt.is_set():
             if self._h is not None and self._generation != self.rig.generation:
                 self._drop()              # the server went: let nbdkit's SIGTERM finish
@@ -99,6 +108,10 @@ class Client(threading.Thread):
                 time.sleep(0.02)
                 continue
             self.one(h)
+            # No reference may outlive _drop(): a held client (a change failed) keeps
+            # looping without a new _handle(), and an open connection it still held
+            # would keep nbdkit from exiting on SIGTERM (it waits for its clients).
+            del h
             self.count += 1
             if self.pace:
                 time.sleep(self.rnd.uniform(0, 2 * self.pace))

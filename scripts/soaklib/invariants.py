@@ -76,6 +76,8 @@ def _extra_allowed(soak, r):
 
 def _check_clients(soak):
     for client in (soak.writer, soak.reader):
+        if client.crashed or not client.is_alive():
+            raise Violation("the harness's %s died:\n%s" % (client.name, client.crashed))
         for when, problem in client.problems:
             raise Violation("%s: %s" % (client.name, problem))
         for r in client.take_requests():

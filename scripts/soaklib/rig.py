@@ -161,7 +161,10 @@ class Rig:
             return None
         fds = "\n".join("%s -> %s" % (fd, os.readlink("/proc/%d/fd/%s" % (pid, fd)))
                         for fd in os.listdir("/proc/%d/fd" % pid))
-        path.write_text("%s\n\n%s\n\n%s\n" % (why, bt, fds))
+        peers = subprocess.run(["ss", "-xpe"], capture_output=True, text=True).stdout
+        path.write_text("%s\n\n%s\n\n%s\n\n%s\n" % (why, bt, fds, "\n".join(
+            line for line in peers.splitlines() if str(self.sock) in line or "pid=%d," % pid
+            in line)))
         self.logs.append(path)
         return path
 
