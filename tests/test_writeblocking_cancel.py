@@ -69,7 +69,7 @@ def test_forced_cancel_frees_client_writes_at_once_when_the_target_is_stopped(
     gap = writer.longest_gap_after(t0, end)
     print("\ncancel took %.3fs; longest client stall after it was sent %.3fs; writes after it %d"
           % (cancelled - t0, gap, sum(1 for t in writer.done if t > t0)))
-    assert gap < 0.25, gap
+    assert gap < 0.5, gap                                # it was 1.2-1.9 s
     rig.qmp.wait_status("disk0", "null", timeout=10)
 
 
