@@ -333,7 +333,7 @@ class BackupJob(CopyJob):
             copy.skip_zero = self.link.reads_zero(self.disk.size)
         pos = 0
         while True:
-            if self.pause_point():
+            if self._pause_point():
                 return
             self._check_broken()
             for off, n in copy.retries.due():

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 FINAL_SYNC_TIMEOUT = 10.0
 # At shutdown (SIGTERM) the job tries one last checkpoint for at most this long.
 SHUTDOWN_CHECKPOINT_TIMEOUT = 2.0
+# A pause collects the copies in flight first, unless the target answers none
+# of them for this long (then it pauses with them, as before).
+PAUSE_DRAIN_TIMEOUT = 1.0
 
 
 class CopyJob(Job):
@@ -63,6 +66,22 @@ class CopyJob(Job):
         self.link.on_loss += [self.trust.unvouch, self.flushes.target_lost]
         self._leave_asked = None      # when the job first saw complete / cancel
         self._listening = False
+
+    def _pause_point(self):
+        """pause_point() at the top of the job's loop, with the copies in flight
+        collected first, as QEMU's mirror_pause waits for its I/O.  Each copy holds
+        its granules' range lock, which a client waits on to copy before write (a
+        backup) or to write through (a mirror): held by a paused job, that wait
+        would last as long as the pause (issue 24's soak).  A target that answers
+        nothing for PAUSE_DRAIN_TIMEOUT does not hold the pause back."""
+        quiet_since = time.monotonic()
+        while self.user_paused and not self.cancelled and self.target.in_flight():
+            if self.copy.reap(self.target.wait(0.1)):
+                quiet_since = time.monotonic()
+                self._update_progress()
+            elif time.monotonic() - quiet_since > PAUSE_DRAIN_TIMEOUT:
+                break
+        return self.pause_point()
 
     def _start_flush(self, final=False, to_ready=True):
         leaving = self.should_complete or self.cancel_requested

@@ -211,7 +211,7 @@ class MirrorJob(CopyJob):
         while True:
             if self._fatal is not None:
                 raise self._fatal
-            if self.pause_point():
+            if self._pause_point():
                 return
             if self.should_complete or self.cancel_requested:
                 if self._leave_asked is None:
