@@ -166,6 +166,23 @@ def servers(tmp_path):
     s.cleanup()
 
 
+@pytest.fixture
+def background():
+    """Start jobctl in the background: background(socket or server, *args) -> helpers.Background;
+    every one is killed (by pid) after the test."""
+    from helpers import Background
+    started = []
+
+    def start(where, *args):
+        proc = Background(where, *args)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+
+
 @pytest.fixture(scope="session")
 def guest_image():
     """The test guest (tests/guest.py), built once; skipped only if its kernel can't be fetched."""

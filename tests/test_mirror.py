@@ -7,7 +7,7 @@ import time
 import pytest
 
 from conftest import make_image
-from qmp_helpers import Control
+from helpers import Control, Writer
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -303,28 +303,6 @@ def test_sigterm_during_a_running_mirror_exits_promptly(setup):
     assert time.monotonic() - t0 < 10
 
 
-class Writer(threading.Thread):
-    """Writes random 64 KiB blocks as fast as it can and remembers what it wrote."""
-
-    def __init__(self, h, size, seed):
-        super().__init__()
-        self.h, self.size, self.rnd = h, size, random.Random(seed)
-        self.stop = threading.Event()
-        self.writes = []
-
-    def run(self):
-        while not self.stop.is_set():
-            off = self.rnd.randrange(0, self.size // 65536) * 65536
-            data = self.rnd.randbytes(65536)
-            self.h.pwrite(data, off)
-            self.writes.append((off, data))
-            self.stop.wait(0.001)     # a guest's pace (see docs/mirror.md, copy-mode)
-
-    def finish(self):
-        self.stop.set()
-        self.join()
-
-
 @pytest.mark.slow
 def test_write_blocking_converges_under_load_that_background_cannot_keep_up_with(
         servers, tmp_path, connect):
@@ -332,7 +310,7 @@ def test_write_blocking_converges_under_load_that_background_cannot_keep_up_with
     s = Setup(servers, tmp_path, connect, size=size)
     expected = bytearray(open(s.base, "rb").read())
     # Background: the copy is limited to 1 MiB/s, the writer dirties far more than that.
-    w = Writer(connect(s.disk.uri), size, seed=1)
+    w = Writer(s.disk.uri, size, seed=1, lengths=(65536,), align=65536, record=True)
     w.start()
     try:
         s.mirror(speed=MiB, job_id="bg", granularity=65536)
