@@ -289,3 +289,125 @@ def wait_for_pidfile(path, timeout=TIMEOUT):
         assert time.monotonic() < deadline, \
             "no live pid in %s within %ss (it holds %r)" % (path, timeout, text)
         time.sleep(0.01)
+
+
+# -- a disk in this process, its jobs on a clock the test steps -----------------------------------
+
+class LocalDisk:
+    """Our disk served inside the test process: the plugin's Service over a temp state
+    directory (real Disk, store, base and targets; no nbdkit, no QMP socket).
+
+    Jobs built here (mirror()) run on a ManualClock that only step() moves: a test
+    checks a rate, a back-off or the spacing of events to the step, whatever the
+    machine's load.  `events` holds (clock seconds since start, event) for every
+    event the disk's bus emitted.
+    """
+
+    STEP = 0.01
+
+    def __init__(self, tmp_path, base, **keys):
+        from plugin.jobs.clock import ManualClock
+        from plugin.service import Service
+        self.service = Service()
+        self.service.configure("overlay", str(pathlib.Path(tmp_path) / "local-ov"))
+        if base is not None:
+            self.service.configure("base", str(base))
+        for key, value in keys.items():
+            self.service.configure(key.replace("_", "-"), str(value))
+        self.service.open()
+        self.disk = self.service.disk
+        self.size = self.disk.size
+        self.clock = ManualClock()
+        self.start = self.clock.now()
+        self.events = []
+        self._sub = self.service.bus.subscribe(maxlen=1 << 20)
+        self.job = None
+
+    def mirror(self, target, **options):
+        """A mirror of the disk to `target` (MirrorJob's arguments), started as
+        drive-mirror starts one (registry, dirty tracking, thread), and settled."""
+        from plugin.jobs.mirror import MirrorJob
+        job = MirrorJob("disk0", self.service.bus, self.disk, str(target), clock=self.clock,
+                        pivot=self.service.pivot_to, **options)
+        self.service.jobs.add(job)
+        job.attach()
+        job.start()
+        self.job = job
+        self.settle()
+        return job
+
+    def now(self):
+        """Clock seconds since the disk was made."""
+        return self.clock.now() - self.start
+
+    def step(self, seconds, timeout=TIMEOUT):
+        """Move the clock and wait until the job has done what that time allows: it
+        sleeps on the clock again (or its thread ended).  step(0) settles the job
+        after something else woke it (a client write, a verb)."""
+        begun = self.clock.waits_begun()
+        self.clock.advance(seconds)
+        deadline = time.monotonic() + timeout
+        while not self.clock.wait_for_waits(begun + 1, 0.05):
+            if self.job.join(0):
+                break
+            assert time.monotonic() < deadline, \
+                "the job did not go back to sleep in %ss: %s" % (timeout, self.job.block_info())
+        self._collect()
+
+    def settle(self):
+        self.step(0)
+
+    def run(self, seconds, until=None, on_step=None, step=None):
+        """Step the clock for up to `seconds` (STEP at a time), calling on_step() after
+        each step; stop early once until() is true.  Returns the clock time it took."""
+        step = step or self.STEP
+        begin = self.clock.now()
+        while self.clock.now() - begin < seconds - 1e-9:
+            if until is not None and until():
+                break
+            self.step(step)
+            if on_step is not None:
+                on_step()
+        return self.clock.now() - begin
+
+    def _collect(self):
+        for event in self._sub.drain():
+            self.events.append((self.now(), event))
+
+    def wait_event(self, name, timeout=TIMEOUT, **match):
+        """Wait (real time, without moving the clock) for an event `name` with `match` in
+        its data, among those since the job started; returns (clock time, event)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._collect()
+            for t, e in self.events:
+                if e["event"] == name and all(e["data"].get(k) == v for k, v in match.items()):
+                    return t, e
+            assert time.monotonic() < deadline, "no %s %r within %ss; events: %s" % (
+                name, match, timeout, [e["event"] for _, e in self.events])
+            time.sleep(0.01)
+
+    def named(self, name):
+        """(clock time, data) of every event `name` so far."""
+        self._collect()
+        return [(t, e["data"]) for t, e in self.events if e["event"] == name]
+
+    def read(self, offset=0, length=None):
+        buf = bytearray(self.size - offset if length is None else length)
+        self.disk.read(buf, offset)
+        return bytes(buf)
+
+    def write(self, data, offset):
+        """A client write (as nbdkit's pwrite), then the job settled."""
+        self.disk.write(data, offset)
+        if self.job is not None:
+            self.settle()
+
+    def complete(self, timeout=TIMEOUT):
+        """block-job-complete, and wait for the job to end (prepare and pivot need no
+        clock time)."""
+        self.job.user_complete()
+        self.wait_event("JOB_STATUS_CHANGE", timeout, id="disk0", status="null")
+
+    def close(self):
+        self.service.stop()
