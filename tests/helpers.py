@@ -293,6 +293,25 @@ def wait_for_pidfile(path, timeout=TIMEOUT):
 
 # -- a disk in this process, its jobs on a clock the test steps -----------------------------------
 
+def step_clock(clock, job, seconds, timeout=TIMEOUT):
+    """Advance a ManualClock and return once `job` has done what that time allows: its
+    thread sleeps on the clock again, or has ended.  For a job that sleeps in one
+    thread; step_clock(clock, job, 0) settles a job that something else woke (a kick).
+
+    Why this is exact: a sleeping job has begun a wait on the clock while holding its
+    lock, so advance() cannot miss it; the next wait it begins comes after all it
+    could do at the new time (the clock does not move meanwhile).
+    """
+    begun = clock.waits_begun()
+    clock.advance(seconds)
+    deadline = time.monotonic() + timeout
+    while not clock.wait_for_waits(begun + 1, 0.05):
+        if job.join(0):
+            return
+        assert time.monotonic() < deadline, \
+            "the job did not go back to sleep in %ss: %s" % (timeout, job.block_info())
+
+
 class LocalDisk:
     """Our disk served inside the test process: the plugin's Service over a temp state
     directory (real Disk, store, base and targets; no nbdkit, no QMP socket).
@@ -344,14 +363,7 @@ class LocalDisk:
         """Move the clock and wait until the job has done what that time allows: it
         sleeps on the clock again (or its thread ended).  step(0) settles the job
         after something else woke it (a client write, a verb)."""
-        begun = self.clock.waits_begun()
-        self.clock.advance(seconds)
-        deadline = time.monotonic() + timeout
-        while not self.clock.wait_for_waits(begun + 1, 0.05):
-            if self.job.join(0):
-                break
-            assert time.monotonic() < deadline, \
-                "the job did not go back to sleep in %ss: %s" % (timeout, self.job.block_info())
+        step_clock(self.clock, self.job, seconds, timeout)
         self._collect()
 
     def settle(self):
