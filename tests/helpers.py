@@ -355,6 +355,17 @@ class LocalDisk:
         self.settle()
         return job
 
+    def stream(self, **options):
+        """A stream of the base into the disk (StreamJob's arguments), started as
+        block-stream starts one, and settled."""
+        from plugin.jobs.stream import StreamJob
+        job = StreamJob("disk0", self.service.bus, self.disk, clock=self.clock, **options)
+        self.service.jobs.add(job)
+        job.start()
+        self.job = job
+        self.settle()
+        return job
+
     def now(self):
         """Clock seconds since the disk was made."""
         return self.clock.now() - self.start

@@ -766,15 +766,25 @@ def test_force_cancel_while_the_target_hangs_in_a_flush_is_prompt(flush_fault_ri
     stall.off()
 
 
-def stall_target_mid_copy(rig, control):
+def stall_target_mid_copy(rig, control, quiet=0.5):
+    """Mirror until the target stops answering: the job's progress stops (for `quiet`
+    seconds in a row, whatever the machine's load), the job still running."""
     rig.mirror(on_target_error="stop", speed=2 * MiB)
     wait_until(lambda: 0 < rig.qmp.job("disk0")["offset"])
     control.pause()                     # answers once the requests already sent are done
-    time.sleep(0.3)                     # the next copies are sent and get stuck
-    stuck = rig.qmp.job("disk0")["offset"]
-    time.sleep(0.5)
-    info = rig.qmp.job("disk0")
-    assert (info["status"], info["offset"], info["io-status"]) == ("running", stuck, "ok")
+    # The job reaps those, then its next copies are sent and get stuck.
+    last, since = None, time.monotonic()
+    deadline = since + 20
+    while True:
+        info = rig.qmp.job("disk0")
+        if info["offset"] != last:
+            last, since = info["offset"], time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+        assert time.monotonic() < deadline, "the job never stopped progressing: %s" % info
+        time.sleep(0.05)
+    assert (info["status"], info["io-status"]) == ("running", "ok")
+    assert 0 < info["offset"] < info["len"]
 
 
 def test_force_cancel_with_a_stalled_target_is_prompt(rigs, tmp_path):
