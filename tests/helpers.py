@@ -13,6 +13,7 @@ import os
 import pathlib
 import random
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -230,6 +231,12 @@ def read_line(stream, timeout=TIMEOUT):
     return stream.readline()
 
 
+def _default_sigint():
+    # A test run started in a shell's background inherits SIGINT ignored; the tests
+    # that interrupt jobctl need Python's own handler, which it installs only then.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Background:
     """A jobctl process running while the test acts; killed by pid at the end.
 
@@ -241,7 +248,8 @@ class Background:
         self.timeout = timeout
         self.proc = subprocess.Popen([jobctl_path(), "--socket", sock, *map(str, args)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     bufsize=0)    # unbuffered: select() sees every line
+                                     bufsize=0,    # unbuffered: select() sees every line
+                                     preexec_fn=_default_sigint)
 
     def line(self):
         return read_line(self.proc.stdout, self.timeout).decode()

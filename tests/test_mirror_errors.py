@@ -717,7 +717,7 @@ def test_one_bad_source_range_backs_off_while_the_rest_is_copied(
     assert not info["ready"] and info["status"] == "running"
     times = attempts.times()
     assert_backs_off(times, disk.STEP)                     # 50 ms doubling, not every loop
-    assert len(times) == 7 and attempts.total == 7, attempts.batches
+    assert len(times) == 7 and attempts.total <= 12, attempts.batches   # 0 to 3.15 s
     errors = disk.named("BLOCK_JOB_ERROR")
     assert [t for t, _ in errors] == coalesced(times) and len(errors) == 3, (errors, times)
     assert all(qemu_fields(data) == error_event("read", "ignore") for _, data in errors)
