@@ -12,8 +12,11 @@ import time
 
 import pytest
 
+from helpers import step_clock
 from plugin.qmp.events import EventBus
+from plugin.jobs.clock import ManualClock
 from plugin.jobs.engine import Job
+from plugin.jobs.ratelimit import SLICE
 from plugin.jobs.registry import JobRegistry
 from plugin.core.errors import CommandError
 
@@ -178,6 +181,15 @@ def start(bus, registry):
         return job
 
     return _start
+
+
+@pytest.fixture
+def clock():
+    """A clock the test steps (helpers.step_clock): rates and intervals checked exactly."""
+    return ManualClock()
+
+
+STEP = 0.01
 
 
 def wait_for(predicate, timeout=TIMEOUT):
@@ -484,12 +496,18 @@ def test_ignore_policy_retries_and_completes_without_error(start, events):
     assert job.block_info()["io-status"] == "ok"
 
 
-def test_repeated_ignored_errors_are_rate_limited_but_the_first_is_emitted(start, events):
-    job = start(faults={1: [errno.EIO] * 40}, on_error="ignore")
+@pytest.mark.parametrize("step, sent", [(0.001, 1), (0.125, 5)])
+def test_repeated_ignored_errors_are_rate_limited_but_the_first_is_emitted(
+        start, events, clock, step, sent):
+    # 40 failures `step` apart on the job's clock: 40 ms, one event; 5 s, one a second
+    # (at 0, 1, 2, 3 and 4 s: the steps are exact in binary).
+    job = start(faults={1: [errno.EIO] * 40}, on_error="ignore", clock=clock)
+    while not job.join(0):
+        step_clock(clock, job, step)
     trail = events.until_status("null")
     errors = [e for e in trail if e["event"] == "BLOCK_JOB_ERROR"]
     assert len(job.actions) == 40
-    assert 1 <= len(errors) < 5
+    assert len(errors) == sent
     assert errors[0]["data"] == {"device": "j0", "operation": "write", "action": "ignore",
                                  "x-errno": "EIO", "x-desc": "Input/output error"}
 
@@ -597,40 +615,68 @@ def test_cancel_resets_io_status_of_stopped_job(start, events):
 # Speed
 
 
-def test_speed_limits_job_rate(start, events):
-    # 256 KiB at 512 KiB/s: about 0.5 s (minus one 0.1 s slice of burst).
-    begin = time.monotonic()
-    start(chunks=8, chunk_size=32 * 1024, speed=512 * 1024)
+def released(t, speed, chunk_size, chunks):
+    """Bytes of progress a ScriptedJob at `speed` shows at clock time t: it counts a
+    chunk, then pays for it; the limiter lets it run SLICE seconds ahead (ratelimit.py)."""
+    done = 1
+    while done < chunks and chunk_size * done - speed * SLICE <= speed * t + 1e-6:
+        done += 1
+    return done * chunk_size
+
+
+def test_speed_limits_job_rate(start, events, clock):
+    # 256 KiB at 512 KiB/s: 0.5 s, less the 0.1 s slice of burst, on the job's clock.
+    speed, chunk, chunks = 512 * 1024, 32 * 1024, 8
+    job = start(chunks=chunks, chunk_size=chunk, speed=speed, clock=clock)
+    step_clock(clock, job, 0)
+    begin = clock.now()
+    while not job.join(0):
+        step_clock(clock, job, STEP)
+        t = clock.now() - begin
+        offset = job.progress[0]
+        assert released(t - STEP, speed, chunk, chunks) <= offset <= released(
+            t, speed, chunk, chunks), (t, offset)
+    took = clock.now() - begin
+    assert 0.4 - 1e-6 <= took <= 0.4 + STEP
+    assert summary(events.until("BLOCK_JOB_COMPLETED"))[-1] == "BLOCK_JOB_COMPLETED"
+
+
+def test_unlimited_job_is_not_throttled(start, events, clock):
+    # 64 MiB without a limit never waits for time: the clock never moves here.
+    job = start(chunks=64, chunk_size=1024 * 1024, clock=clock)
     events.until("BLOCK_JOB_COMPLETED")
-    assert time.monotonic() - begin >= 0.3
+    assert job.progress == (64 << 20, 64 << 20)
+    assert clock.waits_begun() == 0
 
 
-def test_unlimited_job_is_not_throttled(start, events):
-    begin = time.monotonic()
-    start(chunks=64, chunk_size=1024 * 1024)
-    events.until("BLOCK_JOB_COMPLETED")
-    assert time.monotonic() - begin < 1.0
-
-
-def test_set_speed_zero_lifts_the_limit_of_a_sleeping_job(start, events):
-    # At 1 KiB/s these 256 KiB would take minutes.
-    job = start(chunks=4, chunk_size=64 * 1024, speed=1024)
-    time.sleep(0.2)
-    begin = time.monotonic()
+def test_set_speed_zero_lifts_the_limit_of_a_sleeping_job(start, events, clock):
+    # At 1 KiB/s these 256 KiB would take minutes; the job sleeps after its first chunk.
+    job = start(chunks=4, chunk_size=64 * 1024, speed=1024, clock=clock)
+    step_clock(clock, job, 0)
+    assert job.progress[0] == 64 * 1024 and clock.sleepers() == 1
+    now = clock.now()
     job.user_set_speed(0)
-    events.until("BLOCK_JOB_COMPLETED")
-    assert time.monotonic() - begin < 1.0
+    events.until("BLOCK_JOB_COMPLETED")          # without the clock moving
+    assert clock.now() == now and job.progress[0] == 4 * 64 * 1024
 
 
-def test_set_speed_lower_slows_a_running_job(start, events):
-    job = start(chunks=1000, chunk_size=64 * 1024, hold=True)
-    job.user_set_speed(64 * 1024)
+def test_set_speed_lower_slows_a_running_job(start, events, clock):
+    speed, chunk = 64 * 1024, 64 * 1024
+    job = start(chunks=1000, chunk_size=chunk, hold=True, clock=clock)
+    step_clock(clock, job, 0)
     job.started_gate.set()
-    time.sleep(0.5)
-    offset, _ = job.progress
-    # 0.5 s at 64 KiB/s plus the burst allowance: a handful of chunks, not 1000.
-    assert offset <= 4 * 64 * 1024
-    assert job.block_info()["speed"] == 64 * 1024
+    job.user_set_speed(speed)            # its kick lets the held job see the gate
+    step_clock(clock, job, 0)
+    begin = clock.now()
+    # One chunk at once, the next once it is paid for (0.9 s: the slice runs ahead).
+    while clock.now() - begin < 2.0:
+        t = clock.now() - begin
+        offset = job.progress[0]
+        assert released(t - STEP, speed, chunk, 1000) <= offset <= released(
+            t, speed, chunk, 1000), (t, offset)
+        step_clock(clock, job, STEP)
+    assert job.progress[0] == 3 * chunk            # at 0, 0.9 and 1.9 s
+    assert job.block_info()["speed"] == speed
 
 
 def test_negative_speed_is_rejected(start):
@@ -846,12 +892,14 @@ def test_auto_dismissed_job_leaves_the_registry(registry, start, events):
     assert registry.jobs() == []
 
 
-def test_stop_all_cancels_and_joins_running_jobs_promptly(registry, start, events):
-    jobs = [start(job_id=f"j{i}", hold=True) for i in range(3)]
-    begin = time.monotonic()
+def test_stop_all_cancels_and_joins_running_jobs_promptly(registry, start, events, clock):
+    # Sleeping on a clock that never moves: stop_all waits for no time to pass.
+    jobs = [start(job_id=f"j{i}", hold=True, clock=clock) for i in range(3)]
+    wait_for(lambda: clock.sleepers() == 3)
+    now = clock.now()
     assert registry.stop_all(timeout=TIMEOUT)
-    assert time.monotonic() - begin < 1.0
-    assert all(not job._thread.is_alive() for job in jobs)
+    assert clock.now() == now and clock.sleepers() == 0
+    assert all(job.join(0) for job in jobs)
     assert all(job.status == "null" for job in jobs)
     assert registry.jobs() == []
 
@@ -890,6 +938,25 @@ class WorkerJob(Job):
         super().__init__(job_id, "mirror", bus, **kwargs)
         self.done = threading.Event()
         self.worker_errors = []
+        self.parked = set()         # workers inside pause_point()
+        self._parked_cond = threading.Condition()
+
+    def pause_point(self):
+        name = threading.current_thread().name
+        if not name.startswith("worker"):
+            return super().pause_point()
+        with self._parked_cond:
+            self.parked.add(name)
+            self._parked_cond.notify_all()
+        try:
+            return super().pause_point()
+        finally:
+            with self._parked_cond:
+                self.parked.discard(name)
+
+    def wait_parked(self, count, timeout=TIMEOUT):
+        with self._parked_cond:
+            return self._parked_cond.wait_for(lambda: len(self.parked) == count, timeout)
 
     def _worker(self):
         try:
@@ -902,7 +969,7 @@ class WorkerJob(Job):
             self.worker_errors.append(exc)
 
     def run(self):
-        workers = [threading.Thread(target=self._worker) for _ in range(2)]
+        workers = [threading.Thread(target=self._worker, name="worker-%d" % i) for i in range(2)]
         for worker in workers:
             worker.start()
         while not self.done.is_set():
@@ -916,13 +983,15 @@ class WorkerJob(Job):
 def test_worker_threads_wait_at_pause_points_without_changing_state(start, events):
     job = start(WorkerJob)
     events.until_status("running")
+    wait_for(lambda: job.progress[0] > 0)      # the workers are copying
     job.user_pause()
     events.until_status("paused")
-    time.sleep(0.02)    # a worker may finish the chunk it was copying
+    # Each worker finishes the chunk it was copying, then waits in its pause point
+    # (progress only moves after one returns).
+    assert job.wait_parked(2), job.parked
     offset = job.progress[0]
-    time.sleep(0.05)
-    assert job.progress[0] == offset
-    assert job.status == "paused"
+    assert job.status == "paused" and job.block_info()["paused"] is True
+    assert job.parked == {"worker-0", "worker-1"} and job.progress[0] == offset
     job.user_resume()
     events.until_status("running")
     wait_for(lambda: job.progress[0] > offset)
