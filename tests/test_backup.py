@@ -9,47 +9,58 @@ import threading
 
 import pytest
 
+import nbd
+
+import helpers
 from conftest import make_image
 from faults import FaultSwitch, error_args, wait_until
-from qmp_helpers import Control
+from helpers import Control
 
 MiB = 1 << 20
 SIZE = 16 * MiB
 
 
-class Writer(threading.Thread):
-    """Random writes, zeroes and trims; pause()/go() bracket a point in time."""
+class Writer(helpers.Writer):
+    """Random writes, zeroes and trims through its own connection; pause() and go()
+    bracket a point in time (pause returns once no change is in flight).  `count`
+    counts changes made (idle turns are not steps of helpers.Writer's count)."""
 
-    def __init__(self, h, size, seed):
-        super().__init__(daemon=True)
-        self.h, self.size, self.rnd = h, size, random.Random(seed)
-        self.stop = threading.Event()
+    def __init__(self, uri, size, seed):
+        super().__init__(uri, size, seed=seed, lengths=(4096, 65536, 200 * 1024, MiB),
+                         align=512, pace=0)
         self.running = threading.Event()
         self.idle = threading.Event()
-        self.count = 0
-        self.error = None
+        self.changes = 0
 
-    def run(self):
-        try:
-            while not self.stop.is_set():
-                if not self.running.is_set():
-                    self.idle.set()
-                    self.running.wait(0.05)
-                    continue
-                self.idle.clear()
-                kind = self.rnd.random()
-                n = self.rnd.choice((4096, 65536, 200 * 1024, MiB))
-                off = self.rnd.randrange(0, (self.size - n) // 512) * 512
-                if kind < 0.8:
-                    self.h.pwrite(self.rnd.randbytes(n), off)
-                elif kind < 0.9:
-                    self.h.zero(n, off)
-                else:
-                    self.h.trim(n, off)
-                self.count += 1
-        except Exception as e:              # the test reports it
-            self.error = e
-        self.idle.set()
+    @property
+    def count(self):
+        return self.changes
+
+    @count.setter
+    def count(self, value):               # helpers.Writer counts its turns here
+        pass
+
+    def step(self):
+        if not self.running.is_set():
+            self.idle.set()
+            self.running.wait(0.05)
+            return
+        self.idle.clear()
+        kind = self.rnd.random()
+        n = self.rnd.choice(self.lengths)
+        off = self.rnd.randrange(0, (self.size - n) // 512) * 512
+        if kind < 0.8:
+            self.h.pwrite(self.rnd.randbytes(n), off)
+        elif kind < 0.9:
+            self.h.zero(n, off)
+        else:
+            self.h.trim(n, off)
+        self.changes += 1
+
+    def reconnect(self, uri):
+        """After the server restarted (kill -9)."""
+        self.h = nbd.NBD()
+        self.h.connect_uri(uri)
 
     def pause(self):
         self.running.clear()
@@ -61,10 +72,8 @@ class Writer(threading.Thread):
         self.running.set()
 
     def finish(self):
-        self.stop.set()
         self.running.set()
-        self.join(10)
-        assert self.error is None, self.error
+        super().finish()
 
 
 class Rig:
@@ -115,7 +124,7 @@ def rig(servers, tmp_path, connect):
 
 def test_full_backup_is_the_disk_at_the_start_while_a_client_writes(rig):
     rig.write_some(1)
-    w = Writer(rig.connect(rig.disk.uri), rig.size, seed=2)
+    w = Writer(rig.disk.uri, rig.size, seed=2)
     w.start()
     w.go()
     wait_until(lambda: w.count > 20)
@@ -175,7 +184,7 @@ def test_sync_none_copies_only_the_old_bytes_of_what_clients_overwrite(rig):
 
 def test_pull_mode_export_serves_the_point_in_time_to_nbdcopy_and_nbdinfo(rig, tmp_path):
     rig.write_some(5)
-    w = Writer(rig.connect(rig.disk.uri), rig.size, seed=6)
+    w = Writer(rig.disk.uri, rig.size, seed=6)
     w.start()
     model = rig.disk_bytes()
     rig.backup(sync="none", target="export:pit", job_id="pull")
@@ -272,7 +281,7 @@ def test_kill_9_at_random_moments_the_resumed_backup_delivers_the_same_point_in_
             rig.backup(job_id="b", speed=4 * MiB)
             if mode == "paused":
                 rig.qmp("block-job-pause", device="b")
-        w = Writer(connect(rig.disk.uri), rig.size, seed=round_)
+        w = Writer(rig.disk.uri, rig.size, seed=round_)
         w.start()
         w.go()
         wait_until(lambda: w.count > rnd.randrange(3, 30), timeout=30)
@@ -280,7 +289,7 @@ def test_kill_9_at_random_moments_the_resumed_backup_delivers_the_same_point_in_
             v = connect(rig.disk.uri.replace(":///?", ":///pit?"))
             assert bytes(v.pread(rig.size // 2, 0)) == model[:rig.size // 2]
         rig.disk.kill9()
-        w.stop.set()
+        w.stop_event.set()
         w.running.set()
         w.join(10)
         rig.qmp.close()

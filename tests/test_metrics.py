@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import make_image
-from qmp_helpers import Control
+from helpers import Control
 from test_jobctl_real import jobctl_path
 
 MiB = 1 << 20
