@@ -11,8 +11,8 @@ def register(add_command):
     p.add_argument("device", metavar="DEVICE")
     p.add_argument("target", metavar="TARGET", help="NBD URI, rbd://POOL/IMAGE?conf=PATH or file path")
     p.add_argument("--job-id", help="job id (default: DEVICE)")
-    p.add_argument("--sync", choices=SYNC_MODES + ("incremental", "bitmap"), default=None,
-                   help="what to copy (default: full; incremental with --bitmap)")
+    p.add_argument("--sync", choices=SYNC_MODES + ("incremental", "bitmap"), default="full",
+                   help="what to copy (default: full; incremental or bitmap with --bitmap)")
     p.add_argument("--bitmap", help="copy only this dirty bitmap's ranges and later writes: "
                                     "the target already holds the disk as it was when the "
                                     "bitmap was created or cleared")
@@ -41,9 +41,8 @@ def register(add_command):
 
 
 def cmd_mirror(client, args):
-    sync = args.sync or ("incremental" if args.bitmap else "full")
     arguments = {"device": args.device, "target": paths.absolute_target(args.target),
-                 "mode": "existing", "sync": sync}
+                 "mode": "existing", "sync": args.sync}
     return start_job(client, args, "drive-mirror", arguments, (
         "job-id", "bitmap", "speed", "granularity", "buf-size", "on-source-error", "on-target-error",
         "copy-mode", "reconnect-delay"))
