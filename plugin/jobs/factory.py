@@ -57,6 +57,7 @@ def start_mirror(ctx, settings, connect_wait=None):
     command and no job exists; a slower one is waited for by the job.
     """
     job = _mirror(ctx, settings, intent=None, restored=False)
+    job.hold_bitmap()
     if connect_wait is not None:
         try:
             job.open_target_within(connect_wait)
@@ -83,7 +84,8 @@ def _mirror(ctx, s, intent, restored):
         auto_finalize=s.get("auto-finalize", True), auto_dismiss=s.get("auto-dismiss", True),
         pivot=ctx.pivot, intent=intent, restored=restored,
         reconnect_delay=s.get("reconnect-delay", ctx.reconnect_delay),
-        target_instance=s.get("target-instance") if restored else None)
+        target_instance=s.get("target-instance") if restored else None,
+        bitmap=s.get("bitmap"))
 
 
 def start_backup(ctx, settings, connect_wait=None):
@@ -203,6 +205,7 @@ def _restore_one(ctx, rec, pause):
                             job_id)
             intent = IntentLog(path, ctx.disk.size, region, create=not exists)
             job = _mirror(ctx, rec, intent, restored=True)
+            job.hold_bitmap()
         elif kind == "backup":
             if not os.path.exists(ctx.records.backup_path(job_id) + ".needed"):
                 log.warning("Job record dropped id=%s: the backup's point in time was never "

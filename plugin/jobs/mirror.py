@@ -2,7 +2,9 @@
 
 Phases, as QEMU's block/mirror.c:
 
-1. Initial dirty set by sync mode (full, top, none: CopyPipeline.mark_initial).
+1. Initial dirty set by sync mode (full, top, none: CopyPipeline.mark_initial;
+   incremental/bitmap: a dirty bitmap's ranges, for a target that already holds
+   the disk as it was when the bitmap was created or cleared: a delta move).
    Client writes are tracked from the start by a disk listener (_on_change).
 2. Copy loop (run): the copy pipeline (plugin/blockcopy/pipeline.py) takes
    dirty runs, reads the source and writes the target, up to buf-size in
@@ -69,7 +71,7 @@ class MirrorJob(CopyJob):
                  buf_size=None, speed=0, on_source_error="report", on_target_error="report",
                  copy_mode="background", auto_finalize=True, auto_dismiss=True, pivot=None,
                  clock=None, reconnect_delay=0.0, intent=None, restored=False,
-                 target_instance=None):
+                 target_instance=None, bitmap=None):
         granularity = granularity or disk.store.cluster_size
         chunk = max(granularity, MAX_CHUNK)
         buf_size = buf_size or DEFAULT_BUF_SIZE
@@ -80,6 +82,7 @@ class MirrorJob(CopyJob):
         self.granularity, self.chunk, self.buf_size = granularity, chunk, buf_size
         self.on_source_error, self.on_target_error = on_source_error, on_target_error
         self.copy_mode = copy_mode
+        self.bitmap_name = bitmap         # sync=incremental/bitmap: held busy while the job runs
         self._pivot = pivot
         self.created = None
         # copy-mode=write-blocking: client changes to the target, under the
@@ -103,7 +106,7 @@ class MirrorJob(CopyJob):
                 "on-target-error": self.on_target_error, "copy-mode": self.copy_mode,
                 "region-size": self.intent.region_size if self.intent else None,
                 "reconnect-delay": self.reconnect_delay, "created": self.created,
-                "target-instance": self.trust.instance}
+                "target-instance": self.trust.instance, "bitmap": self.bitmap_name}
 
     def restore_state(self, paused, io_status, offset, total, ready_seen):
         super().restore_state(paused, io_status, offset, total, ready_seen)
@@ -204,7 +207,10 @@ class MirrorJob(CopyJob):
             return
         self.trust.connected(self.compare.pending, flushes, self.id)
         if not self._restored:
-            copy.mark_initial(self.sync, lambda: self.link.reads_zero(self.disk.size))
+            if self.bitmap_name is not None:
+                self._mark_from_bitmap()
+            else:
+                copy.mark_initial(self.sync, lambda: self.link.reads_zero(self.disk.size))
         pos = 0
         while True:
             if self._fatal is not None:
@@ -352,7 +358,42 @@ class MirrorJob(CopyJob):
     def abort(self):
         self._stop_listening()
 
+    # -- a delta move (sync=incremental/bitmap) ------------------------------------
+
+    def hold_bitmap(self):
+        """Take the bitmap busy (before the job starts; again after a restart)."""
+        bitmaps = getattr(self.disk, "bitmaps", None)
+        if self.bitmap_name is None or bitmaps is None:
+            return
+        try:
+            bitmaps.set_busy(self.bitmap_name)
+        except CommandError as e:
+            if not self._restored:
+                raise
+            log.warning("Mirror bitmap not held job=%s bitmap=%s: %s", self.id,
+                        self.bitmap_name, e)
+
+    def _mark_from_bitmap(self):
+        """The first dirty set: the bitmap's ranges.  Read after attach(), so a write
+        after this is the listener's; one before it is in the bitmap (recording)."""
+        runs, _ = self.disk.bitmaps.lookup(self.bitmap_name).bits.runs()
+        for off, n in runs:
+            self.bitmap.mark(off, n)
+        log.info("Mirror copies a bitmap's ranges job=%s bitmap=%s bytes=%d", self.id,
+                 self.bitmap_name, sum(n for _, n in runs))
+
+    def _release_bitmap(self):
+        bitmaps = getattr(self.disk, "bitmaps", None)
+        if self.bitmap_name is None or bitmaps is None:
+            return
+        try:
+            if bitmaps.lookup(self.bitmap_name).busy:
+                bitmaps.set_busy(self.bitmap_name, False)
+        except CommandError:
+            pass
+
     def clean(self):
+        self._release_bitmap()
         self._stop_listening()
         self.link.close()
         self._through.drop()
