@@ -9,7 +9,7 @@ import pytest
 from qemu.qmp import ExecuteError
 
 from conftest import make_image
-from qmp_helpers import Control
+from helpers import Control
 
 MiB = 1 << 20
 SIZE = 16 * MiB
