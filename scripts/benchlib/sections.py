@@ -5,7 +5,7 @@ tables with bench.group(...) and adds one sample per run to each row.  To add a
 benchmark, write such a module and list it here.
 """
 
-from benchlib import bitmaps, ceph, durable, mirror, overlay, smallio, stream, tls
+from benchlib import backup, bitmaps, ceph, durable, mirror, overlay, smallio, stream, tls
 
 SECTIONS = {
     "overlay": overlay,
@@ -15,5 +15,6 @@ SECTIONS = {
     "durable": durable,
     "tls": tls,
     "bitmaps": bitmaps,
+    "backup": backup,
     "ceph": ceph,
 }
