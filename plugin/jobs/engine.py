@@ -41,11 +41,11 @@ import errno
 import logging
 import os
 import threading
-import time
 
 from ..core import policy
 from ..core.errors import CommandError, errno_name, error_text
 from .clock import MONOTONIC
+from .errorlog import ErrorLog
 from .ratelimit import RateLimiter
 from .states import TRANSITIONS, VERBS, refused_verb_error
 
@@ -150,8 +150,7 @@ class Job:
         self._total = 0
         self._kicks = 0
         self._rate = RateLimiter(speed, self.clock.now())
-        self._error_events: dict = {}   # operation -> (last emit time, suppressed count)
-        self._last_error: dict | None = None   # x-last-error of query-block-jobs
+        self._errors = ErrorLog(job_id)  # the last error, the pacing of BLOCK_JOB_ERROR
         self._on_null: list = []
         self.durable = None             # record keeper (save/forget), see plugin/jobs/record.py
         self._ready_seen = False
@@ -318,8 +317,12 @@ class Job:
         copied = self.copied_bytes()
         if copied is not None:
             ext["x-copied-bytes"] = copied
-        if self._last_error is not None:
-            ext["x-last-error"] = dict(self._last_error)
+        last = self._errors.last
+        if last is not None:
+            seconds, micro = divmod(last.time_us, 1000000)
+            ext["x-last-error"] = {"operation": last.operation, "errno": last.errno,
+                                   "desc": last.desc, "count": last.count,
+                                   "time": {"seconds": seconds, "microseconds": micro}}
         return ext
 
     def _with_error(self, info: dict) -> dict:
@@ -454,8 +457,13 @@ class Job:
         """
         action = policy.error_action(on_error, operation, error_errno)
         with self._cond:
-            self._note_error(operation, error_errno)
-            self._emit_error_event(operation, action, error_errno)
+            self._errors.note(operation, error_errno)
+            if self._errors.should_emit(operation, action, self.clock.now(),
+                                        self.ERROR_EVENT_INTERVAL):
+                # x-errno / x-desc: why, an extension of QEMU's event (QEMU clients ignore them).
+                self._emit("BLOCK_JOB_ERROR", {
+                    "device": self.id, "operation": operation, "action": action,
+                    "x-errno": errno_name(error_errno), "x-desc": os.strerror(error_errno)})
             if action == "stop":
                 if not self._user_paused:
                     self._user_paused = True
@@ -614,34 +622,6 @@ class Job:
         self._io_status = "ok"
         self._user_paused = False
         self._pause_count -= 1
-
-    def _note_error(self, operation: str, err: int) -> None:
-        # The job keeps its last error so the operator can see why it paused.
-        name = errno_name(err)
-        last = self._last_error
-        if last is not None and last["operation"] == operation and last["errno"] == name:
-            last["count"] += 1
-        else:
-            last = self._last_error = {"operation": operation, "errno": name,
-                                       "desc": os.strerror(err), "count": 1}
-        seconds, micro = divmod(int(time.time() * 1e6), 1000000)
-        last["time"] = {"seconds": seconds, "microseconds": micro}
-
-    def _emit_error_event(self, operation: str, action: str, err: int) -> None:
-        now = self.clock.now()
-        if action == "ignore":
-            last, suppressed = self._error_events.get(operation, (None, 0))
-            if last is not None and now - last < self.ERROR_EVENT_INTERVAL:
-                self._error_events[operation] = (last, suppressed + 1)
-                return
-            if suppressed:
-                log.info("Job error events coalesced id=%s operation=%s count=%d",
-                         self.id, operation, suppressed)
-            self._error_events[operation] = (now, 0)
-        # x-errno / x-desc: why, an extension of QEMU's event (QEMU clients ignore them).
-        self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": operation,
-                                       "action": action, "x-errno": errno_name(err),
-                                       "x-desc": os.strerror(err)})
 
     def _thread_main(self) -> None:
         failure = None
