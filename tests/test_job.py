@@ -13,6 +13,7 @@ import time
 import pytest
 
 from plugin.qmp.events import EventBus
+from plugin.qmp.job_info import block_job_info, job_info
 from plugin.jobs.engine import Job
 from plugin.jobs.registry import JobRegistry
 from plugin.core.errors import CommandError
@@ -277,7 +278,7 @@ def test_pause_moves_running_job_to_paused_and_resume_back(start, events):
     events.until_status("running")
     job.user_pause()
     assert summary(events.until_status("paused")) == ["paused"]
-    assert job.block_info()["paused"] is True
+    assert block_job_info(job)["paused"] is True
     job.user_resume()
     assert summary(events.until_status("running")) == ["running"]
     job.started_gate.set()
@@ -299,7 +300,7 @@ def test_paused_job_is_not_busy(start, events):
     job = start(hold=True)
     job.user_pause()
     events.until_status("paused")
-    assert job.block_info()["busy"] is False
+    assert block_job_info(job)["busy"] is False
 
 
 def test_pause_of_ready_job_moves_to_standby_and_resume_back_to_ready(start, events):
@@ -307,7 +308,7 @@ def test_pause_of_ready_job_moves_to_standby_and_resume_back_to_ready(start, eve
     events.until("BLOCK_JOB_READY")
     job.user_pause()
     assert summary(events.until_status("standby")) == ["standby"]
-    assert job.block_info()["ready"] is True
+    assert block_job_info(job)["ready"] is True
     job.user_resume()
     assert summary(events.until_status("ready")) == ["ready"]
 
@@ -422,7 +423,7 @@ def test_cancelled_concluded_job_shows_operation_canceled(start, events):
     job.user_cancel()
     events.until_status("concluded")
     # QEMU reports -ECANCELED's strerror as the error of a cancelled job.
-    assert job.block_info()["error"] == "Operation canceled"
+    assert block_job_info(job)["error"] == "Operation canceled"
 
 
 # ----------------------------------------------------------------------
@@ -441,8 +442,8 @@ def test_run_error_ends_with_completed_carrying_strerror(start, events):
 def test_failed_job_info_shows_error(start, events):
     job = start(fail_run=errno.ENOSPC, auto_dismiss=False)
     events.until_status("concluded")
-    assert job.block_info()["error"] == "No space left on device"
-    assert job.job_info()["error"] == "No space left on device"
+    assert block_job_info(job)["error"] == "No space left on device"
+    assert job_info(job)["error"] == "No space left on device"
 
 
 def test_prepare_failure_turns_success_into_error(start, events):
@@ -481,7 +482,7 @@ def test_ignore_policy_retries_and_completes_without_error(start, events):
     completed = [e for e in trail if e["event"] == "BLOCK_JOB_COMPLETED"][0]
     assert "error" not in completed["data"]
     assert job.actions == ["ignore", "ignore"]
-    assert job.block_info()["io-status"] == "ok"
+    assert block_job_info(job)["io-status"] == "ok"
 
 
 def test_repeated_ignored_errors_are_rate_limited_but_the_first_is_emitted(start, events):
@@ -499,7 +500,7 @@ def test_stop_policy_pauses_job_and_sets_io_status_failed(start, events):
     trail = events.until_status("paused")
     assert summary(trail) == ["created", "running", "BLOCK_JOB_ERROR", "paused"]
     assert trail[2]["data"]["action"] == "stop"
-    info = job.block_info()
+    info = block_job_info(job)
     assert (info["io-status"], info["paused"], info["status"]) == ("failed", True, "paused")
     assert job.user_paused is True
 
@@ -507,24 +508,24 @@ def test_stop_policy_pauses_job_and_sets_io_status_failed(start, events):
 def test_a_paused_job_keeps_its_last_error_in_block_info(start, events):
     job = start(faults={1: [errno.EIO]}, on_error="stop")
     events.until_status("paused")
-    last = job.block_info()["x-last-error"]
+    last = block_job_info(job)["x-last-error"]
     assert {k: last[k] for k in ("operation", "errno", "desc", "count")} == {
         "operation": "write", "errno": "EIO", "desc": "Input/output error", "count": 1}
     assert set(last["time"]) == {"seconds", "microseconds"}
     job.user_resume()                 # resume clears io-status, not the record of why
-    assert job.block_info()["x-last-error"]["errno"] == "EIO"
+    assert block_job_info(job)["x-last-error"]["errno"] == "EIO"
 
 
 def test_repeated_identical_errors_are_counted_in_the_last_error(start, events):
     job = start(faults={1: [errno.EIO] * 5}, on_error="ignore", auto_dismiss=False)
     events.until_status("concluded")
-    assert job.block_info()["x-last-error"]["count"] == 5
+    assert block_job_info(job)["x-last-error"]["count"] == 5
 
 
 def test_a_job_without_errors_has_no_last_error(start, events):
     job = start(auto_dismiss=False)
     events.until_status("concluded")
-    assert "x-last-error" not in job.block_info()
+    assert "x-last-error" not in block_job_info(job)
 
 
 def test_enospc_policy_stops_on_enospc_with_io_status_nospace(start, events):
@@ -569,7 +570,7 @@ def test_stop_while_ready_moves_to_standby(start, events):
     job = start(becomes_ready=True, ready_faults=[errno.EIO], on_error="stop")
     trail = events.until_status("standby")
     assert summary(trail)[-3:] == ["BLOCK_JOB_READY", "BLOCK_JOB_ERROR", "standby"]
-    assert job.block_info()["ready"] is True
+    assert block_job_info(job)["ready"] is True
     job.user_resume()
     events.until_status("ready")
     assert job.io_status == "ok"
@@ -620,7 +621,7 @@ def test_set_speed_lower_slows_a_running_job(start, events):
     offset, _ = job.progress
     # 0.5 s at 64 KiB/s plus the burst allowance: a handful of chunks, not 1000.
     assert offset <= 4 * 64 * 1024
-    assert job.block_info()["speed"] == 64 * 1024
+    assert block_job_info(job)["speed"] == 64 * 1024
 
 
 def test_negative_speed_is_rejected(start):
@@ -747,7 +748,7 @@ def test_change_rejects_option_the_job_type_lacks(start):
 def test_block_info_has_qemu_fields(start, events):
     job = start(hold=True, chunks=2, chunk_size=10, speed=100)
     wait_for(lambda: job.progress[1] == 20)
-    info = job.block_info()
+    info = block_job_info(job)
     assert isinstance(info.pop("busy"), bool)   # flips as the held job sleeps and wakes
     assert info == {
         "type": "stream", "device": "j0", "len": 20, "offset": 0,
@@ -759,7 +760,7 @@ def test_job_info_has_qemu_fields(start, events):
     job = start(hold=True, chunks=2, chunk_size=10)
     events.until_status("running")
     wait_for(lambda: job.progress[1] == 20)
-    assert job.job_info() == {"id": "j0", "type": "stream", "status": "running",
+    assert job_info(job) == {"id": "j0", "type": "stream", "status": "running",
                               "current-progress": 0, "total-progress": 20}
 
 

@@ -29,7 +29,8 @@ Lock order: ``_lifecycle`` before ``_cond``; the registry's lock is never
 held while a job lock is taken, except ``_cond`` in ``JobRegistry.add``.
 
 Naming: every "device" field in QMP data (events, BlockJobInfo) is the job
-id, as in QEMU.  ``Job.device`` is the disk the job works on; the registry
+id, as in QEMU.  The engine builds its events' data; query replies are
+shaped in plugin/qmp/job_info.py from :meth:`Job.snapshot`.  ``Job.device`` is the disk the job works on; the registry
 allows one active job per device.
 
 See docs/jobs.md for the state table, the verb table and the event order.
@@ -37,6 +38,7 @@ See docs/jobs.md for the state table, the verb table and the event order.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -45,11 +47,31 @@ import threading
 from ..core import policy
 from ..core.errors import CommandError, errno_name, error_text
 from .clock import MONOTONIC
-from .errorlog import ErrorLog
+from .errorlog import ErrorLog, LastError
 from .ratelimit import RateLimiter
 from .states import TRANSITIONS, VERBS, refused_verb_error
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobState:
+    """One consistent reading of a job's state; the QMP layer shapes its replies from it."""
+
+    status: str                 # states.py
+    busy: bool                  # working, not waiting in a pause or a sleep
+    paused: bool                # a pause is in effect (a verb, an error with stop)
+    offset: int                 # progress, bytes
+    total: int
+    speed: int                  # bytes/s, 0 = unlimited
+    io_status: str              # ok, failed, nospace
+    error: str | None           # the error text the job ends with
+    last_error: LastError | None
+
+    @property
+    def ready(self) -> bool:
+        """ready or standby (QEMU's job_is_ready)."""
+        return self.status in ("ready", "standby")
 
 
 def _guarded(field: str, doc: str) -> property:
@@ -281,55 +303,13 @@ class Job:
         with self._cond:
             return self._offset, self._total
 
-    def block_info(self) -> dict:
-        """QEMU's BlockJobInfo for query-block-jobs."""
+    def snapshot(self) -> JobState:
+        """The job's state read at one instant (query-block-jobs, query-jobs)."""
         with self._cond:
-            return self._with_error({
-                "type": self.type,
-                "device": self.id,
-                "len": self._total,
-                "offset": self._offset,
-                "busy": self._busy,
-                "paused": self._pause_count > 0,
-                "speed": self._rate.speed,
-                "io-status": self._io_status,
-                "ready": self._status in ("ready", "standby"),
-                "status": self._status,
-                "auto-finalize": self.auto_finalize,
-                "auto-dismiss": self.auto_dismiss,
-                **self._extensions(),
-            })
-
-    def job_info(self) -> dict:
-        """QEMU's JobInfo for query-jobs."""
-        with self._cond:
-            return self._with_error({
-                "id": self.id, "type": self.type, "status": self._status,
-                "current-progress": self._offset, "total-progress": self._total,
-            })
-
-    def _extensions(self) -> dict:
-        # Our additions to BlockJobInfo, x- prefixed as QEMU's own extensions are.
-        ext = {}
-        policies = self.policies()
-        if policies:
-            ext["x-policies"] = policies
-        copied = self.copied_bytes()
-        if copied is not None:
-            ext["x-copied-bytes"] = copied
-        last = self._errors.last
-        if last is not None:
-            seconds, micro = divmod(last.time_us, 1000000)
-            ext["x-last-error"] = {"operation": last.operation, "errno": last.errno,
-                                   "desc": last.desc, "count": last.count,
-                                   "time": {"seconds": seconds, "microseconds": micro}}
-        return ext
-
-    def _with_error(self, info: dict) -> dict:
-        # QEMU's "error" member: present only once the job has failed.
-        if self._error is not None:
-            info["error"] = self._error
-        return info
+            return JobState(status=self._status, busy=self._busy, paused=self._pause_count > 0,
+                            offset=self._offset, total=self._total, speed=self._rate.speed,
+                            io_status=self._io_status, error=self._error,
+                            last_error=self._errors.last)
 
     # ------------------------------------------------------------------
     # Helpers for run()
