@@ -35,9 +35,14 @@ _TRIM_AFTER = 256 * 1024
 
 
 class Connection(Channel):
-    """A client socket registered with ``selector``; ``on_close(self)`` runs once when dropped."""
+    """A client socket registered with ``selector``; ``on_close(self)`` runs once when dropped.
 
-    def __init__(self, sock: socket.socket, number: int, selector, max_output: int, on_close):
+    ``last_input`` is when the peer last sent anything (``clock()``, at first
+    the connect): the server evicts the connection idle longest when full.
+    """
+
+    def __init__(self, sock: socket.socket, number: int, selector, max_output: int, on_close,
+                 clock):
         sock.setblocking(False)
         self.sock = sock
         self.number = number
@@ -48,6 +53,8 @@ class Connection(Channel):
         self.closed = False
         self.mask = selectors.EVENT_READ
         self.max_output = max_output
+        self._clock = clock
+        self.last_input = clock()
         self._selector = selector
         self._on_close = on_close
         selector.register(sock, self.mask, self)
@@ -66,6 +73,7 @@ class Connection(Channel):
             self.eof = True
             self._update_mask()
             return
+        self.last_input = self._clock()
         for item in self.decoder.feed(data):
             if self.closed:
                 return
@@ -98,7 +106,7 @@ class Connection(Channel):
             return
         self.closed = True
         # Log before closing, so the line exists by the time the peer sees EOF.
-        if reason in ("eof", "shutdown"):
+        if reason in ("eof", "shutdown", "evicted"):   # evicted: the server said why
             log.info("QMP client disconnected client=%d reason=%s", self.number, reason)
         else:
             log.warning("QMP client dropped client=%d reason=%s pending_output=%d",

@@ -5,7 +5,8 @@ bytes into messages, ``session`` holds the QMP session rules (greeting,
 capabilities negotiation, one message -> one reply, event order),
 ``dispatch`` checks and runs commands, ``events`` carries events.  This
 module owns the sockets: the socket file and who may connect (peer uid,
-how many at once, descriptors kept for NBD), the loop, and teardown;
+how many at once and which idle one makes room, descriptors kept for NBD),
+the loop, and teardown;
 ``connection`` does one client's I/O, buffers and back-pressure.
 
 Threading: ``start()`` starts ONE thread running a ``selectors`` loop over
@@ -45,8 +46,11 @@ DEFAULT_EVENT_QUEUE = 10_000
 # After accept() fails for lack of resources (EMFILE...), the listener stays
 # readable; ignore it this long instead of spinning.
 _ACCEPT_BACKOFF = 0.5
-# Control connections served at once; more are answered with an error and closed.
+# Control connections served at once.  At the limit, a new connection evicts
+# the one idle longest (never negotiated first) if it has sent nothing for
+# EVICT_IDLE_AFTER seconds; otherwise it is answered with an error and closed.
 DEFAULT_MAX_CLIENTS = 64
+DEFAULT_EVICT_IDLE_AFTER = 10.0
 # File descriptors kept free for nbdkit's NBD clients: a control connection is
 # refused when fewer than this many would remain under RLIMIT_NOFILE.
 DEFAULT_FD_RESERVE = 128
@@ -63,7 +67,8 @@ class ControlServer:
     def __init__(self, path, registry, bus, greeting_version=(0, 1, 0),
                  package: str = "overlay-nbd", max_output: int = DEFAULT_MAX_OUTPUT,
                  event_queue: int = DEFAULT_EVENT_QUEUE,
-                 max_clients: int = DEFAULT_MAX_CLIENTS, fd_reserve: int = DEFAULT_FD_RESERVE):
+                 max_clients: int = DEFAULT_MAX_CLIENTS, fd_reserve: int = DEFAULT_FD_RESERVE,
+                 evict_idle_after: float = DEFAULT_EVICT_IDLE_AFTER, clock=time.monotonic):
         self._rules = SessionRules(registry, bus, greeting_version, package, event_queue)
         self.path = os.fspath(path)
         self.registry = registry
@@ -72,6 +77,8 @@ class ControlServer:
         self.event_queue = event_queue
         self.max_clients = max_clients
         self.fd_reserve = fd_reserve
+        self.evict_idle_after = evict_idle_after
+        self._clock = clock         # idle times (tests step it)
         self._quiet = _OncePerInterval(_LOG_INTERVAL)
         self._lock = threading.Lock()
         self._thread = None
@@ -231,7 +238,7 @@ class ControlServer:
                 self._refuse(sock, refusal)
                 continue
             client = Connection(sock, self._next_client, self._selector, self.max_output,
-                                self._forget)
+                                self._forget, self._clock)
             self._next_client += 1
             self._clients[client.number] = client
             log.info("QMP client connected client=%d", client.number)
@@ -257,13 +264,32 @@ class ControlServer:
 
     def _refusal(self):
         """Why a new control connection cannot be served now, or None."""
-        if len(self._clients) >= self.max_clients:
+        if len(self._clients) >= self.max_clients and not self._evict_idle():
             return "too many control connections (%d)" % self.max_clients
         free = _free_descriptors()
         if free is not None and free < self.fd_reserve:
             return ("too few file descriptors left (%d free, %d kept for NBD clients)"
                     % (free, self.fd_reserve))
         return None
+
+    def _evict_idle(self) -> bool:
+        """Drop the connection idle longest, if one has been idle long enough.
+
+        A script that leaks connections must not lock the operator out: a
+        connection that never negotiated goes before a negotiated one, then
+        the one that sent nothing for the longest (idle = no bytes received).
+        """
+        now = self._clock()
+        idle = [c for c in self._clients.values()
+                if now - c.last_input >= self.evict_idle_after]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: (c.session.negotiated, c.last_input, c.number))
+        log.warning("QMP client evicted client=%d idle_s=%.1f negotiated=%s clients=%d",
+                    victim.number, now - victim.last_input, victim.session.negotiated,
+                    len(self._clients))
+        victim.close("evicted")
+        return True
 
     def _refuse(self, sock, desc) -> None:
         """Answer with a QMP error instead of a greeting, and close."""
