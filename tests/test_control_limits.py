@@ -100,6 +100,33 @@ def test_a_connection_that_sends_is_not_idle(small_env):
     assert refusal["error"]["desc"] == "too many control connections (3)"
 
 
+def test_a_message_left_unfinished_is_abandoned_with_its_connection(small_env):
+    """A client that leaks its socket mid-message does not keep the buffer (issue 24)."""
+    clock = small_env.server._clock
+    stalled = small_env.client()
+    # One send: the server reads both in one recv, so the reply proves the
+    # partial message is held too.
+    stalled.send(b'{"execute": "query-version", "id": 1}{"execute": "query-version", "id": ')
+    assert stalled.recv()["id"] == 1
+    idle = small_env.client()                   # idle, but no unfinished message
+    clock.step(small_env.server.partial_timeout)
+    small_env.client()                          # wakes the loop
+    with pytest.raises(EOFError):
+        stalled.recv()
+    assert idle.execute("query-version")["return"]
+
+
+def test_a_message_finished_in_time_is_answered(small_env):
+    clock = small_env.server._clock
+    slow = small_env.client()
+    slow.send(b'{"execute": "query-version", "id": 1}{"execute": "query-version", "id": ')
+    assert slow.recv()["id"] == 1
+    clock.step(small_env.server.partial_timeout - 1)
+    small_env.client()                          # wakes the loop
+    slow.send(b"2}")
+    assert slow.recv()["id"] == 2
+
+
 def test_connections_are_refused_while_too_few_descriptors_remain(tmp_path):
     env = Env(tmp_path, fd_reserve=1 << 40)     # more than any RLIMIT_NOFILE
     env.server.start()

@@ -6,7 +6,7 @@ capabilities negotiation, one message -> one reply, event order),
 ``dispatch`` checks and runs commands, ``events`` carries events.  This
 module owns the sockets: the socket file and who may connect (peer uid,
 how many at once and which idle one makes room, descriptors kept for NBD),
-the loop, and teardown;
+the loop, connections abandoned in the middle of a message, and teardown;
 ``connection`` does one client's I/O, buffers and back-pressure.
 
 Threading: ``start()`` starts ONE thread running a ``selectors`` loop over
@@ -51,6 +51,9 @@ _ACCEPT_BACKOFF = 0.5
 # EVICT_IDLE_AFTER seconds; otherwise it is answered with an error and closed.
 DEFAULT_MAX_CLIENTS = 64
 DEFAULT_EVICT_IDLE_AFTER = 10.0
+# A message left unfinished this long (nothing received since) is abandoned:
+# the connection is dropped and the partial message (up to 1 MiB) freed.
+DEFAULT_PARTIAL_TIMEOUT = 10.0
 # File descriptors kept free for nbdkit's NBD clients: a control connection is
 # refused when fewer than this many would remain under RLIMIT_NOFILE.
 DEFAULT_FD_RESERVE = 128
@@ -68,7 +71,8 @@ class ControlServer:
                  package: str = "overlay-nbd", max_output: int = DEFAULT_MAX_OUTPUT,
                  event_queue: int = DEFAULT_EVENT_QUEUE,
                  max_clients: int = DEFAULT_MAX_CLIENTS, fd_reserve: int = DEFAULT_FD_RESERVE,
-                 evict_idle_after: float = DEFAULT_EVICT_IDLE_AFTER, clock=time.monotonic):
+                 evict_idle_after: float = DEFAULT_EVICT_IDLE_AFTER,
+                 partial_timeout: float = DEFAULT_PARTIAL_TIMEOUT, clock=time.monotonic):
         self._rules = SessionRules(registry, bus, greeting_version, package, event_queue)
         self.path = os.fspath(path)
         self.registry = registry
@@ -78,6 +82,7 @@ class ControlServer:
         self.max_clients = max_clients
         self.fd_reserve = fd_reserve
         self.evict_idle_after = evict_idle_after
+        self.partial_timeout = partial_timeout
         self._clock = clock         # idle times (tests step it)
         self._quiet = _OncePerInterval(_LOG_INTERVAL)
         self._lock = threading.Lock()
@@ -184,9 +189,10 @@ class ControlServer:
         try:
             while not self._stopping:
                 self._maybe_resume_accept()
-                timeout = None
+                timeout = self._drop_abandoned()
                 if self._accept_resume_at is not None:
-                    timeout = max(0.0, self._accept_resume_at - time.monotonic())
+                    resume = max(0.0, self._accept_resume_at - time.monotonic())
+                    timeout = resume if timeout is None else min(timeout, resume)
                 for key, mask in self._selector.select(timeout):
                     if key.data is _LISTENER:
                         self._accept()
@@ -306,6 +312,26 @@ class ControlServer:
         if self._accept_resume_at is not None and time.monotonic() >= self._accept_resume_at:
             self._accept_resume_at = None
             self._selector.register(self._listener, selectors.EVENT_READ, _LISTENER)
+
+    def _drop_abandoned(self):
+        """Drop connections whose partial message has waited ``partial_timeout``.
+
+        A client that died or leaked its socket in the middle of a message
+        would otherwise keep that message's buffer (up to 1 MiB) for as long
+        as the process lives.  Returns the seconds until the next such
+        deadline (None if no message is unfinished), for select().
+        """
+        now = self._clock()
+        soonest = None
+        for client in list(self._clients.values()):
+            if client.decoder.idle:
+                continue
+            left = client.last_input + self.partial_timeout - now
+            if left <= 0:
+                client.close("partial-message-timeout")
+            elif soonest is None or left < soonest:
+                soonest = left
+        return soonest
 
     def _forget(self, client: Connection) -> None:
         self._clients.pop(client.number, None)
