@@ -4,10 +4,11 @@ The control protocol is layered as ``qemu.qmp`` layers it: ``wire`` frames
 bytes into messages, ``session`` holds the QMP session rules (greeting,
 capabilities negotiation, one message -> one reply, event order),
 ``dispatch`` checks and runs commands, ``events`` carries events.  This
-module owns the sockets: the socket file and who may connect (peer uid,
-how many at once and which idle one makes room, descriptors kept for NBD),
-the loop, connections abandoned in the middle of a message, and teardown;
-``connection`` does one client's I/O, buffers and back-pressure.
+module owns the sockets: who may connect (peer uid, how many at once and
+which idle one makes room, descriptors kept for NBD), the loop,
+connections abandoned in the middle of a message, and teardown;
+``connection`` does one client's I/O, buffers and back-pressure, and
+``listener`` the socket file and what the system says about a peer.
 
 Threading: ``start()`` starts ONE thread running a ``selectors`` loop over
 the listening socket, every client, and a socketpair used to wake the loop
@@ -25,18 +26,15 @@ the output buffer is full the client's requests are not read.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import resource
 import selectors
 import socket
-import stat
-import struct
 import threading
 import time
 
 from .connection import Connection
+from .listener import bind_socket, free_descriptors, peer_allowed, unlink_socket
 from .session import SessionRules, refusal
 
 log = logging.getLogger(__name__)
@@ -105,16 +103,8 @@ class ControlServer:
         with self._lock:
             if self._thread is not None:
                 raise RuntimeError("control server already started")
-            _remove_stale_socket(self.path)
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener, self._socket_ino = bind_socket(self.path)
             try:
-                listener.bind(self.path)
-                self._socket_ino = os.stat(self.path).st_ino
-                # Connections are refused until listen(), so tightening the
-                # mode first leaves no window in which others could connect.
-                os.chmod(self.path, 0o600)
-                listener.listen(16)
-                listener.setblocking(False)
                 self._wake_r, self._wake_w = socket.socketpair()
                 self._wake_r.setblocking(False)
                 self._wake_w.setblocking(False)
@@ -123,7 +113,7 @@ class ControlServer:
                 self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKER)
             except BaseException:
                 listener.close()
-                self._unlink_socket()
+                unlink_socket(self.path, self._socket_ino)
                 self._close_waker()
                 raise
             self._listener = listener
@@ -237,7 +227,7 @@ class ControlServer:
                 self._selector.unregister(self._listener)
                 self._accept_resume_at = time.monotonic() + _ACCEPT_BACKOFF
                 return
-            if not self._peer_allowed(sock):
+            if not peer_allowed(sock, self._uid):
                 continue
             refusal = self._refusal()
             if refusal is not None:
@@ -250,29 +240,11 @@ class ControlServer:
             log.info("QMP client connected client=%d", client.number)
             client.session = self._rules.open(client.number, client, self._notify)
 
-    def _peer_allowed(self, sock: socket.socket) -> bool:
-        """Only our own uid and root may talk to us, whatever the socket's mode
-        (SO_PEERCRED: the credentials of the connecting process).  Others are
-        closed before the greeting."""
-        try:
-            pid, uid, _ = struct.unpack("3i", sock.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-        except OSError as err:
-            log.warning("QMP client refused: no peer credentials error=%s", err)
-            sock.close()
-            return False
-        if uid in (0, self._uid):
-            return True
-        log.warning("QMP client refused: uid %d is neither the server's (%d) nor root pid=%d",
-                    uid, self._uid, pid)
-        sock.close()
-        return False
-
     def _refusal(self):
         """Why a new control connection cannot be served now, or None."""
         if len(self._clients) >= self.max_clients and not self._evict_idle():
             return "too many control connections (%d)" % self.max_clients
-        free = _free_descriptors()
+        free = free_descriptors()
         if free is not None and free < self.fd_reserve:
             return ("too few file descriptors left (%d free, %d kept for NBD clients)"
                     % (free, self.fd_reserve))
@@ -343,7 +315,7 @@ class ControlServer:
             client.close("shutdown")
         if self._listener is not None:
             self._listener.close()
-        self._unlink_socket()
+        unlink_socket(self.path, self._socket_ino)
         self._selector.close()
         # All subscriptions are gone, so no emitter can still be in _notify
         # once unsubscribe() returned; the waker can be closed safely.
@@ -354,15 +326,6 @@ class ControlServer:
         for sock in (self._wake_r, self._wake_w):
             if sock is not None:
                 sock.close()
-
-    def _unlink_socket(self) -> None:
-        """Remove our socket file, unless someone else replaced it since."""
-        try:
-            if self._socket_ino is not None and os.stat(self.path).st_ino == self._socket_ino:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
 
 class _OncePerInterval:
     """Log a repeating condition once per interval, saying how often it happened."""
@@ -384,42 +347,3 @@ class _OncePerInterval:
         log.log(level, fmt, *args)
         self._last[key] = (now, 0)
         return True
-
-
-def _free_descriptors():
-    """File descriptors still free under RLIMIT_NOFILE (None if unlimited or unknown)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return None
-    try:
-        used = len(os.listdir("/proc/self/fd")) - 1     # less listdir's own descriptor
-    except OSError:
-        return None
-    return soft - used
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket file left by a dead server; refuse to steal a live one."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, "control socket path exists and is not a socket", path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        pass  # nobody listens: stale
-    except OSError as err:
-        raise OSError(errno.EADDRINUSE, f"control socket may be in use ({err})", path) from err
-    else:
-        raise OSError(errno.EADDRINUSE, "control socket is in use by another server", path)
-    finally:
-        probe.close()
-    log.info("Removing stale control socket path=%s", path)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
