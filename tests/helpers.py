@@ -23,6 +23,7 @@ import nbd
 import pytest
 
 from jobctl.qmp_client import QMPClient
+from plugin.qmp.job_info import block_job_info
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT = 30
@@ -317,7 +318,7 @@ def step_clock(clock, job, seconds, timeout=TIMEOUT):
         if job.join(0):
             return
         assert time.monotonic() < deadline, \
-            "the job did not go back to sleep in %ss: %s" % (timeout, job.block_info())
+            "the job did not go back to sleep in %ss: %s" % (timeout, block_job_info(job))
 
 
 class LocalDisk:

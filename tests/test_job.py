@@ -15,6 +15,7 @@ import pytest
 from helpers import step_clock
 from plugin.qmp.events import EventBus
 from plugin.jobs.clock import ManualClock
+from plugin.qmp.job_info import block_job_info, job_info
 from plugin.jobs.engine import Job
 from plugin.jobs.ratelimit import SLICE
 from plugin.jobs.registry import JobRegistry
@@ -289,7 +290,7 @@ def test_pause_moves_running_job_to_paused_and_resume_back(start, events):
     events.until_status("running")
     job.user_pause()
     assert summary(events.until_status("paused")) == ["paused"]
-    assert job.block_info()["paused"] is True
+    assert block_job_info(job)["paused"] is True
     job.user_resume()
     assert summary(events.until_status("running")) == ["running"]
     job.started_gate.set()
@@ -311,7 +312,7 @@ def test_paused_job_is_not_busy(start, events):
     job = start(hold=True)
     job.user_pause()
     events.until_status("paused")
-    assert job.block_info()["busy"] is False
+    assert block_job_info(job)["busy"] is False
 
 
 def test_pause_of_ready_job_moves_to_standby_and_resume_back_to_ready(start, events):
@@ -319,7 +320,7 @@ def test_pause_of_ready_job_moves_to_standby_and_resume_back_to_ready(start, eve
     events.until("BLOCK_JOB_READY")
     job.user_pause()
     assert summary(events.until_status("standby")) == ["standby"]
-    assert job.block_info()["ready"] is True
+    assert block_job_info(job)["ready"] is True
     job.user_resume()
     assert summary(events.until_status("ready")) == ["ready"]
 
@@ -434,7 +435,7 @@ def test_cancelled_concluded_job_shows_operation_canceled(start, events):
     job.user_cancel()
     events.until_status("concluded")
     # QEMU reports -ECANCELED's strerror as the error of a cancelled job.
-    assert job.block_info()["error"] == "Operation canceled"
+    assert block_job_info(job)["error"] == "Operation canceled"
 
 
 # ----------------------------------------------------------------------
@@ -453,8 +454,8 @@ def test_run_error_ends_with_completed_carrying_strerror(start, events):
 def test_failed_job_info_shows_error(start, events):
     job = start(fail_run=errno.ENOSPC, auto_dismiss=False)
     events.until_status("concluded")
-    assert job.block_info()["error"] == "No space left on device"
-    assert job.job_info()["error"] == "No space left on device"
+    assert block_job_info(job)["error"] == "No space left on device"
+    assert job_info(job)["error"] == "No space left on device"
 
 
 def test_prepare_failure_turns_success_into_error(start, events):
@@ -493,7 +494,7 @@ def test_ignore_policy_retries_and_completes_without_error(start, events):
     completed = [e for e in trail if e["event"] == "BLOCK_JOB_COMPLETED"][0]
     assert "error" not in completed["data"]
     assert job.actions == ["ignore", "ignore"]
-    assert job.block_info()["io-status"] == "ok"
+    assert block_job_info(job)["io-status"] == "ok"
 
 
 @pytest.mark.parametrize("step, sent", [(0.001, 1), (0.125, 5)])
@@ -517,7 +518,7 @@ def test_stop_policy_pauses_job_and_sets_io_status_failed(start, events):
     trail = events.until_status("paused")
     assert summary(trail) == ["created", "running", "BLOCK_JOB_ERROR", "paused"]
     assert trail[2]["data"]["action"] == "stop"
-    info = job.block_info()
+    info = block_job_info(job)
     assert (info["io-status"], info["paused"], info["status"]) == ("failed", True, "paused")
     assert job.user_paused is True
 
@@ -525,25 +526,25 @@ def test_stop_policy_pauses_job_and_sets_io_status_failed(start, events):
 def test_a_paused_job_keeps_its_last_error_in_block_info(start, events):
     job = start(faults={1: [errno.EIO]}, on_error="stop")
     events.until_status("paused")
-    last = job.block_info()["x-last-error"]
+    last = block_job_info(job)["x-last-error"]
     assert {k: last[k] for k in ("operation", "errno", "desc", "count")} == {
         "operation": "write", "errno": "EIO", "desc": "Input/output error", "count": 1}
     assert set(last["time"]) == {"seconds", "microseconds"}
     job.user_resume()                 # resume clears io-status, not the record of why
-    assert job.block_info()["x-last-error"]["errno"] == "EIO"
+    assert block_job_info(job)["x-last-error"]["errno"] == "EIO"
 
 
 def test_repeated_identical_errors_are_counted_in_the_last_error(start, events):
     job = start(faults={1: [errno.EIO] * 5}, on_error="ignore", auto_dismiss=False)
     events.until_status("concluded")
-    assert job.block_info()["x-last-error"]["count"] == 5
+    assert block_job_info(job)["x-last-error"]["count"] == 5
 
 
 def test_error_counts_add_up_every_error_by_operation_and_errno(start, events):
     job = start(faults={1: [errno.EIO, errno.EIO, errno.ENOSPC, errno.EIO]},
                 on_error="ignore", auto_dismiss=False)
     events.until_status("concluded")
-    info = job.block_info()
+    info = block_job_info(job)
     assert info["x-error-counts"] == [{"operation": "write", "errno": "EIO", "count": 3},
                                       {"operation": "write", "errno": "ENOSPC", "count": 1}]
     assert info["x-last-error"]["count"] == 1      # the last streak only: one EIO after ENOSPC
@@ -552,7 +553,7 @@ def test_error_counts_add_up_every_error_by_operation_and_errno(start, events):
 def test_a_job_without_errors_has_no_last_error(start, events):
     job = start(auto_dismiss=False)
     events.until_status("concluded")
-    assert "x-last-error" not in job.block_info()
+    assert "x-last-error" not in block_job_info(job)
 
 
 def test_enospc_policy_stops_on_enospc_with_io_status_nospace(start, events):
@@ -597,7 +598,7 @@ def test_stop_while_ready_moves_to_standby(start, events):
     job = start(becomes_ready=True, ready_faults=[errno.EIO], on_error="stop")
     trail = events.until_status("standby")
     assert summary(trail)[-3:] == ["BLOCK_JOB_READY", "BLOCK_JOB_ERROR", "standby"]
-    assert job.block_info()["ready"] is True
+    assert block_job_info(job)["ready"] is True
     job.user_resume()
     events.until_status("ready")
     assert job.io_status == "ok"
@@ -676,7 +677,7 @@ def test_set_speed_lower_slows_a_running_job(start, events, clock):
             t, speed, chunk, 1000), (t, offset)
         step_clock(clock, job, STEP)
     assert job.progress[0] == 3 * chunk            # at 0, 0.9 and 1.9 s
-    assert job.block_info()["speed"] == speed
+    assert block_job_info(job)["speed"] == speed
 
 
 def test_negative_speed_is_rejected(start):
@@ -803,7 +804,7 @@ def test_change_rejects_option_the_job_type_lacks(start):
 def test_block_info_has_qemu_fields(start, events):
     job = start(hold=True, chunks=2, chunk_size=10, speed=100)
     wait_for(lambda: job.progress[1] == 20)
-    info = job.block_info()
+    info = block_job_info(job)
     assert isinstance(info.pop("busy"), bool)   # flips as the held job sleeps and wakes
     assert info == {
         "type": "stream", "device": "j0", "len": 20, "offset": 0,
@@ -815,7 +816,7 @@ def test_job_info_has_qemu_fields(start, events):
     job = start(hold=True, chunks=2, chunk_size=10)
     events.until_status("running")
     wait_for(lambda: job.progress[1] == 20)
-    assert job.job_info() == {"id": "j0", "type": "stream", "status": "running",
+    assert job_info(job) == {"id": "j0", "type": "stream", "status": "running",
                               "current-progress": 0, "total-progress": 20}
 
 
@@ -990,7 +991,7 @@ def test_worker_threads_wait_at_pause_points_without_changing_state(start, event
     # (progress only moves after one returns).
     assert job.wait_parked(2), job.parked
     offset = job.progress[0]
-    assert job.status == "paused" and job.block_info()["paused"] is True
+    assert job.status == "paused" and block_job_info(job)["paused"] is True
     assert job.parked == {"worker-0", "worker-1"} and job.progress[0] == offset
     job.user_resume()
     events.until_status("running")

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import make_image
 from helpers import Control, Writer
+from plugin.qmp.job_info import block_job_info
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -337,7 +338,7 @@ def test_speed_limited_mirror_copies_at_its_speed(local_disks, tmp_path):
     disk = local_disks(base)
     job = disk.mirror(target_path, speed=speed, granularity=65536)
     samples = []
-    disk.run(12.0, on_step=lambda: samples.append((disk.now(), job.block_info())))
+    disk.run(12.0, on_step=lambda: samples.append((disk.now(), block_job_info(job))))
     for t, info in samples:
         assert speed * t <= info["offset"] <= speed * (t + slice_time) + chunk, (t, info)
         assert (info["speed"], info["status"], info["ready"]) == (speed, "running", False)

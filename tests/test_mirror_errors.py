@@ -20,6 +20,7 @@ from conftest import make_image
 from faults import (MiB, FaultSwitch, MirrorRig, PauseControl, bad_sector_server,
                     blkdebug_server, error_args, flaky_flush_server, injected, restart,
                     wait_until)
+from plugin.qmp.job_info import block_job_info
 
 IO_ERROR = "Input/output error"
 
@@ -676,7 +677,7 @@ def test_persistent_target_fault_under_ignore_backs_off_and_coalesces_events(
     errors = disk.named("BLOCK_JOB_ERROR")
     assert [t for t, _ in errors] == coalesced(times) and len(errors) == 3, (errors, times)
     assert all(qemu_fields(data) == error_event("write", "ignore") for _, data in errors)
-    info = job.block_info()
+    info = block_job_info(job)
     assert (info["status"], info["io-status"], info["paused"], info["ready"]) == (
         "running", "ok", False, False)
     # The back-off is bounded: the job catches up within 5 s of the fault clearing,
@@ -712,7 +713,7 @@ def test_one_bad_source_range_backs_off_while_the_rest_is_copied(
     for i in range(40):
         disk.write(b"%04d" % i * 1024, (i % 4) * MiB)
         disk.run(0.1, on_step=attempts.note)
-        info = job.block_info()
+        info = block_job_info(job)
         assert 0 < info["len"] - info["offset"] <= MiB, (i, info)   # all but the bad chunk
     assert not info["ready"] and info["status"] == "running"
     times = attempts.times()

@@ -17,6 +17,7 @@ from conftest import make_image
 from faults import wait_until
 from helpers import Control, Writer
 from jobctl.qmp_client import QMPError
+from plugin.qmp.job_info import block_job_info
 
 MiB = 1 << 20
 CS = 64 * 1024
@@ -246,7 +247,7 @@ def test_stream_copies_at_its_speed(local_disks, tmp_path):
     disk = local_disks(base)
     job = disk.stream(speed=speed)
     samples = []
-    disk.run(10.0, on_step=lambda: samples.append((disk.now(), job.block_info())))
+    disk.run(10.0, on_step=lambda: samples.append((disk.now(), block_job_info(job))))
     for t, info in samples:
         assert speed * t <= info["offset"] <= speed * (t + slice_time) + chunk, (t, info)
         assert (info["speed"], info["status"], info["len"]) == (speed, "running", SIZE)

@@ -208,7 +208,7 @@ def _restore_one(ctx, rec, pause):
             job.hold_bitmap()
         elif kind == "backup":
             if not os.path.exists(ctx.records.backup_path(job_id) + ".needed"):
-                log.warning("Job record dropped id=%s: the backup's point in time was never "
+                log.warning("Job record dropped job=%s: the backup's point in time was never "
                             "taken (a crash before it started)", job_id)
                 ctx.records.forget_id(job_id)
                 return None

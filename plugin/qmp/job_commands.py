@@ -2,16 +2,18 @@
 
 Handlers only look a job up in the :class:`~plugin.jobs.registry.JobRegistry` and
 call the matching ``Job.user_*`` verb; every rule (verb table, error texts)
-lives in :mod:`plugin.jobs.engine` and :mod:`plugin.jobs.states`.  As in QEMU, the ``device`` argument of the
-block-job-* commands is the job id; block-job-* lookups fail with
-DeviceNotActive "Block job 'X' not found", job-* lookups with GenericError
-"Job not found".
+lives in :mod:`plugin.jobs.engine` and :mod:`plugin.jobs.states`; the query
+replies are shaped in :mod:`plugin.qmp.job_info`.  As in QEMU, the ``device``
+argument of the block-job-* commands is the job id; block-job-* lookups fail
+with DeviceNotActive "Block job 'X' not found", job-* lookups with
+GenericError "Job not found".
 """
 
 from __future__ import annotations
 
 from ..core import policy
 from ..core.errors import CommandError
+from .job_info import block_job_info, job_info
 
 # QEMU's JobType (block-job-change's optional, deprecated discriminator).
 JOB_TYPES = ["commit", "stream", "mirror", "backup", "create", "amend",
@@ -25,10 +27,10 @@ def register_job_commands(registry, jobs) -> None:
     """Register the job queries and verbs of ``jobs`` (a JobRegistry) in ``registry``."""
 
     def query_block_jobs():
-        return [job.block_info() for job in jobs.jobs()]
+        return [block_job_info(job) for job in jobs.jobs()]
 
     def query_jobs():
-        return [job.job_info() for job in jobs.jobs()]
+        return [job_info(job) for job in jobs.jobs()]
 
     def block_job_set_speed(device, speed):
         jobs.find_block_job(device).user_set_speed(speed)
