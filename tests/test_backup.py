@@ -2,6 +2,7 @@
 job started, whatever clients write meanwhile; policies; jobs that survive kill -9."""
 
 import json
+import re
 import os
 import random
 import subprocess
@@ -419,3 +420,91 @@ def test_copy_before_write_failing_for_space_follows_on_cbw_error(servers, tmp_p
             assert bytes(h.pread(65536, 3 * MiB)) == b"\xee" * 65536
     finally:
         qmp.close()
+
+
+# A slow file target, one request at a time: 20 ms a write, a second a flush (nbdkit's
+# delay filter cannot slow flushes), so answered copies wait long for the flush that
+# makes them durable; with multi-conn, so a restarted job can recognise the instance.
+SLOW_FLUSH_PLUGIN = """
+import os, time
+import nbdkit
+API_VERSION = 2
+path = None
+def config(key, value):
+    global path
+    path = value
+def thread_model():
+    return nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS
+def open(readonly):
+    return os.open(path, os.O_RDWR)
+def get_size(h):
+    return os.fstat(h).st_size
+def can_multi_conn(h):
+    return True
+def pread(h, buf, offset, flags):
+    buf[:] = os.pread(h, len(buf), offset)
+def pwrite(h, buf, offset, flags):
+    time.sleep(0.02)
+    os.pwrite(h, buf, offset)
+def flush(h, flags):
+    time.sleep(1.0)
+    os.fdatasync(h)
+def close(h):
+    os.close(h)
+"""
+
+_TARGET_WRITE = re.compile(r" (?:Write|Zero) id=\d+ offset=0x[0-9a-f]+ count=(0x[0-9a-f]+) ")
+
+
+def _target_bytes_written(log_path, start=0):
+    """Bytes the target was asked to write or zero after `start` characters of its log."""
+    text = log_path.read_text()[start:] if log_path.exists() else ""
+    return sum(int(n, 16) for n in _TARGET_WRITE.findall(text))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("same_target", [True, False])
+def test_a_resumed_backup_does_not_copy_again_what_the_same_target_instance_answered(
+        servers, tmp_path, connect, same_target):
+    size = 48 * MiB
+    rig = Rig(servers, tmp_path, connect, size=size)
+    rig.target.stop()
+    requests = tmp_path / "requests.log"
+
+    plugin = tmp_path / "slowflush.py"
+    plugin.write_text(SLOW_FLUSH_PLUGIN)
+
+    def target_server():
+        # Slow flushes: copies the target answered stay unflushed for a while.
+        return servers.nbdkit("python", str(plugin), "file=%s" % rig.target_path,
+                              "logfile=%s" % requests, filters=["log"])
+
+    rig.target = target_server()
+    rig.write_some(9, count=30)
+    model = rig.disk_bytes()
+    rig.backup(job_id="b")
+    wait_until(lambda: rig.qmp.job("b")["offset"] >= size // 2, timeout=60, interval=0.01)
+    rig.disk.kill9()
+    at_kill = requests.stat().st_size
+    copied_before = _target_bytes_written(requests)
+    if not same_target:                      # the same file, another server process
+        rig.target.stop()
+        rig.target = servers.restart(rig.target)
+        at_kill = requests.stat().st_size
+    rig.qmp.close()
+    rig.disk = servers.restart(rig.disk)
+    rig.qmp = Control(rig.ctl)
+    rig.h = connect(rig.disk.uri)
+    rig.qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
+    assert rig.target_path.read_bytes() == model
+    again = _target_bytes_written(requests, at_kill)
+    if same_target:
+        # Only what the target never answered (one request may have been answered
+        # after our process died).
+        assert again <= size - copied_before + 2 * MiB, (again, copied_before)
+        assert "Backup trusts its copies job=b" in rig.disk.log()
+    else:
+        # Another instance: every copy no flush covered is made again.
+        assert again > size - copied_before
+        assert "trusts its copies" not in rig.disk.log()
+    rig.qmp.close()

@@ -55,7 +55,7 @@ class BackupJob(CopyJob):
                  buf_size=None, speed=0, on_source_error="report", on_target_error="report",
                  on_cbw_error="break-guest-write", auto_finalize=True, auto_dismiss=True,
                  clock=None, reconnect_delay=0.0, restored=False, max_chunk=None,
-                 exports=None, bitmap=None, bitmap_mode=None):
+                 exports=None, bitmap=None, bitmap_mode=None, target_instance=None):
         """files: STATE_DIR/jobs/ID, the prefix of the snapshot's files.
         exports: the server's export table (pull mode registers its view there)."""
         granularity = granularity or disk.store.cluster_size
@@ -64,7 +64,7 @@ class BackupJob(CopyJob):
         pull = target.startswith(EXPORT_PREFIX)
         super().__init__(job_id, "backup", bus, disk, target, granularity, chunk, buf_size,
                          speed, auto_finalize, auto_dismiss, clock, reconnect_delay, None,
-                         True if pull else restored, None, kind="Backup")
+                         True if pull else restored, target_instance, kind="Backup")
         self._restored = restored
         self.export = target[len(EXPORT_PREFIX):] if pull else None
         self._exports = exports
@@ -84,6 +84,7 @@ class BackupJob(CopyJob):
         def on_copied(offset, length):
             copied(offset, length)
             self._answered.append((offset, length))
+            self.snapshot.note_answered(offset, length)
 
         self.copy.on_copied = on_copied
         self.flushes.on_start = self._flush_started
@@ -267,6 +268,7 @@ class BackupJob(CopyJob):
                 "on-target-error": self.on_target_error, "on-cbw-error": self.on_cbw_error,
                 "reconnect-delay": self.reconnect_delay, "created": self.created,
                 "max-chunk": self.max_chunk, "bitmap": self.bitmap_name,
+                "target-instance": self.trust.instance,
                 "bitmap-mode": self.bitmap_mode}
 
     def restore_state(self, paused, io_status, offset, total, ready_seen):
@@ -329,6 +331,10 @@ class BackupJob(CopyJob):
         self.link.connect()
         if not self.link.await_open(self, self.disk.size, lambda: self.on_target_error):
             return
+        if self._restored:
+            self._resume_answered()
+        else:
+            self.trust.connected([], flushes, self.id)
         if self.sync == "full" and not self._restored:
             copy.skip_zero = self.link.reads_zero(self.disk.size)
         pos = 0
@@ -379,6 +385,25 @@ class BackupJob(CopyJob):
                 self.bitmap.mark(off, n)
         self._update_progress()
         log.info("Backup copied job=%s bytes=%d saves=%d", self.id, copy.copied, snap.saves)
+
+    def _resume_answered(self):
+        """After a restart: copies the target answered but no flush covered are
+        still on it when it is the very instance that answered (the same file in
+        this boot, the same server process: TargetTrust); then they only need a
+        flush, not a copy.  Any other instance: copy them again, and forget the
+        old answers before this instance is recorded."""
+        snap = self.snapshot
+        ranges = snap.answered_needed_runs()
+        self.trust.inherited_copied = False       # nothing to compare: copied again
+        if ranges and self.trust.trusts():
+            for off, n in ranges:
+                self.bitmap.clear(off, n)
+            self._answered += ranges
+            self.trust.connected(ranges, self.flushes, self.id)
+            return
+        if ranges:
+            snap.forget_answered()
+        self.trust.connected([], self.flushes, self.id)
 
     def _check_broken(self):
         if self.snapshot is not None and self.snapshot.broken is not None:

@@ -130,7 +130,8 @@ def _backup(ctx, s, restored):
         auto_finalize=s.get("auto-finalize", True), auto_dismiss=s.get("auto-dismiss", True),
         reconnect_delay=s.get("reconnect-delay", ctx.reconnect_delay), restored=restored,
         max_chunk=s.get("max-chunk"), exports=ctx.exports, bitmap=s.get("bitmap"),
-        bitmap_mode=s.get("bitmap-mode"))
+        bitmap_mode=s.get("bitmap-mode"),
+        target_instance=s.get("target-instance") if restored else None)
 
 
 def _stream(ctx, s):

@@ -31,7 +31,7 @@ FORMAT = "overlay-nbd-job"
 VERSION = 1
 SUFFIX = ".json"
 INTENT_SUFFIX = ".intent"
-BACKUP_SUFFIXES = (".needed", ".saved", ".cbw", ".frozen")   # a backup's point in time
+BACKUP_SUFFIXES = (".needed", ".saved", ".cbw", ".frozen", ".answered")   # a backup's point in time
 
 
 class RecordError(Exception):
