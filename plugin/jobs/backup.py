@@ -76,7 +76,7 @@ class BackupJob(CopyJob):
         self.files = files
         self.bitmap_name, self.bitmap_mode = bitmap, bitmap_mode
         self.created = None
-        self.snapshot = None
+        self.pit = None
         self._frozen = None               # ByteMap: the bitmap's contents at the start
         self._answered = []               # copies answered since the last flush started
         copied = self.copy.on_copied
@@ -84,7 +84,7 @@ class BackupJob(CopyJob):
         def on_copied(offset, length):
             copied(offset, length)
             self._answered.append((offset, length))
-            self.snapshot.note_answered(offset, length)
+            self.pit.note_answered(offset, length)
 
         self.copy.on_copied = on_copied
         self.flushes.on_start = self._flush_started
@@ -111,7 +111,7 @@ class BackupJob(CopyJob):
         A new job takes it with clients quiesced, so every change after this
         passes the copy-before-write guard; a restored one reopens its files.
         """
-        if self.snapshot is not None:
+        if self.pit is not None:
             return
         disk = self.disk
         with disk.quiesce():
@@ -125,7 +125,7 @@ class BackupJob(CopyJob):
                                    self.files, self._needed_at_start(),
                                    break_guest_write=self._breaks_guest())
             disk.add_guard(snap)
-        self.snapshot = snap
+        self.pit = snap
         snap.on_broken = self.kick
         self.copy.store = snap
         self.copy.copy_mask = snap.needed_within
@@ -209,9 +209,9 @@ class BackupJob(CopyJob):
         mode = self.bitmap_mode or "on-success"
         if mode == "never" or (mode == "on-success" and not succeeded):
             back = self._frozen_runs()
-        elif mode == "always" and not succeeded and self.snapshot is not None:
+        elif mode == "always" and not succeeded and self.pit is not None:
             back = [r for off, n in self._frozen_runs()
-                    for r in self.snapshot.needed_within(off, n)]
+                    for r in self.pit.needed_within(off, n)]
         else:
             back = []
         try:
@@ -250,7 +250,7 @@ class BackupJob(CopyJob):
         self.kick()
 
     def _detach(self):
-        snap = self.snapshot
+        snap = self.pit
         if snap is None:
             return
         if self.export is not None and self._exports is not None:
@@ -279,8 +279,8 @@ class BackupJob(CopyJob):
         return True
 
     def remove_files(self):
-        if self.snapshot is not None:
-            self.snapshot.remove()
+        if self.pit is not None:
+            self.pit.remove()
         if self._frozen is not None:
             self._frozen.remove()
 
@@ -304,7 +304,7 @@ class BackupJob(CopyJob):
     def _after_flush(self, flush):
         """A flush succeeded: what it covers is no longer needed (durably)."""
         if flush.payload:
-            self.snapshot.copied(flush.payload)
+            self.pit.copied(flush.payload)
         if self.durable is not None:
             self._update_progress()
             self._save()
@@ -327,7 +327,7 @@ class BackupJob(CopyJob):
                 if self.sleep(IDLE_INTERVAL):
                     return
             return
-        copy, flushes, snap = self.copy, self.flushes, self.snapshot
+        copy, flushes, snap = self.copy, self.flushes, self.pit
         self.link.connect()
         if not self.link.await_open(self, self.disk.size, lambda: self.on_target_error):
             return
@@ -392,7 +392,7 @@ class BackupJob(CopyJob):
         this boot, the same server process: TargetTrust); then they only need a
         flush, not a copy.  Any other instance: copy them again, and forget the
         old answers before this instance is recorded."""
-        snap = self.snapshot
+        snap = self.pit
         ranges = snap.answered_needed_runs()
         self.trust.inherited_copied = False       # nothing to compare: copied again
         if ranges and self.trust.trusts():
@@ -406,8 +406,8 @@ class BackupJob(CopyJob):
         self.trust.connected([], self.flushes, self.id)
 
     def _check_broken(self):
-        if self.snapshot is not None and self.snapshot.broken is not None:
-            raise self.snapshot.broken
+        if self.pit is not None and self.pit.broken is not None:
+            raise self.pit.broken
 
     def clean(self):
         # The link first: copies still in flight hold granules a client's
