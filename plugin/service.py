@@ -18,6 +18,7 @@ from .jobs import factory
 from .jobs.record import JobRecords, RecordError
 from .jobs.registry import JobRegistry
 from .qmp.block_commands import register_block_commands
+from .qmp.commit_commands import register_commit_commands
 from .qmp.dispatch import CommandRegistry, register_builtin_commands
 from .qmp.events import EventBus
 from .qmp.job_commands import register_job_commands
@@ -121,7 +122,9 @@ class Service:
         return factory.JobContext(disk=self.disk, bus=self.bus, jobs=self.jobs,
                                   records=self.records, pivot=self.pivot_to,
                                   active_target=self.active_target,
-                                  reconnect_delay=self.config.reconnect_delay)
+                                  reconnect_delay=self.config.reconnect_delay,
+                                  open_base=lambda address: _open_base(
+                                      address, self.config.reconnect_delay))
 
     def start(self):
         """after_fork: restore saved jobs, then start the control server.
@@ -139,6 +142,7 @@ class Service:
         register_builtin_commands(registry)
         register_job_commands(registry, self.jobs)
         register_block_commands(registry, self)
+        register_commit_commands(registry, self)
         path = self.config.control or self.state.file(CONTROL_SOCK)
         self.control = ControlServer(path, registry, self.bus)
         self.control.start()
