@@ -186,6 +186,11 @@ class Job:
         """The job's error policies and modes by QMP name (x-policies of query-block-jobs)."""
         return {}
 
+    def type_info(self) -> dict:
+        """QEMU's members of BlockJobInfo for this job type (its union branch:
+        a mirror's actively-synced).  Called without the job's lock."""
+        return {}
+
     def copied_bytes(self) -> int | None:
         """Bytes actually written so far (no zero ranges): what the speed limit counts."""
         return None
@@ -284,6 +289,7 @@ class Job:
 
     def block_info(self) -> dict:
         """QEMU's BlockJobInfo for query-block-jobs."""
+        members = self.type_info()
         with self._cond:
             return self._with_error({
                 "type": self.type,
@@ -298,6 +304,7 @@ class Job:
                 "status": self._status,
                 "auto-finalize": self.auto_finalize,
                 "auto-dismiss": self.auto_dismiss,
+                **members,
                 **self._extensions(),
             })
 

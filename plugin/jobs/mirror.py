@@ -152,6 +152,15 @@ class MirrorJob(CopyJob):
         return {"on-source-error": self.on_source_error,
                 "on-target-error": self.on_target_error, "copy-mode": self.copy_mode}
 
+    def type_info(self):
+        """QEMU's actively-synced: write-blocking keeps the target in sync now (READY,
+        no write-through failed, no change fell back to the background copy and
+        waits in the bitmap)."""
+        copy = self.copy
+        synced = (self.copy_mode == "write-blocking" and self.is_ready and self._fatal is None
+                  and copy.bitmap.is_clean() and not copy.zero_queue and not copy.retries)
+        return {"actively-synced": synced}
+
     # -- client writes -------------------------------------------------------
 
     def _on_change(self, kind, offset, length, buf):
