@@ -100,7 +100,8 @@ def _mirror(ctx, s, intent, restored):
         auto_finalize=s.get("auto-finalize", True), auto_dismiss=s.get("auto-dismiss", True),
         pivot=ctx.pivot, intent=intent, restored=restored,
         reconnect_delay=s.get("reconnect-delay", ctx.reconnect_delay),
-        target_instance=s.get("target-instance") if restored else None)
+        target_instance=s.get("target-instance") if restored else None,
+        target_is_zero=s.get("target-is-zero", False))
 
 
 def _commit(ctx, s, intent, restored):

@@ -69,7 +69,7 @@ class MirrorJob(CopyJob):
                  buf_size=None, speed=0, on_source_error="report", on_target_error="report",
                  copy_mode="background", auto_finalize=True, auto_dismiss=True, pivot=None,
                  clock=None, reconnect_delay=0.0, intent=None, restored=False,
-                 target_instance=None):
+                 target_instance=None, target_is_zero=False):
         granularity = granularity or disk.store.cluster_size
         chunk = max(granularity, MAX_CHUNK)
         buf_size = buf_size or DEFAULT_BUF_SIZE
@@ -80,6 +80,9 @@ class MirrorJob(CopyJob):
         self.granularity, self.chunk, self.buf_size = granularity, chunk, buf_size
         self.on_source_error, self.on_target_error = on_source_error, on_target_error
         self.copy_mode = copy_mode
+        # QEMU 10.1's target-is-zero: the target reads as zeroes (the operator
+        # says so), so its extents are not asked and zero ranges not written.
+        self.target_is_zero = target_is_zero
         self._pivot = pivot
         self.created = None
         # copy-mode=write-blocking: client changes to the target, under the
@@ -103,7 +106,7 @@ class MirrorJob(CopyJob):
                 "on-target-error": self.on_target_error, "copy-mode": self.copy_mode,
                 "region-size": self.intent.region_size if self.intent else None,
                 "reconnect-delay": self.reconnect_delay, "created": self.created,
-                "target-instance": self.trust.instance}
+                "target-instance": self.trust.instance, "target-is-zero": self.target_is_zero}
 
     def restore_state(self, paused, io_status, offset, total, ready_seen):
         super().restore_state(paused, io_status, offset, total, ready_seen)
@@ -213,7 +216,8 @@ class MirrorJob(CopyJob):
             return
         self.trust.connected(self.compare.pending, flushes, self.id)
         if not self._restored:
-            copy.mark_initial(self.sync, lambda: self.link.reads_zero(self.disk.size))
+            copy.mark_initial(self.sync, lambda: self.target_is_zero
+                              or self.link.reads_zero(self.disk.size))
         pos = 0
         while True:
             if self._fatal is not None:
