@@ -67,7 +67,8 @@ def test_target_is_zero_writes_no_zero_range_and_asks_no_extents(servers, tmp_pa
     target = open(tmp_path / "target.img", "rb").read()
     off, n = HOLE
     assert target[off:off + n] == junk[off:off + n]      # the hole was not written
-    assert target[:off] == rig.disk_bytes()[:off] and target[off + n:] == rig.disk_bytes()[off + n:]
+    disk = rig.disk_bytes()
+    assert target[:off] == disk[:off] and target[off + n:] == disk[off + n:]
 
 
 def test_without_target_is_zero_the_zero_ranges_are_zeroed(servers, tmp_path, connect):

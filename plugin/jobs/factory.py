@@ -1,4 +1,4 @@
-"""Building jobs: one path for drive-mirror, block-stream, block-commit and restore after a restart.
+"""Building jobs: one path for drive-mirror, block-stream, block-commit and restore after restart.
 
 A JobContext carries what a job needs from the composition root (the disk,
 the event bus, the registry, the job records, the pivot, the base).  start_mirror(),
