@@ -14,6 +14,6 @@ arguments (shared ones are in jobctl/options.py) and sets with set_defaults:
 To add a command: write its module here and list it in MODULES.
 """
 
-from . import qmp, start, status, verbs, watch
+from . import commit, qmp, start, status, verbs, watch
 
-MODULES = (status, start, verbs, watch, qmp)
+MODULES = (status, start, commit, verbs, watch, qmp)
