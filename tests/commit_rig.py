@@ -12,7 +12,11 @@ import threading
 import nbd
 
 from conftest import Server, make_image
-from qmp_helpers import Control
+
+try:
+    from helpers import Control          # the tests' QMP session class, where it lives now
+except ImportError:
+    from qmp_helpers import Control      # ... and where it lived before
 
 MiB = 1 << 20
 CS = 64 * 1024
@@ -115,31 +119,85 @@ class CommitRig:
         return self.qmp
 
 
-class Writer(threading.Thread):
-    """A client writing random 4K-64K pieces (and a flush every few) until finish()."""
+class Model:
+    """What the disk must hold: exact bytes, and ranges a kill -9 may have left either way
+    (written after the client's last flush), as test_durable's."""
 
-    def __init__(self, uri, size, seed):
+    def __init__(self, data):
+        self.data = bytearray(data)
+        self.uncertain = []
+
+    def check_and_adopt(self, actual):
+        """Every certain byte is as written; then the disk as read is the model."""
+        mask = bytearray(len(self.data))
+        for off, n in self.uncertain:
+            mask[off:off + n] = b"\x01" * n
+        pos = 0
+        while pos < len(mask):
+            start = mask.find(b"\x00", pos)
+            if start < 0:
+                break
+            end = mask.find(b"\x01", start)
+            end = len(mask) if end < 0 else end
+            assert actual[start:end] == self.data[start:end], \
+                "flushed data lost in [%d, %d)" % (start, end)
+            pos = end
+        self.data = bytearray(actual)
+        self.uncertain = []
+
+
+class Writer(threading.Thread):
+    """A client writing random 4K-64K pieces, a flush after every eight, until finish().
+
+    model: a Model kept exact with the flushed writes; a kill -9 of the server ends the
+    writer, and finish(flush=False) hands what it may have lost to the model."""
+
+    def __init__(self, uri, size, seed, model=None, pace=0.002):
         super().__init__(daemon=True)
         self.h = nbd.NBD()
         self.h.connect_uri(uri)
-        self.size = size
+        self.size, self.model, self.pace = size, model, pace
         self.rnd = random.Random(seed)
         self.done = threading.Event()
+        self.pending = []            # written (or being written) since the last good flush
         self.writes = 0
+        self.error = None
 
     def run(self):
-        while not self.done.is_set():
-            length = self.rnd.randrange(4096, 65537) // 512 * 512
-            offset = self.rnd.randrange(0, (self.size - length) // 512) * 512
-            self.h.pwrite(self.rnd.randbytes(length), offset)
-            self.writes += 1
-            if self.writes % 8 == 0:
-                self.h.flush()
-            self.done.wait(0.002)
+        try:
+            while not self.done.is_set():
+                length = self.rnd.randrange(4096, 65537) // 512 * 512
+                offset = self.rnd.randrange(0, (self.size - length) // 512) * 512
+                data = self.rnd.randbytes(length)
+                self.pending.append((offset, data))
+                self.h.pwrite(data, offset)
+                self.writes += 1
+                if self.writes % 8 == 0:
+                    self.h.flush()
+                    self._settle()
+                self.done.wait(self.pace)
+        except nbd.Error as e:
+            self.error = e           # a server killed under it, or a real failure
 
-    def finish(self):
+    def _settle(self):
+        if self.model is not None:
+            for off, data in self.pending:
+                self.model.data[off:off + len(data)] = data
+        self.pending = []
+
+    def finish(self, flush=True):
+        """Stop; with flush (the server is alive), every write is certain; returns the count."""
         self.done.set()
         self.join()
-        self.h.flush()
-        self.h.shutdown()
+        if flush:
+            if self.error is not None:
+                raise self.error
+            self.h.flush()
+            self._settle()
+        elif self.model is not None:
+            self.model.uncertain += [(off, len(data)) for off, data in self.pending]
+        try:
+            self.h.shutdown()
+        except nbd.Error:
+            pass
         return self.writes

@@ -7,10 +7,9 @@ import subprocess
 
 import pytest
 
-from commit_rig import CS, CommitRig, MiB, Writer, qemu_nbd
+from commit_rig import CS, CommitRig, Control, MiB, Writer, qemu_nbd
 from conftest import make_image
 from faults import wait_until
-from qmp_helpers import Control
 
 from jobctl.qmp_client import QMPError
 

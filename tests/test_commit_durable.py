@@ -2,8 +2,9 @@
 complete, with a client writing; a crash during complete leaves the overlay whole (the
 job comes back) or empty (the commit is done), never a mix.
 
-The model of the disk is test_durable's: bytes a kill -9 may lose (written after the
-client's last flush) are uncertain until read back; every other byte must be exact.
+The model of the disk (commit_rig.Model, as test_durable's): bytes a kill -9 may lose
+(written after the client's last flush) are uncertain until read back; every other byte
+must be exact.
 """
 
 import json
@@ -13,9 +14,9 @@ import time
 
 import pytest
 
-from commit_rig import CommitRig, MiB
-from test_durable import SIZE, Model, Writer
+from commit_rig import CommitRig, MiB, Model, Writer
 
+SIZE = 32 * MiB
 SPEED = 16 * MiB
 
 
@@ -44,7 +45,7 @@ def test_kill9_during_bulk_ready_and_complete_with_a_writing_client(servers, tmp
     rnd = random.Random(seed)
     print("\nseed=%d (DURABLE_SEED=... to repeat)" % seed)
     rig = _rig(servers, tmp_path, base_kind)
-    w = Writer(rig.disk.uri, rig.model, seed)
+    w = Writer(rig.disk.uri, SIZE, seed, rig.model, pace=0.01)
     w.start()
     rig.commit(speed=SPEED)
     for phase in ["bulk"] * 3 + ["ready"] * 4:
@@ -63,7 +64,7 @@ def test_kill9_during_bulk_ready_and_complete_with_a_writing_client(servers, tmp
         rig.model.check_and_adopt(rig.disk_bytes())
         print("%-5s killed at offset %9d/%9d ready=%-5s | restart: dirty %9d"
               % (phase, info["offset"], info["len"], info["ready"], rec["dirty"]))
-        w = Writer(rig.disk.uri, rig.model, rnd.randrange(1 << 30))
+        w = Writer(rig.disk.uri, SIZE, rnd.randrange(1 << 30), rig.model, pace=0.01)
         w.start()
     rig.qmp.wait_event("BLOCK_JOB_READY", timeout=120)
     w.finish(flush=True)

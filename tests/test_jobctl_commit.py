@@ -1,12 +1,23 @@
 """`jobctl commit` against the real plugin: start, wait, JSON output, refusals."""
 
 import json
+import pathlib
 import subprocess
+import sys
 
 import pytest
 
 from commit_rig import CommitRig
-from test_jobctl_real import TIMEOUT, jobctl_path
+
+TIMEOUT = 30
+
+
+def jobctl_path():
+    """The console script installed in the venv running the tests."""
+    path = pathlib.Path(sys.executable).parent / "jobctl"
+    if not path.exists():
+        pytest.fail("jobctl is not installed: run .venv/bin/python -m pip install -e .")
+    return str(path)
 
 
 @pytest.fixture

@@ -122,7 +122,7 @@ class CommitJob(CopyJob):
                         self.compare.pending.append(run)
                     else:
                         self.bitmap.mark(*run)
-            log.info("Commit resumes id=%s dirty=%d to_verify=%d of %d bytes", self.id,
+            log.info("Commit resumes job=%s dirty=%d to_verify=%d of %d bytes", self.id,
                      self.bitmap.dirty_bytes(), sum(n for _, n in self.compare.pending),
                      self.disk.size)
 
@@ -134,7 +134,7 @@ class CommitJob(CopyJob):
     def change(self, on_error=None):
         if on_error is not None:
             self.on_error = on_error
-        log.info("Commit changed id=%s on_error=%s", self.id, self.on_error)
+        log.info("Commit changed job=%s on_error=%s", self.id, self.on_error)
 
     def policies(self):
         return {"on-error": self.on_error}
@@ -165,7 +165,7 @@ class CommitJob(CopyJob):
         self.trust.connected(self.compare.pending, flushes, self.id)
         if not self._restored:
             copy.mark_initial("top", lambda: False)
-        log.info("Commit started id=%s base=%s dirty=%d", self.id, self.target_name,
+        log.info("Commit started job=%s base=%s dirty=%d", self.id, self.target_name,
                  self.bitmap.dirty_bytes())
         pos = 0
         while True:
@@ -272,7 +272,7 @@ class CommitJob(CopyJob):
             if self.should_complete:
                 self._empty_overlay()
             self._stop_listening()
-        log.info("Commit finished id=%s emptied=%s copied=%d", self.id, self._emptied,
+        log.info("Commit finished job=%s emptied=%s copied=%d", self.id, self._emptied,
                  self.copy.copied)
 
     def _empty_overlay(self):
@@ -319,7 +319,7 @@ class CommitJob(CopyJob):
             try:
                 self.disk.store.record_base()
             except OSError as e:
-                log.warning("Commit could not record the base's new fingerprint id=%s "
+                log.warning("Commit could not record the base's new fingerprint job=%s "
                             "error=%s: meta.json keeps its size only", self.id, e)
 
 

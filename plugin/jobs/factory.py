@@ -243,13 +243,13 @@ def _commit_done(ctx, rec):
     store = ctx.disk.store
     base = getattr(store, "base_address", None) if getattr(store, "has_base", False) else None
     if base is None:
-        log.info("Job record dropped id=%s: the disk has no base to commit into", rec["id"])
+        log.info("Job record dropped job=%s: the disk has no base to commit into", rec["id"])
         return True
     if rec.get("target") != base:
         raise RecordError("job record %s commits into %s, but the disk's base is %s"
                           % (ctx.records.path(rec["id"]), rec.get("target"), base))
     if rec.get("completing") and store.absent_bytes() == ctx.disk.size:
-        log.info("Job record dropped id=%s: the commit had emptied the overlay before the stop",
+        log.info("Job record dropped job=%s: the commit had emptied the overlay before the stop",
                  rec["id"])
         return True
     return False
