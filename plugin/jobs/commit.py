@@ -295,7 +295,10 @@ class CommitJob(CopyJob):
         self._stop_listening()
         durable, self.durable = self.durable, None
         if durable is not None:
-            durable.forget(self)
+            try:
+                durable.forget(self)
+            except OSError as e:      # the commit is done: a record left is dropped at start
+                log.error("Job record not removed job=%s error=%s", self.id, e)
 
     def _close_link(self):
         self.link.close()
