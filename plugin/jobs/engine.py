@@ -212,6 +212,11 @@ class Job(JobLifecycle, RunHelpers):
         """The job's error policies and modes by QMP name (x-policies of query-block-jobs)."""
         return {}
 
+    def type_info(self) -> dict:
+        """QEMU's members of BlockJobInfo for this job type (its union branch:
+        a mirror's actively-synced).  Called without the job's lock."""
+        return {}
+
     def copied_bytes(self) -> int | None:
         """Bytes actually written so far (no zero ranges): what the speed limit counts."""
         return None

@@ -71,7 +71,7 @@ class MirrorJob(CopyJob):
                  buf_size=None, speed=0, on_source_error="report", on_target_error="report",
                  copy_mode="background", auto_finalize=True, auto_dismiss=True, pivot=None,
                  clock=None, reconnect_delay=0.0, intent=None, restored=False,
-                 target_instance=None, bitmap=None):
+                 target_instance=None, bitmap=None, target_is_zero=False):
         granularity = granularity or disk.store.cluster_size
         chunk = max(granularity, MAX_CHUNK)
         buf_size = buf_size or DEFAULT_BUF_SIZE
@@ -83,6 +83,9 @@ class MirrorJob(CopyJob):
         self.on_source_error, self.on_target_error = on_source_error, on_target_error
         self.copy_mode = copy_mode
         self.bitmap_name = bitmap         # sync=incremental/bitmap: held busy while the job runs
+        # QEMU 10.1's target-is-zero: the target reads as zeroes (the operator
+        # says so), so its extents are not asked and zero ranges not written.
+        self.target_is_zero = target_is_zero
         self._pivot = pivot
         self.created = None
         # copy-mode=write-blocking: client changes to the target, under the
@@ -106,7 +109,8 @@ class MirrorJob(CopyJob):
                 "on-target-error": self.on_target_error, "copy-mode": self.copy_mode,
                 "region-size": self.intent.region_size if self.intent else None,
                 "reconnect-delay": self.reconnect_delay, "created": self.created,
-                "target-instance": self.trust.instance, "bitmap": self.bitmap_name}
+                "target-instance": self.trust.instance, "bitmap": self.bitmap_name,
+                "target-is-zero": self.target_is_zero}
 
     def restore_state(self, paused, io_status, offset, total, ready_seen):
         super().restore_state(paused, io_status, offset, total, ready_seen)
@@ -154,6 +158,15 @@ class MirrorJob(CopyJob):
     def policies(self):
         return {"on-source-error": self.on_source_error,
                 "on-target-error": self.on_target_error, "copy-mode": self.copy_mode}
+
+    def type_info(self):
+        """QEMU's actively-synced: write-blocking keeps the target in sync now (READY,
+        no write-through failed, no change fell back to the background copy and
+        waits in the bitmap)."""
+        copy = self.copy
+        synced = (self.copy_mode == "write-blocking" and self.is_ready and self._fatal is None
+                  and copy.bitmap.is_clean() and not copy.zero_queue and not copy.retries)
+        return {"actively-synced": synced}
 
     # -- client writes -------------------------------------------------------
 
@@ -210,7 +223,8 @@ class MirrorJob(CopyJob):
             if self.bitmap_name is not None:
                 self._mark_from_bitmap()
             else:
-                copy.mark_initial(self.sync, lambda: self.link.reads_zero(self.disk.size))
+                copy.mark_initial(self.sync, lambda: self.target_is_zero
+                                  or self.link.reads_zero(self.disk.size))
         pos = 0
         while True:
             if self._fatal is not None:

@@ -80,7 +80,7 @@ def register_block_commands(registry, service):
                     "granularity": granularity or None, "buf-size": buf_size or None,
                     "speed": speed, "reconnect-delay": reconnect_delay}
         for name in ("on-source-error", "on-target-error", "copy-mode", "auto-finalize",
-                     "auto-dismiss"):
+                     "auto-dismiss", "target-is-zero"):
             if name in args:
                 settings[name] = args[name]
         try:
@@ -98,7 +98,7 @@ def register_block_commands(registry, service):
         "*on-source-error": _POLICY, "*on-target-error": _POLICY,
         "*copy-mode": ["background", "write-blocking"],
         "*auto-finalize": "bool", "*auto-dismiss": "bool", "*unmap": "bool",
-        "*reconnect-delay": "number",
+        "*reconnect-delay": "number", "*target-is-zero": "bool",
     })
 
     def block_stream(**args):

@@ -42,9 +42,15 @@ def register_job_commands(registry, jobs) -> None:
         job.user_cancel(force)
 
     def block_job_change(id, type=None, **options):  # noqa: A002 (QMP names)
-        job = jobs.find_block_job(id)
+        change(jobs.find_block_job(id), type, options)
+
+    def job_change(id, type=None, **options):  # noqa: A002 (QMP names)
+        # QEMU 9.2's name for block-job-change: the same arguments, a job-* lookup.
+        change(jobs.find(id), type, options)
+
+    def change(job, type, options):  # noqa: A002 (QMP names)
         if type is not None and type != job.type:
-            raise CommandError(f"Job '{id}' is '{job.type}' job, not '{type}'")
+            raise CommandError(f"Job '{job.id}' is '{job.type}' job, not '{type}'")
         job.user_change(**{name.replace("-", "_"): value for name, value in options.items()})
 
     def block_verb(method):
@@ -72,6 +78,7 @@ def register_job_commands(registry, jobs) -> None:
     for name in _CHANGE_OPTIONS[1:]:
         change_schema["*" + name] = list(policy.POLICIES)
     registry.register("block-job-change", block_job_change, change_schema)
+    registry.register("job-change", job_change, change_schema)
 
     registry.register("job-pause", job_verb("user_pause"), {"id": "str"})
     registry.register("job-resume", job_verb("user_resume"), {"id": "str"})

@@ -30,6 +30,7 @@ def block_job_info(job) -> dict:
         "auto-finalize": job.auto_finalize,
         "auto-dismiss": job.auto_dismiss,
     }
+    info.update(job.type_info())          # QEMU's members of this job type (actively-synced)
     policies = job.policies()
     if policies:
         info["x-policies"] = policies
