@@ -150,6 +150,7 @@ def _backup(ctx, s, restored):
         reconnect_delay=s.get("reconnect-delay", ctx.reconnect_delay), restored=restored,
         max_chunk=s.get("max-chunk"), exports=ctx.exports, bitmap=s.get("bitmap"),
         bitmap_mode=s.get("bitmap-mode"),
+        target_instance=s.get("target-instance") if restored else None)
 
 
 def _commit(ctx, s, intent, restored):
