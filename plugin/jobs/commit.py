@@ -40,22 +40,16 @@ base), as QEMU's; where a failure meets it is CopyJob's.
 import bisect
 import logging
 
-from .copyjob import CopyJob
+from .syncjob import SyncedCopyJob
 
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 DEFAULT_BUF_SIZE = 16 * MiB
 MAX_CHUNK = 1 * MiB
-# While ready, new writes are copied in batches at least this often, and the
-# base is flushed this often when something was written (as the mirror).
-READY_COPY_INTERVAL = 0.1
-READY_FLUSH_INTERVAL = 1.0
-RECORD_PROGRESS_INTERVAL = 1.0
 
 
-class CommitJob(CopyJob):
-    soft_cancel_when_ready = True
+class CommitJob(SyncedCopyJob):
     changeable_options = frozenset({"on_error"})
 
     def __init__(self, job_id, bus, disk, base, speed=0, on_error="report",
@@ -77,8 +71,6 @@ class CommitJob(CopyJob):
         self.completing = False        # saved before the overlay is emptied
         self.base_loosened = False     # meta.json keeps only the base's size
         self._emptied = False
-        self.flushes.after = self._after_flush
-        self._last_progress_save = self.clock.now()
         self.set_progress(0, 0)
 
     # -- the durable record ---------------------------------------------------
@@ -141,120 +133,10 @@ class CommitJob(CopyJob):
 
     # -- client writes -------------------------------------------------------
 
-    def _on_change(self, kind, offset, length, buf):
-        """Disk listener, in the client's thread after its change completed."""
-        if self.bitmap.mark(offset, length) and not self.is_ready:
-            self.kick()
-
-    # -- the job thread -------------------------------------------------------
-
-    def run(self):
-        try:
-            self._run()
-        finally:
-            self.compare.stop()
-            if self.suspended:
-                self._shutdown_checkpoint()
-
-    def _run(self):
-        copy, flushes = self.copy, self.flushes
-        self.attach()
-        self.link.connect()
-        if not self.link.await_open(self, self.disk.size, lambda: self.on_error):
-            return
-        self.trust.connected(self.compare.pending, flushes, self.id)
-        if not self._restored:
-            copy.mark_initial("top", lambda: False)
+    def _first_dirty(self):
+        self.copy.mark_initial("top", lambda: False)
         log.info("Commit started job=%s base=%s dirty=%d", self.id, self.target_name,
                  self.bitmap.dirty_bytes())
-        pos = 0
-        while True:
-            if self.pause_point():
-                return
-            if self.should_complete or self.cancel_requested:
-                if self._leave_asked is None:
-                    self._leave_asked = self.clock.now()
-                self._check_stall()
-            if self.compare.pending:
-                self.compare.start(self.target)
-            if self.compare.running:
-                self.compare.collect()
-            for off, n in copy.retries.due():
-                self.bitmap.mark(off, n)
-            self._update_progress()
-            copied_before = copy.copied
-            pos = copy.issue(pos, speed=self.speed, throttle=self.throttle)
-            flushes.mark_copied_due()
-            if self.cancelled:
-                return
-            if self.target.in_flight() and not copy.failures:
-                self._reap(self.target.wait(0.1))
-            if copy.failures:
-                if self._handle_failures():
-                    return
-                continue
-            if flushes.checkpoint_due(self.is_ready):
-                self._start_flush(to_ready=False)
-            if self.target.in_flight():
-                continue
-            now = self.clock.now()
-            if copy.pending():
-                if copy.retries.gate > now or copy.copied == copied_before:
-                    self.sleep(max(0.01, copy.retries.gate - now))
-                continue
-            if self.compare.running:
-                self.compare.stop()          # copying the rest is faster than waiting
-                continue
-            if copy.retries:
-                self.sleep(max(0.01, copy.retries.next_due() - now))
-                continue
-            if self._flush_due(now):
-                if copy.retries.gate_open():
-                    self._start_flush()
-                else:
-                    self.sleep(max(0.01, copy.retries.gate - now))
-                continue
-            if not self.is_ready:
-                if self.trust.now_ready():
-                    self._save()
-                self._update_progress()
-                self.transition_to_ready()
-            if self.should_complete or self.cancel_requested:
-                return
-            if flushes.unflushed.is_clean():
-                self.sleep(READY_COPY_INTERVAL)
-            else:
-                self.sleep(max(0.01, min(READY_COPY_INTERVAL,
-                                         flushes.last_flush + READY_FLUSH_INTERVAL - now)))
-
-    def _after_flush(self, flush):
-        """A base flush succeeded: save progress; READY if the copy had converged
-        when it started (as the mirror's _after_flush)."""
-        if flush.to_ready:
-            self.trust.now_ready()
-        if self.intent is not None:
-            self._update_progress()
-            now = self.clock.now()
-            if (flush.to_ready or flush.leaving
-                    or now - self._last_progress_save >= RECORD_PROGRESS_INTERVAL):
-                self._last_progress_save = now
-                self._save()
-        if flush.to_ready and not self.is_ready:
-            self._update_progress()
-            self.transition_to_ready()
-
-    def _flush_due(self, now):
-        """Everything is copied: flush the base now?  (The mirror's rule: before
-        READY if anything was copied; once before leaving; while ready about
-        once a second while anything is unflushed or the intent log lags.)"""
-        flushes = self.flushes
-        if not self.is_ready:
-            return flushes.copied_since_flush
-        if (self.should_complete or self.cancel_requested) and not flushes.exit_flushed:
-            return True
-        lagging = self.intent is not None and self.intent.set_bytes() > 0
-        return ((lagging or not flushes.unflushed.is_clean())
-                and now - flushes.last_flush >= READY_FLUSH_INTERVAL)
 
     # -- completion --------------------------------------------------------
 
