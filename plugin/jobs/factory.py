@@ -63,14 +63,21 @@ def start_mirror(ctx, settings, connect_wait=None):
     """
     job = _mirror(ctx, settings, intent=None, restored=False)
     job.hold_bitmap()
-    if connect_wait is not None:
-        try:
-            job.open_target_within(connect_wait)
-        except (OSError, CommandError):
-            job.clean()
-            raise
+    _connect_within(job, connect_wait)
     _launch(ctx, job)
     return job
+
+
+def _connect_within(job, connect_wait):
+    """Wait up to connect_wait for a new job's target (None: not at all); a target
+    that refuses (or has another size) ends the job before it exists."""
+    if connect_wait is None:
+        return
+    try:
+        job.open_target_within(connect_wait)
+    except (OSError, CommandError):
+        job.clean()
+        raise
 
 
 def start_stream(ctx, settings):
@@ -83,12 +90,7 @@ def start_commit(ctx, settings, connect_wait=None):
     """A new commit into the disk's base (settings["target"]); connect_wait as
     start_mirror's: a base that refuses writes is an error of the command."""
     job = _commit(ctx, settings, intent=None, restored=False)
-    if connect_wait is not None:
-        try:
-            job.open_target_within(connect_wait)
-        except (OSError, CommandError):
-            job.clean()
-            raise
+    _connect_within(job, connect_wait)
     _launch(ctx, job)
     return job
 
@@ -118,12 +120,8 @@ def prepare_backup(ctx, settings, connect_wait=None):
     """A backup built and connected but not launched (a `transaction` launches it
     with launch() once every action is prepared, or drops it with job.clean())."""
     job = _backup(ctx, settings, restored=False)
-    if connect_wait is not None and job.export is None:
-        try:
-            job.open_target_within(connect_wait)
-        except (OSError, CommandError):
-            job.clean()
-            raise
+    if job.export is None:                 # pull mode: no target to connect to
+        _connect_within(job, connect_wait)
     return job
 
 
