@@ -83,7 +83,7 @@ class NbdBackend:
         except queue.Empty:
             with self._lock:
                 grow = len(self._handles) < self._max
-            h = self._connect() if grow else self._pool.get()
+            h = self._grow() if grow else self._pool.get()
         lost_at = None
         try:
             while True:
@@ -105,6 +105,17 @@ class NbdBackend:
         finally:
             if h is not None:
                 self._pool.put(h)
+
+    def _grow(self):
+        """One more connection.  One that cannot be made now means the server went
+        away (the others just have not noticed yet): within reconnect_delay, wait
+        for it as for a lost connection."""
+        try:
+            return self._connect()
+        except OSError:
+            if not self.reconnect_delay:
+                raise
+            return self._reconnect(time.monotonic())
 
     def _within(self, lost_at):
         return time.monotonic() - lost_at < self.reconnect_delay

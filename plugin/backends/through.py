@@ -4,7 +4,7 @@ A write-blocking mirror writes each client change to its target in the
 client's thread (plugin/blockcopy/writeblocking.py); these channels are the
 storage side of that, one per target kind, picked by :func:`open_through`:
 
-    write(kind, offset, length, buf, deadline) -> None (done) or why it fell back
+    write(kind, offset, length, buf, deadline, stop) -> None (done) or why it fell back
     flush(deadline) -> None (flushed, or nothing to flush) or why it fell back
     overlaps(offset, length) -> a request that timed out may still land there
     reap()                   collect late answers (never waits)
@@ -14,9 +14,10 @@ storage side of that, one per target kind, picked by :func:`open_through`:
 past ``deadline`` (a clock() value): a request the target has not answered
 by then is *abandoned*, remembered until the target answers it, and while
 anything is abandoned the channel falls back at once (an older request
-could otherwise land after a newer one).  An error the target gave raises
-OSError with its errno; a lost connection raises ENOTCONN and the next
-write connects again.  A channel is not thread safe: its caller holds one
+could otherwise land after a newer one).  ``stop()`` (optional) ends a
+write's wait early, as if the deadline had passed: the job is going away.
+An error the target gave raises OSError with its errno; a lost connection
+raises ENOTCONN and the next write connects again.  A channel is not thread safe: its caller holds one
 lock around every call.
 
 An NBD channel is a connection of its own, opened in the background on
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # After a failed connect, writes fall back without trying again for this long.
 RETRY_CONNECT = 1.0
+# A waiting write looks this often whether it should stop (stop()).
+STOP_SLICE = 0.05
 
 
 def open_through(address, clock=time.monotonic):
@@ -57,7 +60,7 @@ class BackendThrough:
     def connected(self):
         return self._backend is not None
 
-    def write(self, kind, offset, length, buf, deadline):
+    def write(self, kind, offset, length, buf, deadline, stop=None):
         if self._backend is None:
             from . import open_backend
             self._backend = open_backend(self.address, readonly=False)
@@ -104,11 +107,11 @@ class NbdThrough:
     def connected(self):
         return self._h is not None
 
-    def write(self, kind, offset, length, buf, deadline):
+    def write(self, kind, offset, length, buf, deadline, stop=None):
         self.reap()
         if self._abandoned:
             return "the target has not answered an earlier write-through"
-        h = self._connection(deadline)
+        h = self._connection(deadline, stop)
         if h is None:
             return "no connection to the target yet"
         nbd = self._nbd
@@ -121,7 +124,7 @@ class NbdThrough:
                     cookie = h.aio_zero(length, offset, flags=flags)
                 else:
                     cookie = h.aio_pwrite(bytes(length), offset)
-            if not self._wait(h, cookie, deadline):
+            if not self._wait(h, cookie, deadline, stop):
                 self._abandoned.append((cookie, offset, length))
                 return "the target did not answer in time"
         except nbd.Error as e:
@@ -186,9 +189,9 @@ class NbdThrough:
             self._attempt.cancel()
             self._attempt = None
 
-    def _connection(self, deadline):
+    def _connection(self, deadline, stop=None):
         """The connected handle, or None if it is not there by the deadline
-        (the connect goes on in the background)."""
+        or stop() (the connect goes on in the background)."""
         if self._h is not None and is_finished(self._h):
             self._hang_up()
         if self._h is not None:
@@ -201,7 +204,7 @@ class NbdThrough:
             wait = max(0.0, deadline - self._clock())
         else:
             wait = 0.0
-        if not self._attempt.wait(wait):
+        if not self._await_attempt(wait, stop):
             return None
         attempt, self._attempt = self._attempt, None
         try:
@@ -214,12 +217,23 @@ class NbdThrough:
             return None
         return self._h
 
-    def _wait(self, h, cookie, deadline):
+    def _await_attempt(self, wait, stop):
+        """Wait up to `wait` seconds for the connect under way; False if it is
+        not done by then, or stop() said to give up first."""
+        if stop is None:
+            return self._attempt.wait(wait)
+        end = time.monotonic() + wait
+        while not self._attempt.wait(max(0.0, min(end - time.monotonic(), STOP_SLICE))):
+            if time.monotonic() >= end or stop():
+                return False
+        return True
+
+    def _wait(self, h, cookie, deadline, stop=None):
         while not h.aio_command_completed(cookie):
             left = deadline - self._clock()
-            if left <= 0:
+            if left <= 0 or (stop is not None and stop()):
                 return False
-            h.poll(max(1, int(min(left, 0.1) * 1000)))
+            h.poll(max(1, int(min(left, STOP_SLICE) * 1000)))
         return True
 
     def _failed(self, h, e, what):

@@ -18,6 +18,12 @@ error (the target answered with an errno, or the connection died) raises
 OSError: the job's policy applies; a connect that fails falls back (the
 job's own connection and its reconnect-delay decide about a target that is
 gone).
+
+A forced cancel must free client I/O at once, whatever the target does
+(issue 24: a SIGSTOPped target held client writes for about a second after
+the cancel).  So every wait here (the range lock, the channel's lock, the
+connect, the target's answer) is taken in short slices and ends as soon as
+``stopped()`` says the job is going away; the change then falls back.
 """
 
 import logging
@@ -30,12 +36,15 @@ log = logging.getLogger(__name__)
 
 # The longest a client change waits for the target in write-blocking mode.
 THROUGH_TIMEOUT = 2.0
+# How often a waiting client change looks whether the job is going away.
+STOP_SLICE = 0.05
 
 
 class WriteThrough:
     def __init__(self, address, ranges, granularity, timeout=THROUGH_TIMEOUT,
-                 clock=time.monotonic):
+                 clock=time.monotonic, stopped=lambda: False):
         self.address = address
+        self._stopped = stopped           # True once the job is going away (forced cancel)
         self._ranges = ranges
         self._granularity = granularity
         self._timeout = timeout
@@ -52,24 +61,43 @@ class WriteThrough:
         True if done, False if it fell back (the caller marks the range
         dirty); raises OSError for an error the target gave.
         """
+        if self._stopped():
+            return self._fell_back("the job is going away")
         deadline = self._clock() + self._timeout
         g = self._granularity
         first, end = offset // g, (offset + length + g - 1) // g
-        token = self._ranges.acquire(first, end, timeout=self._timeout)
+        token = self._sliced(lambda t: self._ranges.acquire(first, end, timeout=t),
+                             self._timeout)
         if token is None:
             return self._fell_back("a background copy of the range is still in flight")
         try:
-            if not self._lock.acquire(timeout=max(0.0, deadline - self._clock())):
+            if not self._sliced(lambda t: self._lock.acquire(timeout=t),
+                                max(0.0, deadline - self._clock())):
                 return self._fell_back("another write-through is waiting for the target")
             try:
-                if self._channel is None:
-                    self._channel = open_through(self.address, self._clock)
-                why = self._channel.write(kind, offset, length, buf, deadline)
+                if self._stopped():
+                    why = "the job is going away"
+                else:
+                    if self._channel is None:
+                        self._channel = open_through(self.address, self._clock)
+                    why = self._channel.write(kind, offset, length, buf, deadline,
+                                              self._stopped)
             finally:
                 self._lock.release()
         finally:
             self._ranges.release(token)
         return True if why is None else self._fell_back(why)
+
+    def _sliced(self, acquire, timeout):
+        """acquire(seconds) in STOP_SLICE steps for up to timeout seconds (real
+        time); gives up early once the job is going away.  Returns what the
+        last acquire returned."""
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            got = acquire(max(0.0, min(left, STOP_SLICE)))
+            if got or left <= STOP_SLICE or self._stopped():
+                return got
 
     def _fell_back(self, why):
         self.fallbacks += 1

@@ -125,7 +125,9 @@ class Disk:
         self._swap("_listeners", lambda fns: fns + (fn,))
 
     def remove_listener(self, fn):
-        self._swap("_listeners", lambda fns: tuple(f for f in fns if f is not fn))
+        # Equality, not identity: a bound method (job._on_change) is a new
+        # object each time it is looked up, but equal to the one added.
+        self._swap("_listeners", lambda fns: tuple(f for f in fns if f != fn))
 
     def add_guard(self, guard):
         """Run guard.begin/persist before every change and guard.end after it."""

@@ -84,7 +84,8 @@ class MirrorJob(SyncedCopyJob):
         # copy-mode=write-blocking: client changes to the target, under the
         # copies' range lock, never waiting past THROUGH_TIMEOUT.
         self._through = through = WriteThrough(target, self.copy.ranges, granularity,
-                                               clock=self.clock.now)
+                                               clock=self.clock.now,
+                                               stopped=lambda: self.cancelled)
         self.copy.blocked = through.blocks
         self.flushes.through = through
         self.link.on_loss.insert(1, through.drop)
@@ -163,7 +164,8 @@ class MirrorJob(SyncedCopyJob):
 
     def _on_change(self, kind, offset, length, buf):
         """Disk listener: runs in the client's thread after its change completed."""
-        if self.copy_mode == "write-blocking" and self._fatal is None and not self.user_paused:
+        if (self.copy_mode == "write-blocking" and self._fatal is None and not self.user_paused
+                and not self.cancelled):
             try:
                 through = self._through.apply(kind, offset, length, buf)
             except OSError as e:

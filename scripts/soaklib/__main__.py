@@ -1,0 +1,5 @@
+import sys
+
+from soaklib.cli import main
+
+sys.exit(main())
