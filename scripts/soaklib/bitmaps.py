@@ -16,9 +16,14 @@ MAX_BITMAPS = 4
 
 
 def _pick(soak, rnd):
-    if not soak.model.bitmaps:
+    """A bitmap; mostly not the one an incremental chain follows (so chains grow long)."""
+    names = sorted(soak.model.bitmaps)
+    if not names:
         raise Skip("no bitmap")
-    return soak.model.bitmaps[rnd.choice(sorted(soak.model.bitmaps))]
+    spare = soak.chain[0] if soak.chain is not None else None
+    if spare in names and len(names) > 1 and rnd.random() < 0.8:
+        names.remove(spare)
+    return soak.model.bitmaps[rnd.choice(names)]
 
 
 def _command(soak, bitmaps, command, args):

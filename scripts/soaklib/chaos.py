@@ -94,6 +94,61 @@ def target_error(soak, rnd):
     return "%r fails writes with %s for %.2fs" % (target, target.errno, seconds)
 
 
+@op(1)
+def link_down(soak, rnd):
+    """The link to a target in another network namespace goes down (no RST: the TCP
+    connection stalls), then comes back; TCP's retransmission back-off may add as much
+    again before the stalled requests move."""
+    job, target = _job_target(soak)
+    if target.kind != "far":
+        raise Skip("the job's target is not across a link")
+    seconds = rnd.uniform(0.5, 4.0)
+    soak.allow(2 * seconds + 1)
+    job.faulted.append("link down")
+    netns = soak.rig.netns()
+    netns.link_down()
+    try:
+        time.sleep(seconds)
+    finally:
+        netns.link_up()
+    return "the link to %r down for %.2fs" % (target, seconds)
+
+
+@op(1)
+def overlay_full(soak, rnd):
+    """The state directory's filesystem fills up for a while: client changes that need
+    new space fail with ENOSPC (werror=report), the rest goes on; jobs and bitmaps that
+    need space meet ENOSPC too (a job may fail of it)."""
+    fs = soak.rig.fs
+    if fs is None:
+        raise Skip("no tmpfs for the state directory")
+    seconds = rnd.uniform(0.3, 2.5)
+    if soak.job is not None:
+        soak.job.faulted.append("overlay full")
+    filler = fs / "filler"
+    t0 = time.monotonic()
+    _fill(filler)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.unlink(filler)
+        soak.allow_errors(t0, time.monotonic() + 0.1, "ENOSPC")
+    return "the overlay's filesystem full for %.2fs" % seconds
+
+
+def _fill(path):
+    """A file that takes every free block of its filesystem."""
+    with open(path, "wb") as f:
+        size = 0
+        for chunk in (1 << 20, 4096):
+            try:
+                while True:
+                    os.posix_fallocate(f.fileno(), size, chunk)
+                    size += chunk
+            except OSError:
+                pass
+
+
 def _base(soak):
     if soak.base_gone or soak.store is not None:
         raise Skip("the disk has no base")

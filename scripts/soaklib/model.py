@@ -132,6 +132,15 @@ class DiskModel:
         self.bitmaps = {}                             # name -> BitmapModel
         self.acked_changes = self.acked_flushes = 0
 
+    def reset(self, data):
+        """A new disk (clients idle): its bytes, nothing unflushed, no bitmaps."""
+        with self.lock:
+            self.data[:] = data
+            self.begun.clear()
+            self.unflushed.clear()
+            self.doubtful = []
+            self.bitmaps = {}
+
     # -- the writer ----------------------------------------------------------
 
     def begin(self, change):

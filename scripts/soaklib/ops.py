@@ -45,7 +45,14 @@ def _top_possible(soak):
 
 # -- mirror -------------------------------------------------------------------------
 
-@op(3)
+def _finalize_choice(rnd, args):
+    """Now and then auto-finalize=false: the job then waits in pending for job-finalize."""
+    if rnd.random() < 0.15:
+        args["auto-finalize"] = False
+    return args
+
+
+@op(4)
 def mirror(soak, rnd):
     if soak.job is not None:
         raise Skip("job %s runs" % soak.job.id)
@@ -60,7 +67,9 @@ def mirror(soak, rnd):
             "speed": rnd.choice(SPEEDS), "on-target-error": rnd.choice(POLICIES),
             "copy-mode": rnd.choice(("background", "write-blocking")),
             "granularity": rnd.choice((65536, 65536, MiB))}
-    track = JobTrack(job_id, "mirror", target, sync=sync)
+    _finalize_choice(rnd, args)
+    track = JobTrack(job_id, "mirror", target, sync=sync,
+                     auto_finalize=args.get("auto-finalize", True))
     track.on_end = _mirror_ended
     soak.start_job(track, "drive-mirror", args)
     return "%s to %r sync=%s copy-mode=%s speed=%d on-target-error=%s" % (
@@ -91,9 +100,9 @@ def stream(soak, rnd):
     if not _top_possible(soak):
         raise Skip("no base to stream")
     job_id = soak.name("stream")
-    args = {"device": "disk0", "job-id": job_id, "speed": rnd.choice(SPEEDS),
-            "on-error": rnd.choice(POLICIES)}
-    track = JobTrack(job_id, "stream")
+    args = _finalize_choice(rnd, {"device": "disk0", "job-id": job_id,
+                                  "speed": rnd.choice(SPEEDS), "on-error": rnd.choice(POLICIES)})
+    track = JobTrack(job_id, "stream", auto_finalize=args.get("auto-finalize", True))
     track.on_end = _stream_ended
     soak.start_job(track, "block-stream", args)
     return "%s speed=%d on-error=%s" % (job_id, args["speed"], args["on-error"])
@@ -109,7 +118,7 @@ def _stream_ended(soak, track):
 
 # -- backup -------------------------------------------------------------------------
 
-@op(3)
+@op(4)
 def backup(soak, rnd):
     """Push a point in time: full (maybe starting an incremental chain), top, incremental."""
     if soak.job is not None:
@@ -125,8 +134,10 @@ def backup(soak, rnd):
     job_id = soak.name("backup")
     args = {"device": "disk0", "job-id": job_id, "target": target.uri, "sync": sync,
             "speed": rnd.choice(SPEEDS), "on-target-error": rnd.choice(POLICIES)}
+    _finalize_choice(rnd, args)
     chain = sync == "full" and rnd.random() < 0.6
-    track = JobTrack(job_id, "backup", target, sync=sync)
+    track = JobTrack(job_id, "backup", target, sync=sync,
+                     auto_finalize=args.get("auto-finalize", True))
     track.on_end = _backup_ended
     with soak.clients_paused():
         track.info["snapshot"] = soak.model.snapshot()
@@ -181,11 +192,29 @@ def backup_pull(soak, rnd):
         raise Skip("job %s runs" % soak.job.id)
     job_id, export = soak.name("pull"), soak.name("pit")
     track = JobTrack(job_id, "backup", export=export)
+    args = {"device": "disk0", "job-id": job_id, "target": "export:" + export, "sync": "none"}
+    checkpoint = rnd.random() < 0.5 and len(soak.model.bitmaps) < 4
     with soak.clients_paused():
         track.info["snapshot"] = soak.model.snapshot()
-        soak.start_job(track, "drive-backup", {"device": "disk0", "job-id": job_id,
-                                               "target": "export:" + export, "sync": "none"})
-    return "%s as export %s" % (job_id, export)
+        if not checkpoint:
+            soak.start_job(track, "drive-backup", args)
+            return "%s as export %s" % (job_id, export)
+        # libvirt's checkpoint pattern (docs/backup.md): all at one instant.
+        name = soak.name("cp")
+        old = [b for b in soak.model.bitmaps.values() if b.recording and not b.busy][:1]
+        soak.start_job(track, "transaction", {"actions": [
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": "disk0", "name": name, "persistent": True}}] + [
+            {"type": "block-dirty-bitmap-disable", "data": {"node": "disk0", "name": b.name}}
+            for b in old] + [{"type": "drive-backup", "data": args}]})
+        soak.model.bitmaps[name] = BitmapModel(name, soak.model.size, 65536, True, True)
+        for b in old:
+            b.recording = False
+            b.exact = soak.bitmap_extents(b.name)
+            if soak.chain is not None and soak.chain[0] == b.name:
+                soak.chain = None
+    return "%s as export %s; checkpoint: add %s%s" % (
+        job_id, export, name, "".join(", disable " + b.name for b in old))
 
 
 @op(2)
@@ -248,8 +277,9 @@ def job_change(soak, rnd):
 @op(2)
 def job_complete(soak, rnd):
     """Complete a ready mirror, the clients writing on or paused; once it pivoted, the
-    checks compare its target with the model (every later change goes there)."""
-    job = _job(soak, "mirror")
+    checks compare its target with the model (every later change goes there).  A commit
+    is completed with the clients paused: then its base must equal the disk."""
+    job = _job(soak, "mirror", "commit")
     info = soak.job_info()
     if info is None or not info["ready"]:
         raise Skip("%s is not ready" % job.id)
@@ -258,7 +288,8 @@ def job_complete(soak, rnd):
         job.complete_asked = job.complete_asked or ok
         return "complete %s (paused: it goes on after a resume)%s" % (job.id, "" if ok else why)
     soak.allow(FINAL_SYNC)                # the final copy holds the clients (docs/errors.md)
-    paused = rnd.random() < 0.5
+    paused = job.kind == "commit" or rnd.random() < 0.5
+    job.info["complete-paused"] = paused
     t0 = time.monotonic()
     with soak.clients_paused() if paused else contextlib.nullcontext():
         ok, why = soak.try_qmp("block-job-complete", {"device": job.id})
@@ -290,6 +321,18 @@ def job_cancel(soak, rnd):
     return "forced cancel %s: %s" % (job.id, soak.forced_cancel())
 
 
+@op(1)
+def job_finalize(soak, rnd):
+    """job-finalize a job that waits in pending (auto-finalize=false)."""
+    job = _job(soak)
+    info = soak.job_info()
+    if info is None or info["status"] != "pending":
+        raise Skip("%s is not pending" % job.id)
+    ok, why = soak.try_qmp("job-finalize", {"id": job.id})
+    soak.settle()
+    return "job-finalize %s%s" % (job.id, "" if ok else " refused: " + why)
+
+
 @op(2)
 def job_wait(soak, rnd):
     """Let the job run: until it is ready or ends, or 15 s."""
@@ -306,6 +349,45 @@ def job_wait(soak, rnd):
             return "%s %s" % (job.id, "ready" if info and info["ready"] else "paused")
         time.sleep(0.1)
     return "%s still running" % job.id
+
+
+@op(1)
+def fresh_disk(soak, rnd):
+    """A new disk over the base once the base is gone (a stream) or the disk moved (a
+    pivot), so that a long soak keeps meeting the base-side operations."""
+    if _top_possible(soak):
+        raise Skip("the disk still has its base")
+    soak.fresh_disk()
+    return "a new state directory over the base: %s" % soak.rig.state.name
+
+
+@op(1)
+def commit(soak, rnd):
+    """block-commit (docs/commit.md, on its own branch for now): the overlay written back
+    into the base; skipped while the server has no such command."""
+    if not _top_possible(soak):
+        raise Skip("the disk has no base")
+    if soak.job is not None:
+        raise Skip("job %s runs" % soak.job.id)
+    job_id = soak.name("commit")
+    args = _finalize_choice(rnd, {"device": "disk0", "job-id": job_id,
+                                  "speed": rnd.choice(SPEEDS), "on-error": rnd.choice(POLICIES)})
+    track = JobTrack(job_id, "commit", auto_finalize=args.get("auto-finalize", True))
+    track.on_end = _commit_ended
+    ok, why = soak.try_qmp("query-commands")
+    if ok and "block-commit" not in {c["name"] for c in why}:
+        raise Skip("the server has no block-commit")
+    soak.start_job(track, "block-commit", args)
+    return "%s speed=%d on-error=%s" % (job_id, args["speed"], args["on-error"])
+
+
+def _commit_ended(soak, track):
+    """A completed commit, completed with the clients paused: the base is the disk."""
+    if track.outcome == "completed" and track.info.get("complete-paused"):
+        if _base_bytes(soak) != soak.model.snapshot():
+            at = _first_difference(_base_bytes(soak), soak.model.snapshot())
+            raise Violation("%s completed but the base differs from the disk at %d"
+                            % (track, at))
 
 
 @op(3)

@@ -8,13 +8,14 @@ Servers, tests/netrig.py's TLS servers) and killed by pid at the end.
 import os
 import pathlib
 import signal
+import subprocess
 import threading
 import time
 
 from conftest import LAUNCHER, Server, Servers, make_image
 from faults import FaultSwitch, error_args
 from jobctl.qmp_client import ConnectionProblem, QMPClient, QMPError, Timeout
-from netrig import nbdkit_tcp, psk_file, restart_tcp
+from netrig import Netns, nbdkit_tcp, psk_file, restart_tcp
 
 MiB = 1 << 20
 QMP_TIMEOUT = 30.0          # a reply later than this is a failure by itself
@@ -79,8 +80,11 @@ class Rig:
         half = size // 2
         self.base_path = make_image(self.workdir / "base.img", size,
                                     [(0, half - 3 * MiB), (half, half // 2)], seed=seed)
-        self.base_server = self.servers.nbdkit("file", self.base_path, "-r")
-        self.state = self.workdir / "ov"
+        # Writable: block-commit writes the overlay back into it (docs/commit.md).
+        self.base_server = self.servers.nbdkit("file", self.base_path)
+        self.fs = self._mount_tmpfs(self.workdir / "fs", 6 * size)
+        self.state = (self.fs or self.workdir) / "ov"
+        self._new_state = True
         self.ctl = self.workdir / "ctl.sock"
         self.sock = self.workdir / "disk.sock"
         self.disk_uri = "nbd+unix:///?socket=%s" % self.sock
@@ -92,6 +96,7 @@ class Rig:
         self.qmp_times = []               # (command, seconds, start)
         self._client = None
         self._psk = None
+        self._netns = None                # made on first use; False: cannot be made here
         self.events = Events(self.ctl)
 
     # -- the disk server ------------------------------------------------------
@@ -105,8 +110,9 @@ class Rig:
         log = self.workdir / ("disk-%d.log" % len(self.logs))
         argv = [str(LAUNCHER), "-f", "-U", str(self.sock), "overlay=%s" % self.state,
                 "control=%s" % self.ctl, "log=stderr", "reconnect-delay=%d" % RECONNECT_DELAY]
-        if not self.logs:                 # then the state directory knows (or dropped) it
+        if self._new_state:               # later the state directory knows (or dropped) it
             argv.append("base=%s" % self.base_server.uri)
+            self._new_state = False
         server = Server(argv, self.sock, log, control=str(self.ctl))
         self.servers.started.append(server)
         self.logs.append(log)
@@ -139,6 +145,13 @@ class Rig:
         before = self.events.connections
         self._start_disk()
         self.events.wait_connected(before)
+
+    def fresh(self, name):
+        """Kill the disk and serve a new one: a new state directory over the base."""
+        self.kill9()
+        self.state = (self.fs or self.workdir) / name
+        self._new_state = True
+        self.restart()
 
     @property
     def alive(self):
@@ -200,15 +213,39 @@ class Rig:
             self._psk = psk_file(self.workdir)
         return self._psk
 
+    @staticmethod
+    def _mount_tmpfs(path, size):
+        """A tmpfs of `size` bytes for the state directories (the overlay_full fault
+        fills it), or None where one cannot be mounted (not root)."""
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%d" % size, "soak", str(path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return path if done.returncode == 0 else None
+
+    def netns(self):
+        """A network namespace across a veth link (tests/netrig.py), or None where
+        one cannot be made (not root, no iproute2)."""
+        if self._netns is None:
+            try:
+                self._netns = Netns()
+            except Exception:
+                self._netns = False
+        return self._netns or None
+
     def close(self):
         self.close_qmp()
         self.events.stop()
         self.servers.cleanup()
+        if self._netns:
+            self._netns.delete()
+        if self.fs is not None:
+            subprocess.run(["umount", "-l", str(self.fs)], stderr=subprocess.DEVNULL)
 
 
 class Target:
-    """A copy target: an image file, maybe served by nbdkit (a Unix socket, or TLS over
-    TCP) behind the error filter, which fails writes while its FaultSwitch is on."""
+    """A copy target: an image file, maybe served by nbdkit (a Unix socket, TLS over
+    TCP, or TCP in a network namespace across a link that can go down) behind the error
+    filter, which fails writes while its FaultSwitch is on."""
 
     def __init__(self, rig, name, kind, errno="EIO", fill=None):
         self.rig, self.name, self.kind = rig, name, kind
@@ -224,15 +261,23 @@ class Target:
         self.protected = False            # the disk is served from it (a pivot)
         self.server = None
         errors = error_args(self.switch, error=errno, ops=TARGET_ERROR_OPS)
+        if kind == "far" and rig.netns() is None:
+            self.kind = kind = "nbd"
         if kind == "file":
             self.uri = str(self.path)
         elif kind == "nbd":
             self.server = rig.servers.nbdkit("file", str(self.path), *errors, filters=["error"])
             self.uri = self.server.uri
-        else:
+        elif kind == "tls":
             self.server = nbdkit_tcp(rig.servers, name, ["--filter=error", "file",
                                                          str(self.path), *errors],
                                      psk=rig.psk())
+            self.uri = self.server.uri
+        else:
+            ns = rig.netns()
+            self.server = nbdkit_tcp(rig.servers, name, ["--filter=error", "file",
+                                                         str(self.path), *errors],
+                                     addr=ns.there, prefix=ns.exec_prefix)
             self.uri = self.server.uri
 
     def __repr__(self):
@@ -247,7 +292,7 @@ class Target:
         self.server.kill9()
 
     def restart(self):
-        if self.kind == "tls":
+        if self.kind in ("tls", "far"):
             self.server = restart_tcp(self.rig.servers, self.server)
         else:
             self.server = self.rig.servers.restart(self.server)

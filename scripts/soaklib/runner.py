@@ -7,6 +7,7 @@ may differ, and the invariants must hold whatever it does.
 """
 
 import collections
+import itertools
 import os
 import random
 import shutil
@@ -85,6 +86,12 @@ def report(soak, seed, elapsed, failure, out):
         p("soak: steps done: %s" % ", ".join("%s %d" % kv for kv in sorted(done.items())))
         p("soak: jobs: %s" % ", ".join("%s %d" % kv for kv in sorted(soak.counts.items())))
         p("soak: maxima: %s" % ", ".join("%s %.2f" % kv for kv in sorted(soak.maxima.items())))
+        lives = [[rss for _, rss in group] for _, group in itertools.groupby(soak.rss,
+                                                                          key=lambda g: g[0])]
+        life = max(lives, key=len, default=[])
+        if life:
+            p("soak: RSS over the longest server life (%d checks): first %d MiB, last %d MiB, "
+              "max %d MiB" % (len(life), life[0] >> 20, life[-1] >> 20, max(life) >> 20))
         return
     p("")
     p("soak: seed=%d FAILED after %d steps (%.0fs)" % (seed, len(soak.steps), elapsed))
