@@ -35,6 +35,27 @@ def kill9(soak, rnd):
 
 
 @op(1)
+def kill9_in_complete(soak, rnd):
+    """complete a ready mirror, then kill -9 within its final copy and pivot: after the
+    restart it is served wholly from the overlay (the job is back) or from the target
+    (the pivot was committed), and every acknowledged byte is there (docs/jobs.md)."""
+    job, info = soak.ready_job(("mirror",))
+    if info["paused"]:
+        raise Skip("%s is paused" % job.id)
+    ok, why = soak.try_qmp("block-job-complete", {"device": job.id})
+    if not ok:
+        return "complete %s refused: %s" % (job.id, why)
+    job.complete_asked = True
+    job.faulted.append("kill -9 in complete")
+    time.sleep(rnd.uniform(0, 0.15))
+    soak.rig.kill9()
+    took = _restart(soak, "kill -9")
+    return "complete %s, kill -9 meanwhile; restarted in %.2fs: %s" % (
+        job.id, took, "the job is back" if soak.job is job else "pivoted" if soak.store is
+        job.target else "the job ended: %s" % job.outcome)
+
+
+@op(1)
 def sigterm(soak, rnd):
     time.sleep(rnd.uniform(0, 0.5))
     took = soak.rig.sigterm(SIGTERM_BOUND)

@@ -1,55 +1,16 @@
-"""The soak's state between steps, and the invariants checked after every step.
-
-Bounds (docs/soak.md says where each comes from):
-"""
+"""The soak's state between steps: the rig, the model, the clients, the job running,
+and the helpers the operations share.  invariants.py checks it after every step."""
 
 import collections
 import contextlib
-import os
-import random
-import re
 import time
 
-import nbd
-
+from . import invariants
+from .bounds import (CANCEL_BOUND, FINAL_SYNC, JOB_END_WAIT, PAUSE_TIMEOUT,  # noqa: F401
+                     RETIRED_KEPT, SIGTERM_BOUND, Skip, Violation)
 from .clients import Reader, Writer
-from .model import BitmapModel, DiskModel, first_missing
-from .rig import RECONNECT_DELAY, QMPError, Rig, Target
-
-MiB = 1 << 20
-
-REQUEST_BOUND = 4.0      # a client request, with no fault in its way (write-through: 2 s)
-FINAL_SYNC = 10.0 + RECONNECT_DELAY   # complete / soft cancel may hold clients this long
-QMP_BOUND = 5.0          # a QMP reply (drive-mirror waits 1 s for its target; a quiesce
-                         # waits for requests in flight, a write-through 2 s)
-CANCEL_BOUND = 4.0       # a forced cancel to BLOCK_JOB_CANCELLED (docs/errors.md: about 3 s)
-CANCEL_FREE = 0.5        # no client request waits longer than this past a forced cancel
-CANCEL_SLACK = 0.25      # a backup frees a client waiting to copy before write as it
-                         # cleans up: by its event (docs/backup.md), plus this
-SIGTERM_BOUND = 5.0      # nbdkit's exit after SIGTERM
-FD_BOUND = 256           # the disk's nbdkit: open descriptors
-RSS_BOUND = 320 * MiB    # and resident memory
-PAUSE_TIMEOUT = 30.0     # clients reach a request boundary (their requests are bounded)
-JOB_END_WAIT = FINAL_SYNC + 5
-RETIRED_KEPT = 3         # targets of ended jobs kept served, to see that nothing writes
-RETIRED_GRACE = 1.0      # after the job or a SIGCONT: late answers to abandoned writes
-
-
-# nbdkit's python plugin prints the traceback of every error a request returns to its
-# client ("python.1: error: .../overlaydisk.py: pwrite: error: Traceback ..."): those are
-# client errors, which the request checks judge; any other traceback is a violation.
-TRACEBACK = re.compile(r"^.*Traceback.*$", re.M)
-REQUEST_ERROR = re.compile(r"overlaydisk\.py: (pread|pwrite|zero|trim|flush|extents|cache): "
-                           r"error: Traceback")
-
-
-class Violation(Exception):
-    """An invariant does not hold: the soak stops here."""
-
-
-class Skip(Exception):
-    """The step does not apply now (no job, a job already runs, ...)."""
-
+from .model import DiskModel
+from .rig import QMPError, Rig, Target
 
 class JobTrack:
     """A job the soak started, and what its end must show."""
@@ -173,6 +134,21 @@ class Soak:
             return None
         return self.rig.jobs().get(self.job.id)
 
+    def ready_job(self, kinds, wait=5.0):
+        """The running job if it is of one of `kinds` and ready (waiting up to `wait` s
+        for that); Skip otherwise."""
+        job = self.job
+        if job is None or job.kind not in kinds:
+            raise Skip("no %s job" % "/".join(kinds))
+        deadline = time.monotonic() + wait
+        while True:
+            info = self.job_info()
+            if info is not None and info["ready"]:
+                return job, info
+            if info is None or info["paused"] or time.monotonic() > deadline:
+                raise Skip("%s is not ready" % job.id)
+            time.sleep(0.1)
+
     def wait_end(self, timeout):
         """Wait for the job to conclude (events); True if it did.  A job that waits in
         pending (auto-finalize=false) is finalized, as its operator would."""
@@ -255,17 +231,6 @@ class Soak:
         if len(self.retired) > RETIRED_KEPT:
             self.retired.pop(0).close()
 
-    def _check_retired(self):
-        now = time.monotonic()
-        for t in self.retired:
-            if t.stopped or now - max(t.retired, t.running_since) < RETIRED_GRACE:
-                continue
-            mtime = os.stat(t.path).st_mtime_ns
-            if t.baseline is None:
-                t.baseline = mtime
-            elif mtime != t.baseline:
-                raise Violation("%r was written after its job ended" % t)
-
     def restarted(self, how):
         """The disk's nbdkit started again on its state directory."""
         for name, bitmap in list(self.model.bitmaps.items()):
@@ -293,38 +258,6 @@ class Soak:
 
     # -- the checks after every step -----------------------------------------------
 
-    def check(self):
-        rig = self.rig
-        if not rig.alive:
-            raise Violation("the disk's nbdkit exited (%s)" % rig.disk.proc.returncode)
-        self.settle()
-        with self.clients_paused():
-            self._check_disk()
-            self._check_bitmaps()
-            if self.store is not None and self.store.read() != self.model.snapshot():
-                raise Violation("the disk is served from %s, which differs from the model"
-                                % self.store)
-        self._check_retired()
-        self._check_clients()
-        self._check_replies()
-        self._check_log_and_process()
-        self._cancels = []
-
-    def read_disk(self, uri=None):
-        h = nbd.NBD()
-        h.connect_uri(uri or rig_uri(self.rig))
-        try:
-            step = 4 * MiB
-            return b"".join(bytes(h.pread(min(step, self.model.size - o), o))
-                            for o in range(0, self.model.size, step))
-        finally:
-            h.shutdown()
-
-    def _check_disk(self):
-        problems = self.model.verify(self.read_disk())
-        if problems:
-            raise Violation("the disk differs from the model:\n  " + "\n  ".join(problems))
-
     def bitmap_extents(self, name):
         out, offset = [], 0
         while True:
@@ -335,92 +268,10 @@ class Soak:
                 return out
             offset = reply["next"]
 
-    def _check_bitmaps(self):
-        listed = {b["name"]: b for b in self.rig.block()["dirty-bitmaps"]}
-        if set(listed) != set(self.model.bitmaps):
-            raise Violation("bitmaps listed %s, expected %s"
-                            % (sorted(listed), sorted(self.model.bitmaps)))
-        for name, bitmap in self.model.bitmaps.items():
-            info = listed[name]
-            if info["recording"] != bitmap.recording or info["persistent"] != bitmap.persistent:
-                raise Violation("bitmap %s is %s, expected %s" % (name, info, bitmap.describe()))
-            extents = self.bitmap_extents(name)
-            gap = first_missing(bitmap.changes, extents, bitmap.granularity)
-            if gap is not None:
-                raise Violation("bitmap %s misses changed range %d+%d" % (bitmap.describe(),
-                                                                           gap[0], gap[1]))
-            if bitmap.exact is not None and extents != bitmap.exact:
-                raise Violation("disabled bitmap %s changed" % bitmap.describe())
-
-    def _extra_allowed(self, r):
-        return max([extra for start, end, extra in self._allowances
-                    if start <= r.end and (end is None or r.start <= end)] or [0.0])
-
-    def _check_clients(self):
-        for client in (self.writer, self.reader):
-            for when, problem in client.problems:
-                raise Violation("%s: %s" % (client.name, problem))
-            for r in client.take_requests():
-                self.maxima["request s"] = max(self.maxima["request s"], r.seconds)
-                if r.error is not None:
-                    if any(s <= r.end and r.start <= e and r.error.startswith(name + ":")
-                           for s, e, name in self._error_windows):
-                        self.counts["client errors allowed"] += 1
-                        continue
-                    if r.generation == self.rig.generation:
-                        raise Violation("%s's %s failed with the server up: %s"
-                                        % (r.client, r.kind, r.error))
-                    continue
-                bound = REQUEST_BOUND + self._extra_allowed(r)
-                if r.seconds > bound:
-                    raise Violation("%s's %s took %.2fs (bound %.1fs)"
-                                    % (r.client, r.kind, r.seconds, bound))
-                for asked, came, kind in self._cancels:
-                    waited = r.end - max(r.start, asked)
-                    if waited > CANCEL_FREE and (kind == "mirror" or r.end > came + CANCEL_SLACK):
-                        raise Violation("%s's %s went on %.2fs after a forced cancel was asked "
-                                        "(%.2fs after its event)"
-                                        % (r.client, r.kind, waited, r.end - came))
-        now = time.monotonic()
-        self._allowances = collections.deque(
-            ((s, now if e is None else e, x) for s, e, x in self._allowances), maxlen=64)
-
-    def _check_replies(self):
-        for command, seconds, start in self.rig.qmp_times:
-            self.maxima["qmp reply s"] = max(self.maxima["qmp reply s"], seconds)
-            if seconds > QMP_BOUND:
-                raise Violation("the reply to %s took %.2fs (bound %.1fs)"
-                                % (command, seconds, QMP_BOUND))
-        self.rig.qmp_times.clear()
-
-    def _check_log_and_process(self):
-        text = self.rig.new_log()
-        for match in TRACEBACK.finditer(text):
-            if REQUEST_ERROR.search(match.group(0)):
-                continue          # an error returned to a client: _check_clients judges it
-            at = match.start()
-            raise Violation("a Python traceback in the server log:\n"
-                            + text[max(0, at - 600):at + 2000])
-        rss, fds = self.rig.process()
-        self.rss.append((self.rig.generation, rss))
-        self.maxima["rss MiB"] = max(self.maxima["rss MiB"], rss / MiB)
-        self.maxima["fds"] = max(self.maxima["fds"], fds)
-        if rss > RSS_BOUND or fds > FD_BOUND:
-            raise Violation("the server holds %d MiB and %d descriptors (bounds %d MiB, %d)"
-                            % (rss // MiB, fds, RSS_BOUND // MiB, FD_BOUND))
+    def check(self):
+        invariants.check(self)
 
     def begin_step(self):
         self._step_start = time.monotonic()
         self.settle()                     # a job that ended meanwhile is no longer there
 
-
-def rig_uri(rig):
-    return rig.disk_uri
-
-
-def bitmap_model(soak, name, granularity, persistent, recording):
-    return BitmapModel(name, soak.model.size, granularity, persistent, recording)
-
-
-def step_random(seed, index):
-    return random.Random("%d:%d" % (seed, index))

@@ -279,10 +279,7 @@ def job_complete(soak, rnd):
     """Complete a ready mirror, the clients writing on or paused; once it pivoted, the
     checks compare its target with the model (every later change goes there).  A commit
     is completed with the clients paused: then its base must equal the disk."""
-    job = _job(soak, "mirror", "commit")
-    info = soak.job_info()
-    if info is None or not info["ready"]:
-        raise Skip("%s is not ready" % job.id)
+    job, info = soak.ready_job(("mirror", "commit"))
     if info["paused"]:
         ok, why = soak.try_qmp("block-job-complete", {"device": job.id})
         job.complete_asked = job.complete_asked or ok
