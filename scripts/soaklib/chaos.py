@@ -60,7 +60,9 @@ def sigterm(soak, rnd):
     time.sleep(rnd.uniform(0, 0.5))
     took = soak.rig.sigterm(SIGTERM_BOUND)
     if took is None:
-        raise Violation("nbdkit did not exit within %.0fs of SIGTERM" % SIGTERM_BOUND)
+        dump = soak.rig.dump_stuck("no exit within %.0fs of SIGTERM" % SIGTERM_BOUND)
+        raise Violation("nbdkit did not exit within %.0fs of SIGTERM (its threads: %s)"
+                        % (SIGTERM_BOUND, dump))
     soak.maxima["sigterm exit s"] = max(soak.maxima["sigterm exit s"], took)
     return "SIGTERM: exited in %.2fs; restarted in %.2fs" % (took, _restart(soak, "SIGTERM"))
 

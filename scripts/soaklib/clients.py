@@ -110,14 +110,15 @@ class Client(threading.Thread):
 
     def _handle(self):
         if self._h is None:
-            if not self.rig.up:
-                return None
-            generation = self.rig.generation
-            h = nbd.NBD()
-            try:
-                h.connect_uri(self.rig.disk_uri)
-            except nbd.Error:
-                return None
+            with self.rig.connect_lock:
+                if not self.rig.up:
+                    return None
+                generation = self.rig.generation
+                h = nbd.NBD()
+                try:
+                    h.connect_uri(self.rig.disk_uri)
+                except nbd.Error:
+                    return None
             self._h, self._generation = h, generation
         return self._h
 

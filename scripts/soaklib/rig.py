@@ -90,6 +90,10 @@ class Rig:
         self.disk_uri = "nbd+unix:///?socket=%s" % self.sock
         self.generation = 0               # bumped before the disk server is signalled
         self.up = False                   # clients may connect (not while it goes down)
+        # Held by a client from its look at `up` to its connection made, and by a kill:
+        # no connection is being made to a server that goes down (its SIGTERM would
+        # wait for that client, whose handshake may never finish).
+        self.connect_lock = threading.Lock()
         self.disk = None
         self.logs = []
         self._log_pos = {}
@@ -120,16 +124,19 @@ class Rig:
         server.wait_ready(START_TIMEOUT)
         self.up = True
 
+    def _going_down(self):
+        with self.connect_lock:
+            self.up = False
+            self.generation += 1
+
     def kill9(self):
-        self.up = False
-        self.generation += 1
+        self._going_down()
         self.close_qmp()
         self.disk.kill9()
 
     def sigterm(self, timeout):
         """SIGTERM; the seconds nbdkit took to exit, or None if it did not within timeout."""
-        self.up = False
-        self.generation += 1
+        self._going_down()
         self.close_qmp()
         t0 = time.monotonic()
         self.disk.proc.send_signal(signal.SIGTERM)
@@ -140,6 +147,22 @@ class Rig:
         took = time.monotonic() - t0
         self.disk.kill9()                 # reaps and removes the socket
         return took
+
+    def dump_stuck(self, why):
+        """What the disk's nbdkit is doing (gdb backtraces of every thread, its
+        descriptors), into a file next to the logs; its path (None without gdb)."""
+        pid = self.disk.pid
+        path = self.workdir / ("stuck-%d.txt" % pid)
+        try:
+            bt = subprocess.run(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt"],
+                                capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        fds = "\n".join("%s -> %s" % (fd, os.readlink("/proc/%d/fd/%s" % (pid, fd)))
+                        for fd in os.listdir("/proc/%d/fd" % pid))
+        path.write_text("%s\n\n%s\n\n%s\n" % (why, bt, fds))
+        self.logs.append(path)
+        return path
 
     def restart(self):
         before = self.events.connections

@@ -23,7 +23,8 @@ from .registry import OPS
 
 def schedule(seed, ops=None):
     """Yield (index, Op, step seed) forever."""
-    ops = list(ops if ops is not None else OPS)
+    # By name: the order the modules registered them in must not matter.
+    ops = sorted(ops if ops is not None else OPS, key=lambda o: o.name)
     rnd = random.Random(seed)
     weights = [o.weight for o in ops]
     index = 0
