@@ -27,6 +27,7 @@ JOB_KEYS = (
     "io-status",
     "auto-finalize",
     "auto-dismiss",
+    "actively-synced",
     "error",
     "x-copied-bytes",
     "x-last-error",
@@ -37,7 +38,7 @@ JOB_KEYS = (
 # for the same key, BlockJobInfo's wins except for status, which JobInfo
 # reports as the job state machine sees it.
 _BLOCK_FIELDS = ("type", "device", "status", "busy", "paused", "ready", "len", "offset",
-                 "speed", "io-status", "auto-finalize", "auto-dismiss", "error",
+                 "speed", "io-status", "auto-finalize", "auto-dismiss", "actively-synced", "error",
                  "x-copied-bytes", "x-last-error", "x-policies")
 _JOB_FIELDS = ("type", "status", "current-progress", "total-progress", "error")
 

@@ -23,6 +23,7 @@ from .exports import ExportTable
 from .qmp.backup_commands import register_backup_commands
 from .qmp.bitmap_commands import register_bitmap_commands
 from .qmp.block_commands import register_block_commands
+from .qmp.commit_commands import register_commit_commands
 from .qmp.dispatch import CommandRegistry, register_builtin_commands
 from .qmp.events import EventBus
 from .qmp.job_commands import register_job_commands
@@ -137,7 +138,9 @@ class Service:
                                   records=self.records, pivot=self.pivot_to,
                                   active_target=self.active_target,
                                   reconnect_delay=self.config.reconnect_delay,
-                                  exports=self.exports)
+                                  exports=self.exports,
+                                  open_base=lambda address: _open_base(
+                                      address, self.config.reconnect_delay))
 
     def start(self):
         """after_fork: restore saved jobs, then start the control server.
@@ -159,6 +162,7 @@ class Service:
         # transaction's action table: a drive-backup action registers there too.
         self.transactions = register_bitmap_commands(registry, self)
         register_backup_commands(registry, self)      # drive-backup is a transaction action
+        register_commit_commands(registry, self)
         self.disk.bitmaps.start()
         path = self.config.control or self.state.file(CONTROL_SOCK)
         self.control = ControlServer(path, registry, self.bus)

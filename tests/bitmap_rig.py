@@ -3,7 +3,7 @@
 import subprocess
 
 from conftest import Server
-from qmp_helpers import Control
+from helpers import Control
 from jobctl.qmp_client import QMPError
 
 MiB = 1 << 20

@@ -166,6 +166,41 @@ def servers(tmp_path):
     s.cleanup()
 
 
+@pytest.fixture
+def background():
+    """Start jobctl in the background: background(socket or server, *args) -> helpers.Background;
+    every one is killed (by pid) after the test."""
+    from helpers import Background
+    started = []
+
+    def start(where, *args):
+        proc = Background(where, *args)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+
+
+@pytest.fixture
+def local_disks(tmp_path, servers):
+    """Make helpers.LocalDisk (our disk in this process, its jobs on a clock the test
+    steps): local_disks(base, **plugin_keys); every one is stopped after the test, before
+    the servers it may use (its base, its target)."""
+    from helpers import LocalDisk
+    made = []
+
+    def make(base, **keys):
+        disk = LocalDisk(tmp_path, base, **keys)
+        made.append(disk)
+        return disk
+
+    yield make
+    for disk in made:
+        disk.close()
+
+
 @pytest.fixture(scope="session")
 def guest_image():
     """The test guest (tests/guest.py), built once; skipped only if its kernel can't be fetched."""

@@ -26,7 +26,7 @@ import socket
 import time
 
 from conftest import Server, make_image
-from qmp_helpers import Control
+from helpers import Control
 
 MiB = 1 << 20
 

@@ -15,7 +15,7 @@ import subprocess
 import time
 
 from conftest import Server, make_image
-from qmp_helpers import Control
+from helpers import Control
 
 MiB = 1 << 20
 

@@ -2,6 +2,7 @@
 job started, whatever clients write meanwhile; policies; jobs that survive kill -9."""
 
 import json
+import re
 import os
 import random
 import subprocess
@@ -9,47 +10,58 @@ import threading
 
 import pytest
 
+import nbd
+
+import helpers
 from conftest import make_image
 from faults import FaultSwitch, error_args, wait_until
-from qmp_helpers import Control
+from helpers import Control
 
 MiB = 1 << 20
 SIZE = 16 * MiB
 
 
-class Writer(threading.Thread):
-    """Random writes, zeroes and trims; pause()/go() bracket a point in time."""
+class Writer(helpers.Writer):
+    """Random writes, zeroes and trims through its own connection; pause() and go()
+    bracket a point in time (pause returns once no change is in flight).  `count`
+    counts changes made (idle turns are not steps of helpers.Writer's count)."""
 
-    def __init__(self, h, size, seed):
-        super().__init__(daemon=True)
-        self.h, self.size, self.rnd = h, size, random.Random(seed)
-        self.stop = threading.Event()
+    def __init__(self, uri, size, seed):
+        super().__init__(uri, size, seed=seed, lengths=(4096, 65536, 200 * 1024, MiB),
+                         align=512, pace=0)
         self.running = threading.Event()
         self.idle = threading.Event()
-        self.count = 0
-        self.error = None
+        self.changes = 0
 
-    def run(self):
-        try:
-            while not self.stop.is_set():
-                if not self.running.is_set():
-                    self.idle.set()
-                    self.running.wait(0.05)
-                    continue
-                self.idle.clear()
-                kind = self.rnd.random()
-                n = self.rnd.choice((4096, 65536, 200 * 1024, MiB))
-                off = self.rnd.randrange(0, (self.size - n) // 512) * 512
-                if kind < 0.8:
-                    self.h.pwrite(self.rnd.randbytes(n), off)
-                elif kind < 0.9:
-                    self.h.zero(n, off)
-                else:
-                    self.h.trim(n, off)
-                self.count += 1
-        except Exception as e:              # the test reports it
-            self.error = e
-        self.idle.set()
+    @property
+    def count(self):
+        return self.changes
+
+    @count.setter
+    def count(self, value):               # helpers.Writer counts its turns here
+        pass
+
+    def step(self):
+        if not self.running.is_set():
+            self.idle.set()
+            self.running.wait(0.05)
+            return
+        self.idle.clear()
+        kind = self.rnd.random()
+        n = self.rnd.choice(self.lengths)
+        off = self.rnd.randrange(0, (self.size - n) // 512) * 512
+        if kind < 0.8:
+            self.h.pwrite(self.rnd.randbytes(n), off)
+        elif kind < 0.9:
+            self.h.zero(n, off)
+        else:
+            self.h.trim(n, off)
+        self.changes += 1
+
+    def reconnect(self, uri):
+        """After the server restarted (kill -9)."""
+        self.h = nbd.NBD()
+        self.h.connect_uri(uri)
 
     def pause(self):
         self.running.clear()
@@ -61,10 +73,8 @@ class Writer(threading.Thread):
         self.running.set()
 
     def finish(self):
-        self.stop.set()
         self.running.set()
-        self.join(10)
-        assert self.error is None, self.error
+        super().finish()
 
 
 class Rig:
@@ -115,7 +125,7 @@ def rig(servers, tmp_path, connect):
 
 def test_full_backup_is_the_disk_at_the_start_while_a_client_writes(rig):
     rig.write_some(1)
-    w = Writer(rig.connect(rig.disk.uri), rig.size, seed=2)
+    w = Writer(rig.disk.uri, rig.size, seed=2)
     w.start()
     w.go()
     wait_until(lambda: w.count > 20)
@@ -175,7 +185,7 @@ def test_sync_none_copies_only_the_old_bytes_of_what_clients_overwrite(rig):
 
 def test_pull_mode_export_serves_the_point_in_time_to_nbdcopy_and_nbdinfo(rig, tmp_path):
     rig.write_some(5)
-    w = Writer(rig.connect(rig.disk.uri), rig.size, seed=6)
+    w = Writer(rig.disk.uri, rig.size, seed=6)
     w.start()
     model = rig.disk_bytes()
     rig.backup(sync="none", target="export:pit", job_id="pull")
@@ -272,7 +282,7 @@ def test_kill_9_at_random_moments_the_resumed_backup_delivers_the_same_point_in_
             rig.backup(job_id="b", speed=4 * MiB)
             if mode == "paused":
                 rig.qmp("block-job-pause", device="b")
-        w = Writer(connect(rig.disk.uri), rig.size, seed=round_)
+        w = Writer(rig.disk.uri, rig.size, seed=round_)
         w.start()
         w.go()
         wait_until(lambda: w.count > rnd.randrange(3, 30), timeout=30)
@@ -280,7 +290,7 @@ def test_kill_9_at_random_moments_the_resumed_backup_delivers_the_same_point_in_
             v = connect(rig.disk.uri.replace(":///?", ":///pit?"))
             assert bytes(v.pread(rig.size // 2, 0)) == model[:rig.size // 2]
         rig.disk.kill9()
-        w.stop.set()
+        w.stop_event.set()
         w.running.set()
         w.join(10)
         rig.qmp.close()
@@ -410,3 +420,91 @@ def test_copy_before_write_failing_for_space_follows_on_cbw_error(servers, tmp_p
             assert bytes(h.pread(65536, 3 * MiB)) == b"\xee" * 65536
     finally:
         qmp.close()
+
+
+# A slow file target, one request at a time: 20 ms a write, a second a flush (nbdkit's
+# delay filter cannot slow flushes), so answered copies wait long for the flush that
+# makes them durable; with multi-conn, so a restarted job can recognise the instance.
+SLOW_FLUSH_PLUGIN = """
+import os, time
+import nbdkit
+API_VERSION = 2
+path = None
+def config(key, value):
+    global path
+    path = value
+def thread_model():
+    return nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS
+def open(readonly):
+    return os.open(path, os.O_RDWR)
+def get_size(h):
+    return os.fstat(h).st_size
+def can_multi_conn(h):
+    return True
+def pread(h, buf, offset, flags):
+    buf[:] = os.pread(h, len(buf), offset)
+def pwrite(h, buf, offset, flags):
+    time.sleep(0.02)
+    os.pwrite(h, buf, offset)
+def flush(h, flags):
+    time.sleep(1.0)
+    os.fdatasync(h)
+def close(h):
+    os.close(h)
+"""
+
+_TARGET_WRITE = re.compile(r" (?:Write|Zero) id=\d+ offset=0x[0-9a-f]+ count=(0x[0-9a-f]+) ")
+
+
+def _target_bytes_written(log_path, start=0):
+    """Bytes the target was asked to write or zero after `start` characters of its log."""
+    text = log_path.read_text()[start:] if log_path.exists() else ""
+    return sum(int(n, 16) for n in _TARGET_WRITE.findall(text))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("same_target", [True, False])
+def test_a_resumed_backup_does_not_copy_again_what_the_same_target_instance_answered(
+        servers, tmp_path, connect, same_target):
+    size = 48 * MiB
+    rig = Rig(servers, tmp_path, connect, size=size)
+    rig.target.stop()
+    requests = tmp_path / "requests.log"
+
+    plugin = tmp_path / "slowflush.py"
+    plugin.write_text(SLOW_FLUSH_PLUGIN)
+
+    def target_server():
+        # Slow flushes: copies the target answered stay unflushed for a while.
+        return servers.nbdkit("python", str(plugin), "file=%s" % rig.target_path,
+                              "logfile=%s" % requests, filters=["log"])
+
+    rig.target = target_server()
+    rig.write_some(9, count=30)
+    model = rig.disk_bytes()
+    rig.backup(job_id="b")
+    wait_until(lambda: rig.qmp.job("b")["offset"] >= size // 2, timeout=60, interval=0.01)
+    rig.disk.kill9()
+    at_kill = requests.stat().st_size
+    copied_before = _target_bytes_written(requests)
+    if not same_target:                      # the same file, another server process
+        rig.target.stop()
+        rig.target = servers.restart(rig.target)
+        at_kill = requests.stat().st_size
+    rig.qmp.close()
+    rig.disk = servers.restart(rig.disk)
+    rig.qmp = Control(rig.ctl)
+    rig.h = connect(rig.disk.uri)
+    rig.qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
+    assert rig.target_path.read_bytes() == model
+    again = _target_bytes_written(requests, at_kill)
+    if same_target:
+        # Only what the target never answered (one request may have been answered
+        # after our process died).
+        assert again <= size - copied_before + 2 * MiB, (again, copied_before)
+        assert "Backup trusts its copies job=b" in rig.disk.log()
+    else:
+        # Another instance: every copy no flush covered is made again.
+        assert again > size - copied_before
+        assert "trusts its copies" not in rig.disk.log()
+    rig.qmp.close()

@@ -12,7 +12,7 @@ from qemu.qmp import ExecuteError
 
 from conftest import Server, make_image
 from faults import _track
-from qmp_helpers import Control
+from helpers import Control
 from test_backup import Writer, wait_until
 
 MiB = 1 << 20
@@ -74,7 +74,7 @@ def test_full_and_three_incrementals_onto_qcow2_restore_to_each_point_in_time(
     d = Disk(servers, tmp_path, connect)
     # The writer keeps to the first half: the second half never changes, so an
     # incremental that copied it would be caught.
-    w = Writer(connect(d.srv.uri), SIZE // 2, seed=9)
+    w = Writer(d.srv.uri, SIZE // 2, seed=9)
     w.start()
     w.go()
     wait_until(lambda: w.count > 20)
@@ -97,7 +97,7 @@ def test_full_and_three_incrementals_onto_qcow2_restore_to_each_point_in_time(
         if n == 2:
             w.pause()
             d.restart()                   # the bitmap survives kill -9
-            w.h = connect(d.srv.uri)
+            w.reconnect(d.srv.uri)
             w.go()
             wait_until(lambda c=w.count: w.count > c + 5)
         w.pause()
@@ -225,7 +225,7 @@ def test_pull_mode_incremental_reads_only_the_frozen_bitmaps_ranges_of_the_view(
     rnd = random.Random(7)
     for _ in range(12):
         d.h.pwrite(rnd.randbytes(65536), rnd.randrange(SIZE // 65536) * 65536)
-    w = Writer(connect(d.srv.uri), SIZE, seed=8)
+    w = Writer(d.srv.uri, SIZE, seed=8)
     w.start()
     model = d.read()
     d.qmp("transaction", actions=[

@@ -8,7 +8,7 @@ import time
 
 from conftest import make_image
 from faults import wait_until
-from qmp_helpers import Control
+from helpers import Control
 
 MiB = 1 << 20
 SIZE = 8 * MiB

@@ -25,7 +25,7 @@ import nbd
 import pytest
 
 from bitmap_rig import MiB, covers, extents, granules, our_bitmaps
-from qmp_helpers import Control
+from helpers import Control
 
 SIZE = 256 * MiB
 WINDOW = 32 * MiB

@@ -13,7 +13,7 @@ import nbd
 import pytest
 
 from bitmap_rig import MiB, answer, covers, extents, our_bitmaps
-from qmp_helpers import Control
+from helpers import Control
 
 NOSPACE = ("error", "GenericError",
            "Dirty bitmaps not changed: No space left on device (ENOSPC)")

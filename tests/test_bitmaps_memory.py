@@ -8,7 +8,7 @@ merges them, saves them at a stop, and its peak resident size stays under 100 Mi
 import nbd
 
 from bitmap_rig import extents, our_bitmaps
-from qmp_helpers import Control
+from helpers import Control
 
 TiB = 1 << 40
 CHUNK = 2 << 30

@@ -15,7 +15,7 @@ import nbd
 import pytest
 
 from bitmap_rig import MiB, answer, extents, granules, our_bitmaps, qsd, qsd_bitmaps
-from qmp_helpers import Control
+from helpers import Control
 
 SIZE = 64 * MiB
 BUSY = "Bitmap 'b1' is currently in use by another operation and cannot be used"

@@ -17,7 +17,7 @@ import nbd
 import pytest
 
 from bitmap_rig import MiB, extents, our_bitmaps
-from qmp_helpers import Control
+from helpers import Control
 from test_state_damage import one_error_line, run_nbdkit, snapshot
 
 SIZE = 8 * MiB

@@ -12,7 +12,7 @@ import nbd
 
 from conftest import make_image
 from faults import wait_until
-from qmp_helpers import Control
+from helpers import Control
 
 MiB = 1 << 20
 CACHE = ["cache", "log"]           # outermost first: the log filter sees what reaches the plugin

@@ -17,7 +17,6 @@ pool restore it in `finally`.
 import itertools
 import json
 import os
-import random
 import signal
 import threading
 
@@ -25,8 +24,8 @@ import pytest
 
 from conftest import Server, make_image
 from faults import wait_until
+from helpers import Control, Writer
 from jobctl.qmp_client import QMPError
-from qmp_helpers import Control
 
 MiB = 1 << 20
 SIZE = 24 * MiB
@@ -117,53 +116,6 @@ def disks(servers, connect, tmp_path):
         d.close()
 
 
-class Writer:
-    """Random writes through its own NBD connection until stopped."""
-
-    def __init__(self, connect, uri, seed=3, pause=0.002):
-        self.h = connect(uri)
-        self.pause = pause
-        self.rnd = random.Random(seed)
-        self.count = 0
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._error = None
-        self._thread = threading.Thread(target=self._run, name="writer")
-        self._thread.start()
-
-    def _run(self):
-        try:
-            while not self._stop.is_set():
-                off = self.rnd.randrange(0, SIZE - 70000)
-                self.h.pwrite(self.rnd.randbytes(self.rnd.choice([512, 4096, 65536, 69999])),
-                              off)
-                with self._cond:
-                    self.count += 1
-                    self._cond.notify_all()
-                # A guest's pace, not a flood: a writer that dirties the disk faster
-                # than a one-node memstore Ceph on 2 shared cores takes the copies
-                # keeps any mirror from converging (QEMU's too; that is what
-                # copy-mode=write-blocking is for).
-                self._stop.wait(self.pause)
-        except BaseException as e:     # reported by stop()
-            self._error = e
-
-    def wait_for(self, more, timeout=60):
-        """Wait until `more` writes have been made since the call."""
-        with self._cond:
-            target = self.count + more
-            assert self._cond.wait_for(lambda: self.count >= target or self._error, timeout)
-
-    def stop(self):
-        """Stop writing and disconnect (nbdkit waits for idle clients when asked to exit)."""
-        self._stop.set()
-        self._thread.join()
-        self.h.shutdown()
-        if self._error is not None:
-            raise self._error
-        return self.count
-
-
 # -- mirror a live disk into RBD, complete, pivot ---------------------------------
 
 def qemu_nbd_over_rbd(servers, cluster, tmp_path, pool, image):
@@ -183,19 +135,24 @@ def qemu_nbd_over_rbd(servers, cluster, tmp_path, pool, image):
 
 @pytest.mark.parametrize("way", ["native", "qemu-nbd"])
 def test_live_disk_mirrors_into_rbd_pivots_and_serves_from_rbd_after_restart(
-        ceph_cluster, servers, disks, connect, tmp_path, way):
+        ceph_cluster, servers, disks, tmp_path, way):
     name, uri = new_image(ceph_cluster)
     target = uri if way == "native" else \
         qemu_nbd_over_rbd(servers, ceph_cluster, tmp_path, "rbd", name).uri
     disk = disks(base=base_image(tmp_path))
     disk.h.pwrite(b"overlay!" * 512, 7 * MiB + 3)
-    writer = Writer(connect, disk.server.uri)
+    # A guest's pace, not a flood: a writer that dirties the disk faster than a
+    # one-node memstore Ceph on 2 shared cores takes the copies keeps any mirror
+    # from converging (QEMU's too; that is what copy-mode=write-blocking is for).
+    writer = Writer(disk.server.uri, SIZE, seed=3, lengths=(512, 4096, 65536, 69999),
+                    pace=0.002)
+    writer.start()
     try:
         disk.qmp("drive-mirror", device="disk0", target=target, sync="full", granularity=65536)
         disk.qmp.wait_event("BLOCK_JOB_READY", timeout=120)
         writer.wait_for(20)                      # still writing while ready
     finally:
-        writes = writer.stop()
+        writes = writer.finish()
     assert writes > 20
     disk.complete()
     assert disk.block()["active"] == target

@@ -14,9 +14,22 @@ from plugin.qmp.wire import parse_message
 from test_control_server import Env, RawClient
 
 
+class SteppedClock:
+    """The server's idle clock: time moves only when a test steps it."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def step(self, seconds):
+        self.now += seconds
+
+
 @pytest.fixture
 def small_env(tmp_path):
-    e = Env(tmp_path, max_clients=3)
+    e = Env(tmp_path, max_clients=3, clock=SteppedClock())
     e.registry.register("set-speed", lambda **a: a, {"speed": "int", "*id": "any"})
     e.server.start()
     yield e
@@ -40,6 +53,78 @@ def test_connections_above_the_limit_get_an_error_instead_of_a_greeting(small_en
     served[0].close()
     small_env.clients.remove(served[0])
     assert small_env.client().execute("query-version")["return"]
+
+
+def test_an_idle_connection_is_evicted_before_a_new_one_is_refused(small_env):
+    """A script that leaked connections does not lock the operator out (issue 24)."""
+    clock = small_env.server._clock
+    leaked = [small_env.client() for _ in range(3)]
+    clock.step(small_env.server.evict_idle_after)
+    fresh = small_env.client()                  # a greeting, not an error
+    assert fresh.execute("query-version")["return"]["package"] == "test-pkg"
+    with pytest.raises(EOFError):               # the one idle longest (the first) is gone
+        leaked[0].recv()
+    assert all(c.execute("query-version")["return"] for c in leaked[1:])
+
+
+def test_a_connection_that_never_negotiated_is_evicted_first(small_env):
+    clock = small_env.server._clock
+    quiet = small_env.client()                  # negotiated, then idle longest
+    clock.step(1)
+    silent = RawClient(small_env.path)          # never negotiates
+    small_env.clients.append(silent)
+    assert "QMP" in silent.recv()
+    clock.step(1)
+    busy = small_env.client()
+    clock.step(small_env.server.evict_idle_after)
+    assert busy.execute("query-version")["return"]     # input: no longer idle
+    small_env.client()
+    with pytest.raises(EOFError):
+        silent.recv()
+    assert quiet.execute("query-version")["return"]
+
+
+def test_a_connection_that_sends_is_not_idle(small_env):
+    clock = small_env.server._clock
+    served = [small_env.client() for _ in range(3)]
+    clock.step(small_env.server.evict_idle_after - 1)
+    served[0].execute("query-version")
+    clock.step(1)                               # 1 and 2 idle long enough, 0 not
+    small_env.client()
+    with pytest.raises(EOFError):
+        served[1].recv()
+    assert served[0].execute("query-version")["return"]
+    assert served[2].execute("query-version")["return"]
+    clock.step(small_env.server.evict_idle_after - 2)
+    refusal = refused(RawClient(small_env.path))   # the queries above were input: none idle
+    assert refusal["error"]["desc"] == "too many control connections (3)"
+
+
+def test_a_message_left_unfinished_is_abandoned_with_its_connection(small_env):
+    """A client that leaks its socket mid-message does not keep the buffer (issue 24)."""
+    clock = small_env.server._clock
+    stalled = small_env.client()
+    # One send: the server reads both in one recv, so the reply proves the
+    # partial message is held too.
+    stalled.send(b'{"execute": "query-version", "id": 1}{"execute": "query-version", "id": ')
+    assert stalled.recv()["id"] == 1
+    idle = small_env.client()                   # idle, but no unfinished message
+    clock.step(small_env.server.partial_timeout)
+    small_env.client()                          # wakes the loop
+    with pytest.raises(EOFError):
+        stalled.recv()
+    assert idle.execute("query-version")["return"]
+
+
+def test_a_message_finished_in_time_is_answered(small_env):
+    clock = small_env.server._clock
+    slow = small_env.client()
+    slow.send(b'{"execute": "query-version", "id": 1}{"execute": "query-version", "id": ')
+    assert slow.recv()["id"] == 1
+    clock.step(small_env.server.partial_timeout - 1)
+    small_env.client()                          # wakes the loop
+    slow.send(b"2}")
+    assert slow.recv()["id"] == 2
 
 
 def test_connections_are_refused_while_too_few_descriptors_remain(tmp_path):

@@ -8,7 +8,7 @@ import stat
 import time
 
 from conftest import make_image
-from qmp_helpers import Control
+from helpers import Control
 
 MiB = 1 << 20
 

@@ -12,17 +12,15 @@ import json
 import os
 import random
 import re
-import signal
-import threading
 import time
 
 import nbd
 import pytest
 
-from conftest import Server, make_image
+from conftest import make_image
 from faults import PauseControl, wait_until
+from helpers import Control, Writer
 from netrig import nbdkit_tcp
-from qmp_helpers import Control
 
 MiB = 1 << 20
 SIZE = 32 * MiB
@@ -40,53 +38,39 @@ def target_written(log_path, since=0):
     return sum(int(m.group(1), 16) for m in _WRITE_RE.finditer(text)), end
 
 
-class Writer(threading.Thread):
-    """Random 4K-64K writes, a flush after every few; knows which ones a crash may lose."""
+class ModelWriter(Writer):
+    """Random 4K-64K writes, a flush after every fourth; knows which ones a crash may lose."""
 
     def __init__(self, uri, model, seed, pace=0.01):
-        super().__init__(daemon=True)
-        self.h = nbd.NBD()
-        self.h.connect_uri(uri)
+        # nbd.Error: the server was killed under it (the test did it).
+        super().__init__(uri, SIZE, seed=seed, pace=pace, tolerate=(nbd.Error,))
         self.model = model
-        self.rnd = random.Random(seed)
-        self.pace = pace
-        self.stop = threading.Event()
         self.pending = []            # written (or being written) since the last good flush
-        self.writes = 0
 
-    def run(self):
-        try:
-            while not self.stop.is_set():
-                length = self.rnd.randrange(4096, 65537) // 512 * 512
-                offset = self.rnd.randrange(0, (SIZE - length) // 512) * 512
-                data = self.rnd.randbytes(length)
-                self.pending.append((offset, data))
-                self.h.pwrite(data, offset)
-                self.writes += 1
-                if self.writes % 4 == 0:
-                    self.h.flush()
-                    for off, d in self.pending:
-                        self.model.data[off:off + len(d)] = d
-                    self.pending = []
-                self.stop.wait(self.pace)
-        except nbd.Error:
-            pass                     # the server was killed under us
+    def step(self):
+        length = self.rnd.randrange(4096, 65537) // 512 * 512
+        offset = self.rnd.randrange(0, (SIZE - length) // 512) * 512
+        data = self.rnd.randbytes(length)
+        self.pending.append((offset, data))
+        self.h.pwrite(data, offset)
+        if (self.count + 1) % 4 == 0:
+            self._flush()
+
+    def _flush(self):
+        self.h.flush()
+        for off, d in self.pending:
+            self.model.data[off:off + len(d)] = d
+        self.pending = []
 
     def finish(self, flush=True):
         """Stop; with flush, make every write certain (the server is alive)."""
-        self.stop.set()
+        self.stop_event.set()
         self.join()
         if flush:
-            self.h.flush()
-            for off, d in self.pending:
-                self.model.data[off:off + len(d)] = d
-            self.pending = []
+            self._flush()
         else:
             self.model.uncertain += [(off, len(d)) for off, d in self.pending]
-        try:
-            self.h.shutdown()
-        except nbd.Error:
-            pass
+        return super().finish()
 
 
 class Model:
@@ -148,7 +132,7 @@ class Rig:
         self.qmp("drive-mirror", device="disk0", target=self.target.uri, **args)
 
     def writer(self, seed):
-        w = Writer(self.disk.uri, self.model, seed)
+        w = ModelWriter(self.disk.uri, self.model, seed)
         w.start()
         return w
 

@@ -7,7 +7,7 @@ import nbd
 import pytest
 
 from conftest import make_image
-from qmp_helpers import Control
+from helpers import Control
 
 MiB = 1 << 20
 

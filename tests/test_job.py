@@ -12,8 +12,12 @@ import time
 
 import pytest
 
+from helpers import step_clock
 from plugin.qmp.events import EventBus
+from plugin.jobs.clock import ManualClock
+from plugin.qmp.job_info import block_job_info, job_info
 from plugin.jobs.engine import Job
+from plugin.jobs.ratelimit import SLICE
 from plugin.jobs.registry import JobRegistry
 from plugin.core.errors import CommandError
 
@@ -180,6 +184,15 @@ def start(bus, registry):
     return _start
 
 
+@pytest.fixture
+def clock():
+    """A clock the test steps (helpers.step_clock): rates and intervals checked exactly."""
+    return ManualClock()
+
+
+STEP = 0.01
+
+
 def wait_for(predicate, timeout=TIMEOUT):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -277,7 +290,7 @@ def test_pause_moves_running_job_to_paused_and_resume_back(start, events):
     events.until_status("running")
     job.user_pause()
     assert summary(events.until_status("paused")) == ["paused"]
-    assert job.block_info()["paused"] is True
+    assert block_job_info(job)["paused"] is True
     job.user_resume()
     assert summary(events.until_status("running")) == ["running"]
     job.started_gate.set()
@@ -299,7 +312,7 @@ def test_paused_job_is_not_busy(start, events):
     job = start(hold=True)
     job.user_pause()
     events.until_status("paused")
-    assert job.block_info()["busy"] is False
+    assert block_job_info(job)["busy"] is False
 
 
 def test_pause_of_ready_job_moves_to_standby_and_resume_back_to_ready(start, events):
@@ -307,7 +320,7 @@ def test_pause_of_ready_job_moves_to_standby_and_resume_back_to_ready(start, eve
     events.until("BLOCK_JOB_READY")
     job.user_pause()
     assert summary(events.until_status("standby")) == ["standby"]
-    assert job.block_info()["ready"] is True
+    assert block_job_info(job)["ready"] is True
     job.user_resume()
     assert summary(events.until_status("ready")) == ["ready"]
 
@@ -422,7 +435,7 @@ def test_cancelled_concluded_job_shows_operation_canceled(start, events):
     job.user_cancel()
     events.until_status("concluded")
     # QEMU reports -ECANCELED's strerror as the error of a cancelled job.
-    assert job.block_info()["error"] == "Operation canceled"
+    assert block_job_info(job)["error"] == "Operation canceled"
 
 
 # ----------------------------------------------------------------------
@@ -441,8 +454,8 @@ def test_run_error_ends_with_completed_carrying_strerror(start, events):
 def test_failed_job_info_shows_error(start, events):
     job = start(fail_run=errno.ENOSPC, auto_dismiss=False)
     events.until_status("concluded")
-    assert job.block_info()["error"] == "No space left on device"
-    assert job.job_info()["error"] == "No space left on device"
+    assert block_job_info(job)["error"] == "No space left on device"
+    assert job_info(job)["error"] == "No space left on device"
 
 
 def test_prepare_failure_turns_success_into_error(start, events):
@@ -481,15 +494,21 @@ def test_ignore_policy_retries_and_completes_without_error(start, events):
     completed = [e for e in trail if e["event"] == "BLOCK_JOB_COMPLETED"][0]
     assert "error" not in completed["data"]
     assert job.actions == ["ignore", "ignore"]
-    assert job.block_info()["io-status"] == "ok"
+    assert block_job_info(job)["io-status"] == "ok"
 
 
-def test_repeated_ignored_errors_are_rate_limited_but_the_first_is_emitted(start, events):
-    job = start(faults={1: [errno.EIO] * 40}, on_error="ignore")
+@pytest.mark.parametrize("step, sent", [(0.001, 1), (0.125, 5)])
+def test_repeated_ignored_errors_are_rate_limited_but_the_first_is_emitted(
+        start, events, clock, step, sent):
+    # 40 failures `step` apart on the job's clock: 40 ms, one event; 5 s, one a second
+    # (at 0, 1, 2, 3 and 4 s: the steps are exact in binary).
+    job = start(faults={1: [errno.EIO] * 40}, on_error="ignore", clock=clock)
+    while not job.join(0):
+        step_clock(clock, job, step)
     trail = events.until_status("null")
     errors = [e for e in trail if e["event"] == "BLOCK_JOB_ERROR"]
     assert len(job.actions) == 40
-    assert 1 <= len(errors) < 5
+    assert len(errors) == sent
     assert errors[0]["data"] == {"device": "j0", "operation": "write", "action": "ignore",
                                  "x-errno": "EIO", "x-desc": "Input/output error"}
 
@@ -499,7 +518,7 @@ def test_stop_policy_pauses_job_and_sets_io_status_failed(start, events):
     trail = events.until_status("paused")
     assert summary(trail) == ["created", "running", "BLOCK_JOB_ERROR", "paused"]
     assert trail[2]["data"]["action"] == "stop"
-    info = job.block_info()
+    info = block_job_info(job)
     assert (info["io-status"], info["paused"], info["status"]) == ("failed", True, "paused")
     assert job.user_paused is True
 
@@ -507,25 +526,25 @@ def test_stop_policy_pauses_job_and_sets_io_status_failed(start, events):
 def test_a_paused_job_keeps_its_last_error_in_block_info(start, events):
     job = start(faults={1: [errno.EIO]}, on_error="stop")
     events.until_status("paused")
-    last = job.block_info()["x-last-error"]
+    last = block_job_info(job)["x-last-error"]
     assert {k: last[k] for k in ("operation", "errno", "desc", "count")} == {
         "operation": "write", "errno": "EIO", "desc": "Input/output error", "count": 1}
     assert set(last["time"]) == {"seconds", "microseconds"}
     job.user_resume()                 # resume clears io-status, not the record of why
-    assert job.block_info()["x-last-error"]["errno"] == "EIO"
+    assert block_job_info(job)["x-last-error"]["errno"] == "EIO"
 
 
 def test_repeated_identical_errors_are_counted_in_the_last_error(start, events):
     job = start(faults={1: [errno.EIO] * 5}, on_error="ignore", auto_dismiss=False)
     events.until_status("concluded")
-    assert job.block_info()["x-last-error"]["count"] == 5
+    assert block_job_info(job)["x-last-error"]["count"] == 5
 
 
 def test_error_counts_add_up_every_error_by_operation_and_errno(start, events):
     job = start(faults={1: [errno.EIO, errno.EIO, errno.ENOSPC, errno.EIO]},
                 on_error="ignore", auto_dismiss=False)
     events.until_status("concluded")
-    info = job.block_info()
+    info = block_job_info(job)
     assert info["x-error-counts"] == [{"operation": "write", "errno": "EIO", "count": 3},
                                       {"operation": "write", "errno": "ENOSPC", "count": 1}]
     assert info["x-last-error"]["count"] == 1      # the last streak only: one EIO after ENOSPC
@@ -534,7 +553,7 @@ def test_error_counts_add_up_every_error_by_operation_and_errno(start, events):
 def test_a_job_without_errors_has_no_last_error(start, events):
     job = start(auto_dismiss=False)
     events.until_status("concluded")
-    assert "x-last-error" not in job.block_info()
+    assert "x-last-error" not in block_job_info(job)
 
 
 def test_enospc_policy_stops_on_enospc_with_io_status_nospace(start, events):
@@ -579,7 +598,7 @@ def test_stop_while_ready_moves_to_standby(start, events):
     job = start(becomes_ready=True, ready_faults=[errno.EIO], on_error="stop")
     trail = events.until_status("standby")
     assert summary(trail)[-3:] == ["BLOCK_JOB_READY", "BLOCK_JOB_ERROR", "standby"]
-    assert job.block_info()["ready"] is True
+    assert block_job_info(job)["ready"] is True
     job.user_resume()
     events.until_status("ready")
     assert job.io_status == "ok"
@@ -597,40 +616,68 @@ def test_cancel_resets_io_status_of_stopped_job(start, events):
 # Speed
 
 
-def test_speed_limits_job_rate(start, events):
-    # 256 KiB at 512 KiB/s: about 0.5 s (minus one 0.1 s slice of burst).
-    begin = time.monotonic()
-    start(chunks=8, chunk_size=32 * 1024, speed=512 * 1024)
+def released(t, speed, chunk_size, chunks):
+    """Bytes of progress a ScriptedJob at `speed` shows at clock time t: it counts a
+    chunk, then pays for it; the limiter lets it run SLICE seconds ahead (ratelimit.py)."""
+    done = 1
+    while done < chunks and chunk_size * done - speed * SLICE <= speed * t + 1e-6:
+        done += 1
+    return done * chunk_size
+
+
+def test_speed_limits_job_rate(start, events, clock):
+    # 256 KiB at 512 KiB/s: 0.5 s, less the 0.1 s slice of burst, on the job's clock.
+    speed, chunk, chunks = 512 * 1024, 32 * 1024, 8
+    job = start(chunks=chunks, chunk_size=chunk, speed=speed, clock=clock)
+    step_clock(clock, job, 0)
+    begin = clock.now()
+    while not job.join(0):
+        step_clock(clock, job, STEP)
+        t = clock.now() - begin
+        offset = job.progress[0]
+        assert released(t - STEP, speed, chunk, chunks) <= offset <= released(
+            t, speed, chunk, chunks), (t, offset)
+    took = clock.now() - begin
+    assert 0.4 - 1e-6 <= took <= 0.4 + STEP
+    assert summary(events.until("BLOCK_JOB_COMPLETED"))[-1] == "BLOCK_JOB_COMPLETED"
+
+
+def test_unlimited_job_is_not_throttled(start, events, clock):
+    # 64 MiB without a limit never waits for time: the clock never moves here.
+    job = start(chunks=64, chunk_size=1024 * 1024, clock=clock)
     events.until("BLOCK_JOB_COMPLETED")
-    assert time.monotonic() - begin >= 0.3
+    assert job.progress == (64 << 20, 64 << 20)
+    assert clock.waits_begun() == 0
 
 
-def test_unlimited_job_is_not_throttled(start, events):
-    begin = time.monotonic()
-    start(chunks=64, chunk_size=1024 * 1024)
-    events.until("BLOCK_JOB_COMPLETED")
-    assert time.monotonic() - begin < 1.0
-
-
-def test_set_speed_zero_lifts_the_limit_of_a_sleeping_job(start, events):
-    # At 1 KiB/s these 256 KiB would take minutes.
-    job = start(chunks=4, chunk_size=64 * 1024, speed=1024)
-    time.sleep(0.2)
-    begin = time.monotonic()
+def test_set_speed_zero_lifts_the_limit_of_a_sleeping_job(start, events, clock):
+    # At 1 KiB/s these 256 KiB would take minutes; the job sleeps after its first chunk.
+    job = start(chunks=4, chunk_size=64 * 1024, speed=1024, clock=clock)
+    step_clock(clock, job, 0)
+    assert job.progress[0] == 64 * 1024 and clock.sleepers() == 1
+    now = clock.now()
     job.user_set_speed(0)
-    events.until("BLOCK_JOB_COMPLETED")
-    assert time.monotonic() - begin < 1.0
+    events.until("BLOCK_JOB_COMPLETED")          # without the clock moving
+    assert clock.now() == now and job.progress[0] == 4 * 64 * 1024
 
 
-def test_set_speed_lower_slows_a_running_job(start, events):
-    job = start(chunks=1000, chunk_size=64 * 1024, hold=True)
-    job.user_set_speed(64 * 1024)
+def test_set_speed_lower_slows_a_running_job(start, events, clock):
+    speed, chunk = 64 * 1024, 64 * 1024
+    job = start(chunks=1000, chunk_size=chunk, hold=True, clock=clock)
+    step_clock(clock, job, 0)
     job.started_gate.set()
-    time.sleep(0.5)
-    offset, _ = job.progress
-    # 0.5 s at 64 KiB/s plus the burst allowance: a handful of chunks, not 1000.
-    assert offset <= 4 * 64 * 1024
-    assert job.block_info()["speed"] == 64 * 1024
+    job.user_set_speed(speed)            # its kick lets the held job see the gate
+    step_clock(clock, job, 0)
+    begin = clock.now()
+    # One chunk at once, the next once it is paid for (0.9 s: the slice runs ahead).
+    while clock.now() - begin < 2.0:
+        t = clock.now() - begin
+        offset = job.progress[0]
+        assert released(t - STEP, speed, chunk, 1000) <= offset <= released(
+            t, speed, chunk, 1000), (t, offset)
+        step_clock(clock, job, STEP)
+    assert job.progress[0] == 3 * chunk            # at 0, 0.9 and 1.9 s
+    assert block_job_info(job)["speed"] == speed
 
 
 def test_negative_speed_is_rejected(start):
@@ -757,7 +804,7 @@ def test_change_rejects_option_the_job_type_lacks(start):
 def test_block_info_has_qemu_fields(start, events):
     job = start(hold=True, chunks=2, chunk_size=10, speed=100)
     wait_for(lambda: job.progress[1] == 20)
-    info = job.block_info()
+    info = block_job_info(job)
     assert isinstance(info.pop("busy"), bool)   # flips as the held job sleeps and wakes
     assert info == {
         "type": "stream", "device": "j0", "len": 20, "offset": 0,
@@ -769,7 +816,7 @@ def test_job_info_has_qemu_fields(start, events):
     job = start(hold=True, chunks=2, chunk_size=10)
     events.until_status("running")
     wait_for(lambda: job.progress[1] == 20)
-    assert job.job_info() == {"id": "j0", "type": "stream", "status": "running",
+    assert job_info(job) == {"id": "j0", "type": "stream", "status": "running",
                               "current-progress": 0, "total-progress": 20}
 
 
@@ -846,12 +893,14 @@ def test_auto_dismissed_job_leaves_the_registry(registry, start, events):
     assert registry.jobs() == []
 
 
-def test_stop_all_cancels_and_joins_running_jobs_promptly(registry, start, events):
-    jobs = [start(job_id=f"j{i}", hold=True) for i in range(3)]
-    begin = time.monotonic()
+def test_stop_all_cancels_and_joins_running_jobs_promptly(registry, start, events, clock):
+    # Sleeping on a clock that never moves: stop_all waits for no time to pass.
+    jobs = [start(job_id=f"j{i}", hold=True, clock=clock) for i in range(3)]
+    wait_for(lambda: clock.sleepers() == 3)
+    now = clock.now()
     assert registry.stop_all(timeout=TIMEOUT)
-    assert time.monotonic() - begin < 1.0
-    assert all(not job._thread.is_alive() for job in jobs)
+    assert clock.now() == now and clock.sleepers() == 0
+    assert all(job.join(0) for job in jobs)
     assert all(job.status == "null" for job in jobs)
     assert registry.jobs() == []
 
@@ -890,6 +939,25 @@ class WorkerJob(Job):
         super().__init__(job_id, "mirror", bus, **kwargs)
         self.done = threading.Event()
         self.worker_errors = []
+        self.parked = set()         # workers inside pause_point()
+        self._parked_cond = threading.Condition()
+
+    def pause_point(self):
+        name = threading.current_thread().name
+        if not name.startswith("worker"):
+            return super().pause_point()
+        with self._parked_cond:
+            self.parked.add(name)
+            self._parked_cond.notify_all()
+        try:
+            return super().pause_point()
+        finally:
+            with self._parked_cond:
+                self.parked.discard(name)
+
+    def wait_parked(self, count, timeout=TIMEOUT):
+        with self._parked_cond:
+            return self._parked_cond.wait_for(lambda: len(self.parked) == count, timeout)
 
     def _worker(self):
         try:
@@ -902,7 +970,7 @@ class WorkerJob(Job):
             self.worker_errors.append(exc)
 
     def run(self):
-        workers = [threading.Thread(target=self._worker) for _ in range(2)]
+        workers = [threading.Thread(target=self._worker, name="worker-%d" % i) for i in range(2)]
         for worker in workers:
             worker.start()
         while not self.done.is_set():
@@ -916,13 +984,15 @@ class WorkerJob(Job):
 def test_worker_threads_wait_at_pause_points_without_changing_state(start, events):
     job = start(WorkerJob)
     events.until_status("running")
+    wait_for(lambda: job.progress[0] > 0)      # the workers are copying
     job.user_pause()
     events.until_status("paused")
-    time.sleep(0.02)    # a worker may finish the chunk it was copying
+    # Each worker finishes the chunk it was copying, then waits in its pause point
+    # (progress only moves after one returns).
+    assert job.wait_parked(2), job.parked
     offset = job.progress[0]
-    time.sleep(0.05)
-    assert job.progress[0] == offset
-    assert job.status == "paused"
+    assert job.status == "paused" and block_job_info(job)["paused"] is True
+    assert job.parked == {"worker-0", "worker-1"} and job.progress[0] == offset
     job.user_resume()
     events.until_status("running")
     wait_for(lambda: job.progress[0] > offset)

@@ -136,7 +136,7 @@ def test_all_job_commands_are_registered(qmp):
         "query-block-jobs", "query-jobs", "block-job-set-speed", "block-job-cancel",
         "block-job-pause", "block-job-resume", "block-job-complete", "block-job-finalize",
         "block-job-dismiss", "block-job-change", "job-pause", "job-resume", "job-cancel",
-        "job-complete", "job-finalize", "job-dismiss"}
+        "job-complete", "job-finalize", "job-dismiss", "job-change"}
 
 
 def test_block_job_commands_take_device(qmp):
@@ -376,3 +376,24 @@ def test_block_job_change_refused_when_pending(qmp, start, sub):
     wait_event(sub, "BLOCK_JOB_PENDING")
     assert error_of(qmp, "block-job-change", {"id": "job0", "copy-mode": "background"}) == (
         "GenericError", "Job 'job0' in state 'pending' cannot accept command verb 'change'")
+
+
+# ----------------------------------------------------------------------
+# job-change (QEMU 9.2's name for block-job-change)
+
+
+def test_job_change_takes_block_job_changes_arguments(qmp, start):
+    job = start(MirrorLikeJob, job_type="mirror")
+    qmp.execute("job-change", {"id": "job0", "type": "mirror", "copy-mode": "write-blocking",
+                               "on-source-error": "ignore"})
+    assert job.changes == [{"copy_mode": "write-blocking", "on_source_error": "ignore"}]
+    assert error_of(qmp, "job-change", {"id": "job0", "type": "stream"}) == (
+        "GenericError", "Job 'job0' is 'mirror' job, not 'stream'")
+    assert error_of(qmp, "job-change", {"id": "job0", "on-error": "stop"}) == (
+        "GenericError", "Job type 'mirror' does not support changing 'on-error'")
+
+
+def test_job_change_looks_the_job_up_as_job_commands_do(qmp):
+    assert error_of(qmp, "job-change", {"id": "nope"}) == ("GenericError", "Job not found")
+    assert error_of(qmp, "job-change", {"id": "nope", "copy-mode": "sideways"})[0] == \
+        "GenericError"

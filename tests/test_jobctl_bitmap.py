@@ -11,7 +11,7 @@ import pytest
 
 from bitmap_rig import MiB
 from jobctl import bitmap_cmd
-from qmp_helpers import Control
+from helpers import Control
 from test_jobctl_real import jobctl_path
 
 SIZE = 16 * MiB

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import PLUGIN, _accepts, make_image, nbd_uri
-from test_jobctl_real import jobctl_path
+from helpers import jobctl_path, wait_for_pidfile
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -40,10 +40,7 @@ class DaemonDisk:
         started = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
         assert started.returncode == 0, started.stderr
         deadline = time.monotonic() + TIMEOUT
-        while not (self.pidfile.exists() and self.pidfile.read_text().strip()):
-            assert time.monotonic() < deadline, "nbdkit wrote no pid file"
-            time.sleep(0.02)
-        self.pid = int(self.pidfile.read_text())
+        self.pid = wait_for_pidfile(self.pidfile, TIMEOUT)
         assert os.readlink(f"/proc/{self.pid}/cwd") == "/"
         while not _accepts(self.control):
             assert time.monotonic() < deadline, "the control socket did not open"

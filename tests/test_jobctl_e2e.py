@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from helpers import jobctl_path
 from jobctl.jobs import JOB_KEYS
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -137,14 +138,6 @@ main()
 '''
 
 
-def jobctl_path():
-    """The console script installed in the venv running the tests."""
-    for candidate in (pathlib.Path(sys.executable).parent / "jobctl", REPO / ".venv" / "bin" / "jobctl"):
-        if candidate.exists():
-            return str(candidate)
-    pytest.fail("jobctl is not installed: run .venv/bin/python -m pip install -e .")
-
-
 class ControlProcess:
     """The test control server, a child process we started and stop by pid."""
 
@@ -223,47 +216,6 @@ def poll_until(predicate, timeout=TIMEOUT):
 
 def status_is(server, status, job_id="j"):
     return lambda: (job_status(server, job_id) or {}).get("status") == status
-
-
-def read_line(stream, timeout=TIMEOUT):
-    ready, _, _ = select.select([stream], [], [], timeout)
-    assert ready, "no output in time"
-    return stream.readline()
-
-
-class Background:
-    """A jobctl process running while the test acts (e.g. `wait`, `events`)."""
-
-    def __init__(self, server, *args):
-        self.proc = subprocess.Popen([jobctl_path(), "--socket", server.sock, *map(str, args)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     bufsize=0)    # unbuffered: select() sees every line
-
-    def line(self):
-        return read_line(self.proc.stdout).decode()
-
-    def finish(self):
-        out, err = self.proc.communicate(timeout=TIMEOUT)
-        return self.proc.returncode, out.decode(), err.decode()
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def background():
-    started = []
-
-    def run(server, *args):
-        proc = Background(server, *args)
-        started.append(proc)
-        return proc
-
-    yield run
-    for proc in started:
-        proc.kill()
 
 
 # status

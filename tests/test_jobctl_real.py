@@ -8,34 +8,19 @@ the plugin reports over QMP and what the disks hold.
 """
 
 import json
-import pathlib
-import random
-import select
 import signal
 import subprocess
-import sys
-import threading
 import time
 
 import pytest
 
 from conftest import make_image
+from helpers import Control, Writer, jobctl_path
 from jobctl.jobs import JOB_KEYS
-from qmp_helpers import Control
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 SIZE = 16 * MiB
 TIMEOUT = 30        # for one jobctl run; the jobs themselves take well under a second
-
-
-def jobctl_path():
-    """The console script installed in the venv running the tests."""
-    for candidate in (pathlib.Path(sys.executable).parent / "jobctl",
-                      REPO / ".venv" / "bin" / "jobctl"):
-        if candidate.exists():
-            return str(candidate)
-    pytest.fail("jobctl is not installed: run .venv/bin/python -m pip install -e .")
 
 
 class Disk:
@@ -72,9 +57,6 @@ class Disk:
         assert result.returncode == 0, (result.stdout, result.stderr)
         return result.stdout
 
-    def background(self, *args):
-        return Background(self.sock, *args)
-
     def mirror(self, *options):
         """Start a mirror of disk0 to the target with jobctl; return its stdout."""
         return self.ok("mirror", "disk0", self.target.uri, *options)
@@ -105,87 +87,11 @@ class Disk:
         self.qmp.close()
 
 
-class Background:
-    """A jobctl process running while the test acts; killed by pid at the end."""
-
-    def __init__(self, sock, *args):
-        self.proc = subprocess.Popen([jobctl_path(), "--socket", sock, *map(str, args)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     bufsize=0)    # unbuffered: select() sees every line
-
-    @staticmethod
-    def _line(stream, timeout=TIMEOUT):
-        ready, _, _ = select.select([stream], [], [], timeout)
-        assert ready, "no output in time"
-        return stream.readline().decode()
-
-    def line(self):
-        return self._line(self.proc.stdout)
-
-    def wait_stderr(self, text):
-        """Read stderr lines until one contains `text` (with --debug: a log line)."""
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            line = self._line(self.proc.stderr, max(0.01, deadline - time.monotonic()))
-            assert line, "jobctl exited: code %s" % self.proc.poll()
-            if text in line:
-                return line
-        pytest.fail(f"jobctl never logged {text!r}")
-
-    def finish(self):
-        out, err = self.proc.communicate(timeout=TIMEOUT)
-        return self.proc.returncode, out.decode(), err.decode()
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def background():
-    """Start Background jobctl processes; all killed (by pid) after the test."""
-    started = []
-
-    def start(disk, *args):
-        proc = disk.background(*args)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.kill()
-
-
 @pytest.fixture
 def disk(servers, tmp_path, connect):
     d = Disk(servers, tmp_path, connect)
     yield d
     d.close()
-
-
-class Writer(threading.Thread):
-    """Writes random blocks through its own NBD connection until stopped."""
-
-    def __init__(self, h, seed=5):
-        super().__init__()
-        self.h, self.rnd = h, random.Random(seed)
-        self.stop = threading.Event()
-        self.count = 0
-
-    def run(self):
-        while not self.stop.is_set():
-            data = self.rnd.randbytes(self.rnd.choice([512, 4096, 65536]))
-            self.h.pwrite(data, self.rnd.randrange(0, SIZE - len(data)))
-            self.count += 1
-            # A guest's pace: an unpaced writer on a 16 MiB disk can dirty it faster than
-            # the background mirror copies (docs/mirror.md, copy-mode), so READY would
-            # depend on the machine's load.
-            self.stop.wait(0.001)
-
-    def finish(self):
-        self.stop.set()
-        self.join()
 
 
 def last_line(text):
@@ -195,7 +101,7 @@ def last_line(text):
 # mirror --wait, status
 
 def test_mirror_wait_returns_ready_while_a_client_writes(disk):
-    writer = Writer(disk.connect(disk.server.uri))
+    writer = Writer(disk.server.uri, SIZE, seed=5)
     writer.start()
     try:
         result = disk.run("mirror", "disk0", disk.target.uri, "--granularity", "64K", "--wait",

@@ -16,7 +16,8 @@ import subprocess
 
 import pytest
 
-from test_jobctl_e2e import ControlProcess, jobctl_path, ok, poll_until, start_job, status_is
+from helpers import jobctl_path
+from test_jobctl_e2e import ControlProcess, ok, poll_until, start_job, status_is
 
 TIMEOUT = 30
 LONG_ID = "nightly-backup-of-the-database-disk-to-the-second-site"

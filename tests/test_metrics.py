@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import make_image
-from qmp_helpers import Control
+from helpers import Control
 from test_jobctl_real import jobctl_path
 
 MiB = 1 << 20
@@ -133,6 +133,28 @@ def test_metrics_match_query_block_jobs_for_a_paused_mirror(disk):
                                          ("on_source_error", "stop"),
                                          ("on_target_error", "report")))] == 1
     qmp("block-job-cancel", device="m0", force=True)
+    qmp.close()
+
+
+def test_metrics_match_query_block_jobs_for_a_paused_backup(disk):
+    server, ctl, qmp, target = disk
+    qmp("drive-backup", device="disk0", target=str(target), sync="full", job_id="b0",
+        speed=4 * MiB, on_target_error="stop", on_cbw_error="break-snapshot")
+    qmp.wait_status("b0", "running")
+    qmp("block-job-pause", device="b0")
+    qmp.wait_status("b0", "paused")
+    info = qmp.job("b0")
+    assert info["type"] == "backup"
+    got = job_series(metrics(ctl), "b0")
+    assert qmp.job("b0") == info                    # nothing moved meanwhile
+    want = expected_from(info)
+    assert {k: v for k, v in got.items() if v or k in want} == want
+    assert got[("overlay_nbd_job_status", (("status", "paused"),))] == 1
+    assert got[("overlay_nbd_job_info", (("auto_dismiss", "true"), ("auto_finalize", "true"),
+                                         ("on_cbw_error", "break-snapshot"),
+                                         ("on_source_error", "report"),
+                                         ("on_target_error", "stop")))] == 1
+    qmp("block-job-cancel", device="b0", force=True)
     qmp.close()
 
 

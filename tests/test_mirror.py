@@ -1,13 +1,12 @@
 """The mirror job against real nbdkit targets: lifecycle, events, pivot, convergence."""
 
-import random
-import threading
 import time
 
 import pytest
 
 from conftest import make_image
-from qmp_helpers import Control
+from helpers import Control, Writer
+from plugin.qmp.job_info import block_job_info
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -102,28 +101,15 @@ def test_pivot_survives_restart(setup):
 
 def test_client_writes_during_mirror_reach_the_target(setup):
     """A writer thread does random writes through NBD during the whole job."""
-    stop = threading.Event()
-    rnd = random.Random(3)
-    writer_h = setup.connect(setup.disk.uri)
-    count = [0]
-
-    def writer():
-        while not stop.is_set():
-            off = rnd.randrange(0, SIZE - 70000)
-            writer_h.pwrite(rnd.randbytes(rnd.choice([512, 4096, 65536, 69999])), off)
-            count[0] += 1
-            stop.wait(0.001)          # a guest's pace (see docs/mirror.md, copy-mode)
-
-    t = threading.Thread(target=writer)
-    t.start()
+    writer = Writer(setup.disk.uri, SIZE, seed=3, lengths=(512, 4096, 65536, 69999))
+    writer.start()
     try:
+        writer.wait_for(10)                                # writing before the job starts
         setup.mirror(granularity=4096)
         setup.qmp.wait_event("BLOCK_JOB_READY")
-        time.sleep(0.5)                                    # keep writing while ready
+        writer.wait_for(20)                                # keep writing while ready
     finally:
-        stop.set()
-        t.join()
-    assert count[0] > 10
+        writer.finish()
     setup.qmp("block-job-complete", device="disk0")
     setup.qmp.wait_event("BLOCK_JOB_COMPLETED")
     assert setup.disk_bytes() == setup.target_bytes()
@@ -303,28 +289,6 @@ def test_sigterm_during_a_running_mirror_exits_promptly(setup):
     assert time.monotonic() - t0 < 10
 
 
-class Writer(threading.Thread):
-    """Writes random 64 KiB blocks as fast as it can and remembers what it wrote."""
-
-    def __init__(self, h, size, seed):
-        super().__init__()
-        self.h, self.size, self.rnd = h, size, random.Random(seed)
-        self.stop = threading.Event()
-        self.writes = []
-
-    def run(self):
-        while not self.stop.is_set():
-            off = self.rnd.randrange(0, self.size // 65536) * 65536
-            data = self.rnd.randbytes(65536)
-            self.h.pwrite(data, off)
-            self.writes.append((off, data))
-            self.stop.wait(0.001)     # a guest's pace (see docs/mirror.md, copy-mode)
-
-    def finish(self):
-        self.stop.set()
-        self.join()
-
-
 @pytest.mark.slow
 def test_write_blocking_converges_under_load_that_background_cannot_keep_up_with(
         servers, tmp_path, connect):
@@ -332,11 +296,15 @@ def test_write_blocking_converges_under_load_that_background_cannot_keep_up_with
     s = Setup(servers, tmp_path, connect, size=size)
     expected = bytearray(open(s.base, "rb").read())
     # Background: the copy is limited to 1 MiB/s, the writer dirties far more than that.
-    w = Writer(connect(s.disk.uri), size, seed=1)
+    w = Writer(s.disk.uri, size, seed=1, lengths=(65536,), align=65536, record=True)
     w.start()
     try:
         s.mirror(speed=MiB, job_id="bg", granularity=65536)
-        time.sleep(10)
+        # It copies one and a half disks' worth (about 11 s at its speed) and never gets
+        # there, while the client writes on.
+        writes = w.wait_for(10)
+        s.qmp.wait_job(lambda j: j["offset"] >= 12 * MiB, job_id="bg", timeout=60)
+        assert w.count > writes + 100
         assert not s.qmp.job("bg")["ready"]
         assert "BLOCK_JOB_READY" not in s.qmp.names()
         s.qmp("block-job-cancel", device="bg")
@@ -357,25 +325,33 @@ def test_write_blocking_converges_under_load_that_background_cannot_keep_up_with
     s.qmp.close()
 
 
-@pytest.mark.slow
-def test_speed_limited_mirror_copies_at_about_its_speed(servers, tmp_path, connect):
-    """speed= is a rate, not a hint: over a second the job copies close to it."""
-    size = 128 * MiB
-    s = Setup(servers, tmp_path, connect, size=size)
-    for off in range(0, size, 8 * MiB):                      # 128 MiB of data to copy
-        s.h.pwrite(b"\x01" * (8 * MiB), off)
-    speed = 48 * MiB
-    s.mirror(speed=speed, granularity=65536)
-    s.qmp.wait_status("disk0", "running")
-    time.sleep(0.5)                                          # past the rate limiter's slack
-    t0, first = time.monotonic(), s.qmp.job("disk0")["offset"]
-    time.sleep(1.5)
-    t1, second = time.monotonic(), s.qmp.job("disk0")["offset"]
-    rate = (second - first) / (t1 - t0)
-    assert 0.5 * speed <= rate <= 1.5 * speed, rate / MiB
-    s.qmp("block-job-cancel", device="disk0", force=True)
-    s.qmp.wait_event("BLOCK_JOB_CANCELLED")
-    s.qmp.close()
+def test_speed_limited_mirror_copies_at_its_speed(local_disks, tmp_path):
+    """speed= is a rate, not a hint.  The job runs in this process (helpers.LocalDisk) on a
+    clock the test steps 10 ms at a time: at every step the copy is where the speed puts
+    it, ahead by at most the rate limiter's slice (0.1 s) and the copy in flight (one
+    chunk, at most 1 MiB), whatever the machine's load."""
+    size, speed, chunk, slice_time = 32 * MiB, 2 * MiB, MiB, 0.1
+    base = make_image(tmp_path / "base.img", size, [(0, size)], seed=2)
+    target_path = tmp_path / "target.img"
+    with open(target_path, "wb") as f:
+        f.truncate(size)
+    disk = local_disks(base)
+    job = disk.mirror(target_path, speed=speed, granularity=65536)
+    samples = []
+    disk.run(12.0, on_step=lambda: samples.append((disk.now(), block_job_info(job))))
+    for t, info in samples:
+        assert speed * t <= info["offset"] <= speed * (t + slice_time) + chunk, (t, info)
+        assert (info["speed"], info["status"], info["ready"]) == (speed, "running", False)
+    rate = {round(t, 2): info["offset"] for t, info in samples}
+    assert abs((rate[11.0] - rate[1.0]) / 10 - speed) <= chunk / 10          # within 5%
+    # set-speed 0 lifts the limit: the rest is copied without the clock moving.
+    job.user_set_speed(0)
+    ready, event = disk.wait_event("BLOCK_JOB_READY")
+    assert ready == samples[-1][0] and event["data"]["offset"] == size
+    expected = disk.read()
+    job.user_cancel()
+    disk.wait_event("JOB_STATUS_CHANGE", id="disk0", status="null")
+    assert target_path.read_bytes() == expected
 
 
 def test_copied_bytes_count_data_written_not_zero_ranges(servers, tmp_path, connect):

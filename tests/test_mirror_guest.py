@@ -115,7 +115,7 @@ def test_guest_with_reconnect_delay_rides_out_nbdkit_killed_and_restarted_mid_mi
     """Jobs outlive the process: nbdkit is killed (-9) and restarted while a mirror copies and
     a guest writes; the guest's drive has reconnect-delay, so it waits and goes on; the
     mirror comes back from its record, completes, and the target holds what the guest wrote."""
-    from qmp_helpers import Control
+    from helpers import Control
     rig = MirrorRig(servers, tmp_path, connect, size=SIZE)
     try:
         with guest.start_guest(rig.disk.sock, {"mode": "writeloop", "seed": 43, "seconds": 25},

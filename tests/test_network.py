@@ -16,7 +16,7 @@ import pytest
 
 from conftest import Server, sha256_file
 from netrig import MiB, Netns, Rig, nbdkit_tcp, psk_file, restart_tcp, x509_dirs
-from qmp_helpers import Control
+from helpers import Control
 
 
 # -- TLS ------------------------------------------------------------------------

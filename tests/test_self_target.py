@@ -11,7 +11,7 @@ import pytest
 
 from conftest import PLUGIN, Server, make_image, sha256_file
 from jobctl.qmp_client import QMPError
-from qmp_helpers import Control
+from helpers import Control
 
 MiB = 1 << 20
 SIZE = 8 * MiB

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import REPO, make_image
 from plugin.core.host import unix_listeners
-from qmp_helpers import Control
+from helpers import Control
 
 MiB = 1 << 20
 UNITS = ("overlay-nbd@.service", "overlay-nbd@.socket", "overlay-nbd-metrics@.service")

@@ -17,7 +17,7 @@ import subprocess
 import pytest
 
 from conftest import PLUGIN, make_image, sha256_file
-from qmp_helpers import Control
+from helpers import Control
 
 MiB = 1 << 20
 KiB = 1 << 10

@@ -7,95 +7,31 @@ faults are switched on and off with a file.
 """
 
 import os
-import random
 import shutil
 import threading
 import time
 
-import nbd
 import pytest
 
 from conftest import make_image
-from jobctl.qmp_client import QMPClient, QMPError
+from faults import wait_until
+from helpers import Control, Writer
+from jobctl.qmp_client import QMPError
+from plugin.qmp.job_info import block_job_info
 
 MiB = 1 << 20
 CS = 64 * 1024
 SIZE = 16 * MiB
-EVENT_TIMEOUT = 30
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-class Session:
-    """A QMP session on the overlay's control socket that remembers every event it saw."""
-
-    def __init__(self, path):
-        self.client = QMPClient(str(path))
-        self.client.connect()
-        self.events = []
-
-    def __call__(self, command, **arguments):
-        return self.client.execute(command, {k.replace("_", "-"): v for k, v in arguments.items()})
-
-    def wait(self, name, timeout=EVENT_TIMEOUT, **match):
-        """The next event `name` whose data has the `match` items (dashes as underscores)."""
-        match = {k.replace("_", "-"): v for k, v in match.items()}
-        for seen in self.events:
-            if seen["event"] == name and all(seen["data"].get(k) == v for k, v in match.items()):
-                self.events.remove(seen)
-                return seen["data"]
-        deadline = time.monotonic() + timeout
-        while True:
-            event = self.client.next_event(max(0.0, deadline - time.monotonic()))
-            if event is None:
-                raise AssertionError("no %s %s within %ss; saw %s" % (
-                    name, match, timeout, [e["event"] for e in self.events]))
-            if event["event"] == name and all(event["data"].get(k) == v for k, v in match.items()):
-                return event["data"]
-            self.events.append(event)
-
-    def statuses(self, job_id):
-        """JOB_STATUS_CHANGE statuses of job_id seen so far, in order (consumes them)."""
-        out = []
-        while True:
-            event = self.client.next_event(0)
-            if event is None:
-                break
-            self.events.append(event)
-        for e in list(self.events):
-            if e["event"] == "JOB_STATUS_CHANGE" and e["data"]["id"] == job_id:
-                out.append(e["data"]["status"])
-                self.events.remove(e)
-        return out
-
-    def job(self, job_id="disk0"):
-        for info in self("query-block-jobs"):
-            if info["device"] == job_id:
-                return info
-        return None
-
-    def wait_job(self, predicate, job_id="disk0", timeout=EVENT_TIMEOUT):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = self.job(job_id)
-            if info is not None and predicate(info):
-                return info
-            time.sleep(0.02)
-        raise AssertionError("job %s never matched; last %s" % (job_id, self.job(job_id)))
-
-    def block(self):
-        return self("query-block")[0]
-
-    def close(self):
-        self.client.close()
-
 
 @pytest.fixture
 def sessions():
     opened = []
 
     def _open(path):
-        s = Session(path)
+        s = Control(path)
         opened.append(s)
         return s
 
@@ -157,7 +93,7 @@ def test_stream_copies_base_into_overlay_and_drops_base(servers, tmp_path, base,
     expected[4 * MiB + 100:4 * MiB + 1100] = b"\x5a" * 1000
     qmp = sessions(ctl)
     qmp("block-stream", device="disk0")
-    done = qmp.wait("BLOCK_JOB_COMPLETED", device="disk0")
+    done = qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0")["data"]
     assert done == {"type": "stream", "device": "disk0", "len": SIZE, "offset": SIZE, "speed": 0}
     info = qmp.block()
     assert info["base"] is None
@@ -169,16 +105,17 @@ def test_stream_emits_qemus_event_sequence(servers, tmp_path, base, sessions):
     srv, ctl = start(servers, tmp_path, base)
     qmp = sessions(ctl)
     qmp("block-stream", device="disk0", job_id="s1")
-    qmp.wait("BLOCK_JOB_COMPLETED", device="s1")
-    qmp.wait("JOB_STATUS_CHANGE", id="s1", status="null")
-    assert qmp.statuses("s1") == ["created", "running", "waiting", "pending", "concluded"]
+    qmp.wait_event("BLOCK_JOB_COMPLETED", device="s1")
+    qmp.wait_event("JOB_STATUS_CHANGE", id="s1", status="null")
+    assert qmp.statuses("s1") == ["created", "running", "waiting", "pending", "concluded",
+                                  "null"]
 
 
 def test_streamed_overlay_restarts_without_base(servers, tmp_path, base, sessions, connect):
     srv, ctl = start(servers, tmp_path, base)
     qmp = sessions(ctl)
     qmp("block-stream", device="disk0")
-    qmp.wait("BLOCK_JOB_COMPLETED", device="disk0")
+    qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0")
     qmp.close()
     srv.stop()
     expected = file_bytes(base)
@@ -196,7 +133,7 @@ def test_stream_skips_clusters_the_overlay_holds(servers, tmp_path, base, sessio
     h.flush()
     qmp = sessions(ctl)
     qmp("block-stream", device="disk0")
-    assert qmp.wait("BLOCK_JOB_COMPLETED", device="disk0")["offset"] == SIZE
+    assert qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0")["data"]["offset"] == SIZE
     assert h.pread(MiB, 15 * MiB) == mine
 
 
@@ -207,7 +144,7 @@ def test_stream_of_fully_held_overlay_just_drops_base(servers, tmp_path, base, s
     h.pwrite(data, 0)
     qmp = sessions(ctl)
     qmp("block-stream", device="disk0")
-    assert qmp.wait("BLOCK_JOB_COMPLETED", device="disk0")["offset"] == SIZE
+    assert qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0")["data"]["offset"] == SIZE
     assert qmp.block()["base"] is None
     assert h.pread(SIZE, 0) == data
 
@@ -217,7 +154,7 @@ def test_stream_from_nbd_base(servers, tmp_path, base, sessions, connect):
     srv, ctl = start(servers, tmp_path, nbd_base.uri)
     qmp = sessions(ctl)
     qmp("block-stream", device="disk0")
-    assert "error" not in qmp.wait("BLOCK_JOB_COMPLETED", device="disk0")
+    assert "error" not in qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0")["data"]
     nbd_base.stop()
     assert read_all(connect, srv.uri) == file_bytes(base)
 
@@ -234,7 +171,7 @@ def test_stream_refused_after_base_was_dropped(servers, tmp_path, base, sessions
     srv, ctl = start(servers, tmp_path, base)
     qmp = sessions(ctl)
     qmp("block-stream", device="disk0")
-    qmp.wait("BLOCK_JOB_COMPLETED", device="disk0")
+    qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0")
     with pytest.raises(QMPError, match="has no backing file"):
         qmp("block-stream", device="disk0")
 
@@ -244,9 +181,9 @@ def test_stream_refused_after_mirror_pivot(servers, tmp_path, base, sessions):
     srv, ctl = start(servers, tmp_path, base)
     qmp = sessions(ctl)
     qmp("drive-mirror", device="disk0", target=target, sync="full")
-    qmp.wait("BLOCK_JOB_READY", device="disk0")
+    qmp.wait_event("BLOCK_JOB_READY", device="disk0")
     qmp("block-job-complete", device="disk0")
-    qmp.wait("BLOCK_JOB_COMPLETED", device="disk0")
+    qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0")
     with pytest.raises(QMPError, match="has no backing file"):
         qmp("block-stream", device="disk0")
 
@@ -261,7 +198,7 @@ def test_stream_accepts_its_own_base_by_name(servers, tmp_path, base, sessions):
     srv, ctl = start(servers, tmp_path, base)
     qmp = sessions(ctl)
     qmp("block-stream", device="disk0", base=qmp.block()["base"])
-    assert "error" not in qmp.wait("BLOCK_JOB_COMPLETED", device="disk0")
+    assert "error" not in qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0")["data"]
 
 
 def test_stream_refuses_unknown_device(servers, tmp_path, base, sessions):
@@ -295,11 +232,31 @@ def test_speed_limits_progress_and_set_speed_lifts_it(servers, tmp_path, base, s
     qmp("block-stream", device="disk0", speed=256 * 1024)
     info = qmp.wait_job(lambda j: j["offset"] > 4 * MiB)
     assert info["speed"] == 256 * 1024 and info["len"] == SIZE
-    time.sleep(0.5)
     assert qmp.job()["offset"] < SIZE
     qmp("block-job-set-speed", device="disk0", speed=0)
-    done = qmp.wait("BLOCK_JOB_COMPLETED", device="disk0", timeout=10)
+    done = qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0", timeout=10)["data"]
     assert done["offset"] == SIZE and done["speed"] == 0
+
+
+def test_stream_copies_at_its_speed(local_disks, tmp_path):
+    """The stream in this process (helpers.LocalDisk) on a clock the test steps: at every
+    step the copy is where its speed puts it, ahead by at most the rate limiter's slice
+    (0.1 s) and one chunk (1 MiB), whatever the machine's load."""
+    speed, chunk, slice_time = MiB, MiB, 0.1
+    base = make_image(tmp_path / "full.img", SIZE, [(0, SIZE)], seed=6)
+    disk = local_disks(base)
+    job = disk.stream(speed=speed)
+    samples = []
+    disk.run(10.0, on_step=lambda: samples.append((disk.now(), block_job_info(job))))
+    for t, info in samples:
+        assert speed * t <= info["offset"] <= speed * (t + slice_time) + chunk, (t, info)
+        assert (info["speed"], info["status"], info["len"]) == (speed, "running", SIZE)
+    # set-speed 0 lifts the limit: the rest is copied without the clock moving.
+    job.user_set_speed(0)
+    t, event = disk.wait_event("BLOCK_JOB_COMPLETED")
+    assert t == samples[-1][0] and event["data"]["offset"] == SIZE
+    assert disk.service.base_address() is None
+    assert disk.read() == file_bytes(base)
 
 
 def test_pause_holds_progress_and_resume_completes(servers, tmp_path, base, sessions):
@@ -314,7 +271,7 @@ def test_pause_holds_progress_and_resume_completes(servers, tmp_path, base, sess
     assert qmp.job()["offset"] == paused["offset"]
     qmp("block-job-set-speed", device="disk0", speed=0)
     qmp("block-job-resume", device="disk0")
-    assert qmp.wait("BLOCK_JOB_COMPLETED", device="disk0")["offset"] == SIZE
+    assert qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0")["data"]["offset"] == SIZE
     assert qmp.block()["base"] is None
 
 
@@ -324,7 +281,7 @@ def test_cancel_keeps_base_and_disk_content(servers, tmp_path, base, sessions, c
     qmp("block-stream", device="disk0", speed=256 * 1024)
     qmp.wait_job(lambda j: j["offset"] > 0)
     qmp("block-job-cancel", device="disk0")
-    cancelled = qmp.wait("BLOCK_JOB_CANCELLED", device="disk0")
+    cancelled = qmp.wait_event("BLOCK_JOB_CANCELLED", device="disk0")["data"]
     assert cancelled["offset"] < SIZE
     assert qmp.block()["base"] == base
     assert read_all(connect, srv.uri) == file_bytes(base)
@@ -334,10 +291,10 @@ def test_stream_without_auto_finalize_drops_base_on_finalize(servers, tmp_path, 
     srv, ctl = start(servers, tmp_path, base)
     qmp = sessions(ctl)
     qmp("block-stream", device="disk0", auto_finalize=False, auto_dismiss=False)
-    qmp.wait("BLOCK_JOB_PENDING", id="disk0")
+    qmp.wait_event("BLOCK_JOB_PENDING", id="disk0")
     assert qmp.block()["base"] == base
     qmp("job-finalize", id="disk0")
-    qmp.wait("BLOCK_JOB_COMPLETED", device="disk0")
+    qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0")
     assert qmp.block()["base"] is None
     assert qmp.job()["status"] == "concluded"
     qmp("job-dismiss", id="disk0")
@@ -348,9 +305,9 @@ def test_cancel_while_pending_keeps_base(servers, tmp_path, base, sessions):
     srv, ctl = start(servers, tmp_path, base)
     qmp = sessions(ctl)
     qmp("block-stream", device="disk0", auto_finalize=False)
-    qmp.wait("BLOCK_JOB_PENDING", id="disk0")
+    qmp.wait_event("BLOCK_JOB_PENDING", id="disk0")
     qmp("job-cancel", id="disk0")
-    qmp.wait("BLOCK_JOB_CANCELLED", device="disk0")
+    qmp.wait_event("BLOCK_JOB_CANCELLED", device="disk0")
     assert qmp.block()["base"] == base
 
 
@@ -363,10 +320,10 @@ def test_read_error_with_report_ends_job_where_it_stopped_and_keeps_base(
     qmp = sessions(ctl)
     fault.touch()
     qmp("block-stream", device="disk0")
-    assert qmp.wait("BLOCK_JOB_ERROR", device="disk0") == {
+    assert qmp.wait_event("BLOCK_JOB_ERROR", device="disk0")["data"] == {
         "device": "disk0", "operation": "read", "action": "report",
         "x-errno": "EIO", "x-desc": "Input/output error"}
-    done = qmp.wait("BLOCK_JOB_COMPLETED", device="disk0")
+    done = qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0")["data"]
     assert done["error"] == "Input/output error"
     assert done["offset"] == 4 * MiB          # the first chunk with base data
     assert qmp.block()["base"] == nbd_base.uri
@@ -381,8 +338,8 @@ def test_read_error_with_ignore_goes_on_to_the_end_and_keeps_base(
     qmp = sessions(ctl)
     fault.touch()
     qmp("block-stream", device="disk0", on_error="ignore")
-    assert qmp.wait("BLOCK_JOB_ERROR", device="disk0")["action"] == "ignore"
-    done = qmp.wait("BLOCK_JOB_COMPLETED", device="disk0")
+    assert qmp.wait_event("BLOCK_JOB_ERROR", device="disk0")["data"]["action"] == "ignore"
+    done = qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0")["data"]
     assert done["error"] == "Input/output error"
     assert done["offset"] == done["len"] == SIZE
     info = qmp.block()
@@ -399,10 +356,10 @@ def test_stream_after_ignored_fault_clears_completes_and_drops_base(
     qmp = sessions(ctl)
     fault.touch()
     qmp("block-stream", device="disk0", on_error="ignore")
-    assert "error" in qmp.wait("BLOCK_JOB_COMPLETED", device="disk0")
+    assert "error" in qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0")["data"]
     fault.unlink()
     qmp("block-stream", device="disk0", on_error="ignore")
-    assert "error" not in qmp.wait("BLOCK_JOB_COMPLETED", device="disk0")
+    assert "error" not in qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0")["data"]
     assert qmp.block()["base"] is None
     nbd_base.stop()
     assert read_all(connect, srv.uri) == file_bytes(base)
@@ -415,13 +372,13 @@ def test_read_error_with_stop_pauses_failed_and_resume_completes(
     qmp = sessions(ctl)
     fault.touch()
     qmp("block-stream", device="disk0", on_error="stop")
-    assert qmp.wait("BLOCK_JOB_ERROR", device="disk0")["action"] == "stop"
+    assert qmp.wait_event("BLOCK_JOB_ERROR", device="disk0")["data"]["action"] == "stop"
     info = qmp.wait_job(lambda j: j["status"] == "paused")
     assert info["io-status"] == "failed" and info["paused"] is True
     assert info["offset"] == 4 * MiB
     fault.unlink()
     qmp("block-job-resume", device="disk0")
-    done = qmp.wait("BLOCK_JOB_COMPLETED", device="disk0")
+    done = qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0")["data"]
     assert "error" not in done and done["offset"] == SIZE
     assert qmp.block()["base"] is None
     nbd_base.stop()
@@ -436,8 +393,8 @@ def test_stop_retries_the_failed_chunk_while_the_fault_persists(servers, tmp_pat
     qmp("block-stream", device="disk0", on_error="stop")
     qmp.wait_job(lambda j: j["status"] == "paused")
     qmp("block-job-resume", device="disk0")
-    assert qmp.wait("BLOCK_JOB_ERROR", device="disk0")["action"] == "stop"
-    assert qmp.wait("BLOCK_JOB_ERROR", device="disk0")["action"] == "stop"
+    assert qmp.wait_event("BLOCK_JOB_ERROR", device="disk0")["data"]["action"] == "stop"
+    assert qmp.wait_event("BLOCK_JOB_ERROR", device="disk0")["data"]["action"] == "stop"
     info = qmp.wait_job(lambda j: j["status"] == "paused")
     assert info["io-status"] == "failed" and info["offset"] == 4 * MiB
 
@@ -449,12 +406,12 @@ def test_enospc_with_enospc_policy_pauses_nospace_and_resume_completes(
     qmp = sessions(ctl)
     fault.touch()
     qmp("block-stream", device="disk0", on_error="enospc")
-    assert qmp.wait("BLOCK_JOB_ERROR", device="disk0")["action"] == "stop"
+    assert qmp.wait_event("BLOCK_JOB_ERROR", device="disk0")["data"]["action"] == "stop"
     info = qmp.wait_job(lambda j: j["status"] == "paused")
     assert info["io-status"] == "nospace"
     fault.unlink()
     qmp("block-job-resume", device="disk0")
-    assert "error" not in qmp.wait("BLOCK_JOB_COMPLETED", device="disk0")
+    assert "error" not in qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0")["data"]
     assert qmp.block()["base"] is None
     nbd_base.stop()
     assert read_all(connect, srv.uri) == file_bytes(base)
@@ -466,8 +423,9 @@ def test_eio_with_enospc_policy_is_reported(servers, tmp_path, base, sessions):
     qmp = sessions(ctl)
     fault.touch()
     qmp("block-stream", device="disk0", on_error="enospc")
-    assert qmp.wait("BLOCK_JOB_ERROR", device="disk0")["action"] == "report"
-    assert qmp.wait("BLOCK_JOB_COMPLETED", device="disk0")["error"] == "Input/output error"
+    assert qmp.wait_event("BLOCK_JOB_ERROR", device="disk0")["data"]["action"] == "report"
+    done = qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0")["data"]
+    assert done["error"] == "Input/output error"
     assert qmp.block()["base"] == nbd_base.uri
 
 
@@ -479,7 +437,7 @@ def test_cancel_while_stopped_on_error_keeps_base(servers, tmp_path, base, sessi
     qmp("block-stream", device="disk0", on_error="stop")
     qmp.wait_job(lambda j: j["status"] == "paused")
     qmp("block-job-cancel", device="disk0", force=True)
-    qmp.wait("BLOCK_JOB_CANCELLED", device="disk0")
+    qmp.wait_event("BLOCK_JOB_CANCELLED", device="disk0")
     assert qmp.block()["base"] == nbd_base.uri
 
 
@@ -491,59 +449,48 @@ def test_block_job_change_switches_on_error_of_a_running_stream(servers, tmp_pat
     qmp("block-job-change", id="disk0", type="stream", on_error="stop")
     fault.touch()
     qmp("block-job-set-speed", device="disk0", speed=0)
-    assert qmp.wait("BLOCK_JOB_ERROR", device="disk0")["action"] == "stop"
+    assert qmp.wait_event("BLOCK_JOB_ERROR", device="disk0")["data"]["action"] == "stop"
     assert qmp.wait_job(lambda j: j["status"] == "paused")["io-status"] == "failed"
 
 
 # --- no lost writes ---------------------------------------------------------------------------
 
-class Writer(threading.Thread):
+class SliceWriter(Writer):
     """Partial writes and reads in its own slice of every cluster, checked as it goes.
 
     Slices of different writers share clusters but never bytes, so the final
     content is known whatever the interleaving: base plus every writer's
-    writes in its own order (kept in the shared `expected`).
+    writes in its own order (kept in the shared `expected`).  A mismatch
+    stops every writer sharing `stop`; finish() raises it.
     """
 
     def __init__(self, uri, index, count, expected, stop, cluster_size, nclusters):
-        super().__init__(daemon=True)
-        self.uri, self.index, self.count = uri, index, count
-        self.expected, self.stop_event = expected, stop
+        super().__init__(uri, seed=index, pace=0, stop=stop)
+        self.index, self.expected = index, expected
         self.slice = cluster_size // count
         self.cs, self.nclusters = cluster_size, nclusters
-        self.rnd = random.Random(index)
         self.writes = self.reads = 0
-        self.failure = None
 
-    def run(self):
-        h = nbd.NBD()
-        h.connect_uri(self.uri)
-        try:
-            while not self.stop_event.is_set():
-                cluster = self.rnd.randrange(self.nclusters)
-                lo = cluster * self.cs + self.index * self.slice
-                if self.rnd.random() < 0.6:
-                    off = lo + self.rnd.randrange(self.slice - 1)
-                    n = self.rnd.randint(1, lo + self.slice - off)
-                    data = self.rnd.randbytes(n)
-                    h.pwrite(data, off)
-                    self.expected[off:off + n] = data
-                    self.writes += 1
-                    self._check(h.pread(n, off), data, off)
-                else:
-                    whole = h.pread(self.cs, cluster * self.cs)
-                    mine = whole[self.index * self.slice:(self.index + 1) * self.slice]
-                    self._check(mine, bytes(self.expected[lo:lo + self.slice]), lo)
-                    self.reads += 1
-        except Exception as e:      # reported by the test, never lost in a thread
-            self.failure = self.failure or repr(e)
-        finally:
-            h.shutdown()
+    def step(self):
+        cluster = self.rnd.randrange(self.nclusters)
+        lo = cluster * self.cs + self.index * self.slice
+        if self.rnd.random() < 0.6:
+            off = lo + self.rnd.randrange(self.slice - 1)
+            n = self.rnd.randint(1, lo + self.slice - off)
+            data = self.rnd.randbytes(n)
+            self.h.pwrite(data, off)
+            self.expected[off:off + n] = data
+            self.writes += 1
+            self._check(self.h.pread(n, off), data, off)
+        else:
+            whole = self.h.pread(self.cs, cluster * self.cs)
+            mine = whole[self.index * self.slice:(self.index + 1) * self.slice]
+            self._check(mine, bytes(self.expected[lo:lo + self.slice]), lo)
+            self.reads += 1
 
     def _check(self, got, want, off):
-        if got != want and self.failure is None:
-            self.failure = "writer %d: bytes at %d differ from what was written" % (self.index, off)
-            self.stop_event.set()
+        assert got == want, "writer %d: bytes at %d differ from what was written" % (
+            self.index, off)
 
 
 def test_concurrent_partial_writes_are_never_overwritten_by_the_stream(
@@ -554,21 +501,31 @@ def test_concurrent_partial_writes_are_never_overwritten_by_the_stream(
     srv, ctl = start(servers, tmp_path, slow.uri)
     expected = bytearray(file_bytes(base))
     stop = threading.Event()
-    writers = [Writer(srv.uri, i, 4, expected, stop, CS, size // CS) for i in range(4)]
+    writers = [SliceWriter(srv.uri, i, 4, expected, stop, CS, size // CS) for i in range(4)]
     for w in writers:
         w.start()
     qmp = sessions(ctl)
-    time.sleep(0.2)
-    qmp("block-stream", device="disk0")
-    done = qmp.wait("BLOCK_JOB_COMPLETED", device="disk0", timeout=120)
-    time.sleep(0.3)             # writes keep going across the drop of the base
-    stop.set()
-    for w in writers:
-        w.join(30)
-    assert [w.failure for w in writers] == [None] * 4
+    try:
+        for w in writers:
+            w.wait_for(10)
+        # Slow at first (32 s for the disk at this speed), so that all these writes
+        # and reads race the copy whatever the machine's load; then at full speed.
+        qmp("block-stream", device="disk0", speed=MiB)
+        qmp.wait_job(lambda j: j["offset"] > 0)
+        writes, reads = sum(w.writes for w in writers), sum(w.reads for w in writers)
+        wait_until(lambda: sum(w.writes for w in writers) - writes > 500
+                   and sum(w.reads for w in writers) - reads > 100, timeout=30, interval=0.01)
+        info = qmp.job()
+        assert info["status"] == "running" and info["offset"] < size    # still copying
+        qmp("block-job-set-speed", device="disk0", speed=0)
+        done = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=120, device="disk0")["data"]
+        for w in writers:
+            w.wait_for(20)              # writes keep going across the drop of the base
+    finally:
+        for w in writers:
+            w.finish()
     assert "error" not in done
     assert qmp.block()["base"] is None
-    assert sum(w.writes for w in writers) > 500 and sum(w.reads for w in writers) > 100
     slow.stop()
     assert read_all(connect, srv.uri, size) == bytes(expected)
 
@@ -594,7 +551,7 @@ def test_guest_writes_during_stream_all_survive(servers, tmp_path, sessions, con
         # over time: a slow host writes fewer times in 12 s).
         assert qmp("query-block-jobs"), "the stream ended before the guest wrote 20 times"
         qmp("block-job-set-speed", device="disk0", speed=0)
-        done = qmp.wait("BLOCK_JOB_COMPLETED", device="disk0", timeout=120)
+        done = qmp.wait_event("BLOCK_JOB_COMPLETED", device="disk0", timeout=120)["data"]
         result = g.wait()
     result.raise_if_failed()
     assert "error" not in done

@@ -9,6 +9,7 @@ import struct
 
 import nbd
 
+from helpers import wait_for_pidfile
 from netrig import nbdkit_tcp
 from plugin.backends.filetarget import FileTarget
 from plugin.backends.nbdtarget import NbdTarget
@@ -77,7 +78,7 @@ def test_no_instance_without_multi_conn_over_tcp_or_from_an_exited_listener(serv
     # A daemonized nbdkit listens in a parent that exits: its pid names no server.
     sock, pidfile = tmp_path / "d.sock", tmp_path / "d.pid"
     assert os.system("nbdkit -U %s -P %s memory 8M" % (sock, pidfile)) == 0
-    pid = int(pidfile.read_text())
+    pid = wait_for_pidfile(pidfile)        # the child writes it after the parent exited
     try:
         s = socket.socket(socket.AF_UNIX)
         s.connect(str(sock))

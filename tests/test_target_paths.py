@@ -6,7 +6,7 @@ import pytest
 from conftest import make_image
 from jobctl.qmp_client import QMPError
 from plugin.qmp.target_paths import relative_paths
-from qmp_helpers import Control
+from helpers import Control
 
 MiB = 1 << 20
 

@@ -15,6 +15,6 @@ To add a command: write its module here and list it in MODULES.
 """
 
 from .. import bitmap_cmd, metrics_cli
-from . import backup, qmp, start, status, verbs, watch
+from . import backup, commit, qmp, start, status, verbs, watch
 
-MODULES = (status, start, backup, verbs, watch, bitmap_cmd, qmp, metrics_cli)
+MODULES = (status, start, backup, commit, verbs, watch, bitmap_cmd, qmp, metrics_cli)

@@ -11,7 +11,11 @@ def register(add_command):
     p.add_argument("device", metavar="DEVICE")
     p.add_argument("target", metavar="TARGET", help="NBD URI, rbd://POOL/IMAGE?conf=PATH or file path")
     p.add_argument("--job-id", help="job id (default: DEVICE)")
-    p.add_argument("--sync", choices=SYNC_MODES, default="full", help="what to copy (default: full)")
+    p.add_argument("--sync", choices=SYNC_MODES + ("incremental", "bitmap"), default="full",
+                   help="what to copy (default: full; incremental or bitmap with --bitmap)")
+    p.add_argument("--bitmap", help="copy only this dirty bitmap's ranges and later writes: "
+                                    "the target already holds the disk as it was when the "
+                                    "bitmap was created or cleared")
     p.add_argument("--speed", type=size, help="bytes/s limit, e.g. 10M (0: unlimited)")
     p.add_argument("--granularity", type=size, help="dirty bitmap granularity, e.g. 64K")
     p.add_argument("--buf-size", type=size, help="copy buffer size, e.g. 16M")
@@ -40,7 +44,7 @@ def cmd_mirror(client, args):
     arguments = {"device": args.device, "target": paths.absolute_target(args.target),
                  "mode": "existing", "sync": args.sync}
     return start_job(client, args, "drive-mirror", arguments, (
-        "job-id", "speed", "granularity", "buf-size", "on-source-error", "on-target-error",
+        "job-id", "bitmap", "speed", "granularity", "buf-size", "on-source-error", "on-target-error",
         "copy-mode", "reconnect-delay"))
 
 

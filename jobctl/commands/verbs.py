@@ -19,7 +19,8 @@ def register(add_command):
         p.add_argument("job", metavar="JOB")
         p.set_defaults(func=cmd_verb, qmp_command=qmp_command, id_key=id_key)
 
-    p = add_command("complete", "complete a ready mirror (pivot to the target)")
+    p = add_command("complete", "complete a ready mirror (pivot to the target) or commit "
+                                "(empty the overlay)")
     p.add_argument("job", metavar="JOB")
     add_end_wait_options(p)
     p.set_defaults(func=cmd_complete)

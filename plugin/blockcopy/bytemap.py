@@ -54,6 +54,14 @@ class ByteMap:
         for first, end in spans:
             self.bytes[first:end] = bytes([value]) * (end - first)
 
+    def mark(self, first, end, value):
+        """Set entries [first, end) in the file (no sync: a crash of this process
+        keeps it, a power cut may not) and in memory."""
+        if end > first:
+            piece = bytes([value]) * (end - first)
+            pwrite_all(self._fd, piece, first)
+            self.bytes[first:end] = piece
+
     def write_all(self):
         """Write the whole map from memory and sync it (a map filled in place)."""
         pwrite_all(self._fd, self.bytes, 0)

@@ -153,6 +153,11 @@ class TargetTrust:
         self._at_ready = None             # vouched for once READY (after a comparison)
         self.inherited_copied = False     # the restored intent log had COPIED regions
 
+    def trusts(self):
+        """A restored job, connected to the very instance its record vouches for."""
+        current = self._link.instance()
+        return self._restored and current is not None and current == self._recorded
+
     def connected(self, to_compare, flushes, job_id):
         """Connected: trust the restored COPIED ranges (`to_compare`, emptied) if the
         record vouches for this instance; record what is vouched for now."""

@@ -17,6 +17,9 @@ Files, in STATE_DIR/jobs/ (ByteMap: one byte per granule):
                 (the target does not durably hold them yet)
     ID.saved    1: the granule's point-in-time bytes are in ID.cbw
     ID.cbw      sparse, the disk's size: saved bytes at their own offsets
+    ID.answered 1: the target answered a copy of the granule (no flush yet); written
+                without a sync, it only matters to a restart that finds the very
+                target instance that answered (blockcopy/link.py TargetTrust)
 
 The rules that make the view survive kill -9 and power loss:
 - SAVE before change: the scratch bytes are written and fdatasync()ed, then
@@ -44,7 +47,7 @@ from .bytemap import ByteMap
 
 log = logging.getLogger(__name__)
 
-NEEDED, SAVED, SCRATCH = ".needed", ".saved", ".cbw"
+NEEDED, SAVED, SCRATCH, ANSWERED = ".needed", ".saved", ".cbw", ".answered"
 
 
 class SnapshotBroken(Exception):
@@ -76,7 +79,10 @@ class PointInTime:
             self.needed = ByteMap(base_path + NEEDED, count)
             self.saved = ByteMap(base_path + SAVED, count)
             self._scratch = os.open(base_path + SCRATCH, os.O_RDWR | os.O_CLOEXEC)
+            exists = os.path.exists(base_path + ANSWERED)
+            self.answered = ByteMap(base_path + ANSWERED, count, 0, create=not exists)
             return
+        self.answered = ByteMap(base_path + ANSWERED, count, 0, create=True)
         self._scratch = os.open(base_path + SCRATCH,
                                 os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         os.ftruncate(self._scratch, size)
@@ -219,7 +225,25 @@ class PointInTime:
         # Copies are granule aligned (the last granule ends at the disk's end).
         self.needed.set([self._span(off, n) for off, n in ranges], 0)
 
+    def note_answered(self, offset, length):
+        """The target answered a copy of these granules (no flush covers it yet)."""
+        first, end = self._span(offset, length)
+        self.answered.mark(first, end, 1)
+
+    def answered_needed_runs(self):
+        """[(offset, length)] needed, whose copy the target had answered."""
+        out = []
+        for f, e in self.needed.runs(1):
+            out += [self._range(af, ae) for af, ae in self.answered.runs(1, f, e)]
+        return out
+
+    def forget_answered(self):
+        """Another target instance: its answers vouch for nothing (durably)."""
+        self.answered.bytes[:] = bytes(len(self.answered.bytes))
+        self.answered.write_all()
+
     def close(self):
+        self.answered.close()
         self.needed.close()
         self.saved.close()
         if self._scratch is not None:
@@ -229,7 +253,7 @@ class PointInTime:
     def remove(self):
         """The job ended: free the scratch space and the maps."""
         self.close()
-        for suffix in (NEEDED, SAVED, SCRATCH):
+        for suffix in (NEEDED, SAVED, SCRATCH, ANSWERED):
             try:
                 os.unlink(self.base_path + suffix)
             except FileNotFoundError:

@@ -12,6 +12,9 @@ the data sync; only then are the pages written and the map synced.
 Between commits, every change is also appended to the map's journal
 (mapjournal.py) before set() returns, so an answered write outlives a crash
 of the process (not a power loss, which the commit rule covers).
+
+clear() empties the whole map in one step a crash cannot split (a commit
+job's complete): a new map file is renamed over the old one.
 """
 
 import errno
@@ -28,6 +31,7 @@ DATA = 1     # data.img holds the cluster
 ZERO = 2     # the cluster reads as zeros, whatever the base holds
 
 PAGE = 4096
+TMP = ".tmp"          # clear()'s new map before its rename
 
 _STATE_BYTES = {ABSENT: b"\x00", DATA: b"\x01", ZERO: b"\x02"}
 
@@ -42,6 +46,21 @@ def create(path, nclusters):
             n = min(len(chunk), nclusters - offset)
             pwrite_all(fd, memoryview(chunk)[:n], offset)
             offset += n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -68,7 +87,9 @@ class ClusterMap:
         self.nclusters = nclusters
         # The file exists with one byte per cluster (statedir.py makes it,
         # statecheck.py checked it): it is never created, cut or extended here.
+        self._path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        _unlink(path + TMP)        # a clear() that a crash cut short before its rename
         try:
             if os.fstat(self._fd).st_size != nclusters:
                 raise OSError(errno.EINVAL, "%s: %d bytes, not one per cluster (%d)"
@@ -194,6 +215,45 @@ class ClusterMap:
             if journal is not None:
                 with self._lock:
                     journal.committed()
+
+    def clear(self):
+        """Every cluster ABSENT, durably, in one step a crash cannot split.
+
+        For a commit that completed (the base holds the disk now); nothing
+        may change the map meanwhile (the caller quiesced the disk).  The
+        map is committed first, so the file on disk is the whole map; the
+        journal's records are invalidated (replayed over the empty map they
+        would bring clusters back); a map of ABSENT bytes is written and
+        synced beside it, then renamed over it: the commit point.  A crash
+        before the rename finds the old map whole, after it the empty one.
+        Raises OSError; once the rename is done the map in memory is empty
+        too, whatever fails after it.
+        """
+        self.commit()
+        tmp = self._path + TMP
+        with self._commit_lock:
+            _unlink(tmp)
+            create(tmp, self.nclusters)
+            fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
+            with self._lock:
+                try:
+                    if self._journal is not None:
+                        self._journal.forget()
+                    os.rename(tmp, self._path)
+                except BaseException:
+                    os.close(fd)
+                    _unlink(tmp)
+                    if self._journal is not None:
+                        self._journal.restart()   # the old map stays, and goes on
+                    raise
+                old, self._fd = self._fd, fd
+                self._map = bytearray(self.nclusters)
+                self._dirty.clear()
+                if self._journal is not None:
+                    self._journal.restart()
+            os.close(old)
+            _fsync_dir(os.path.dirname(self._path) or ".")
+        log.info("cluster map cleared path=%s clusters=%d", self._path, self.nclusters)
 
     def close(self):
         if self._journal is not None:

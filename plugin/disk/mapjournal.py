@@ -212,6 +212,21 @@ class MapJournal:
         """The commit that rotated completed: the older file is no longer needed."""
         self._unsettled = False
 
+    def forget(self):
+        """Invalidate every record: both headers are zeroed, so no replay brings a
+        change back (the map is about to be replaced by one that holds none of
+        them: ClusterMap.clear).  Appends are refused until restart().  Raises
+        OSError if a header could not be zeroed (the map must then stay)."""
+        for index in range(len(self._fds)):
+            self._store(index, b"\0" * _HEADER.size, 0)
+        self._usable = False
+        self._unsettled = False
+
+    def restart(self):
+        """After forget(): new records go to file 0 under the next generation."""
+        self._active = 1
+        self._switch()
+
     def close(self):
         for m in self._maps:
             if m is not None:

@@ -17,10 +17,11 @@ import errno
 import logging
 import os
 
+from ..backends import is_nbd_uri, is_rbd_uri
 from ..core.fileio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from ..core.fileio import pread_all, pwrite_all
 from ..core.extent import append_merged
-from . import clustermap, mapjournal, statedir
+from . import clustermap, mapjournal, statecheck, statedir
 from .clustermap import ABSENT, DATA, ZERO
 from .rangelock import RangeLock
 
@@ -322,6 +323,61 @@ class OverlayStore:
         old, self.base, self._base_size = self.base, None, 0
         if old is not None:
             old.close()
+
+    # -- commit (plugin/jobs/commit.py) ------------------------------------
+
+    @property
+    def base_address(self):
+        """The base's address as meta.json records it (None without a base)."""
+        return self.state.base
+
+    def loosen_base_check(self):
+        """A commit job is about to write the base: meta.json keeps only its size.
+
+        The base's sample checksum and mtime (statecheck.check_base) change
+        as the job writes, and a start after a crash must still accept it;
+        record_base() records them anew once nothing writes the base.
+        """
+        check = self.state.meta.get("base_check")
+        if check and set(check) != {"size"}:
+            self.state.update(base_check={"size": check["size"]})
+
+    def record_base(self):
+        """The base changed (a commit wrote it) and nothing writes it now: record
+        its fingerprint anew, so that the next start accepts it.  A file is
+        synced first, so the fingerprint is of what a power cut keeps."""
+        address = self.state.base
+        if address is None or self.base is None:
+            return
+        if not (is_nbd_uri(address) or is_rbd_uri(address)):
+            fd = os.open(address, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.state.update(base_check=statecheck.base_fingerprint(address, self.base))
+
+    def empty(self, base):
+        """The overlay gives up every cluster: a commit completed, the base holds the disk.
+
+        Call with no request running.  The map's switch (ClusterMap.clear) is
+        the commit point; then data.img's blocks are released and every read
+        goes to `base`, a fresh connection to the same base that the caller
+        opened after the commit's writes (no cache of the old one survives:
+        an RBD image's, a server's that does not offer multi-conn).
+        """
+        try:
+            self.map.clear()
+        finally:
+            old, self.base, self._base_size = self.base, base, base.size()
+            if old is not None:
+                old.close()
+        try:
+            fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, self.size)
+        except OSError as e:
+            log.warning("overlay emptied, but its data space was not released path=%s "
+                        "error=%s", self.state.path, e)
+        log.info("overlay emptied path=%s base=%s", self.state.path, self.state.base)
 
     def allocation(self):
         """Counts of clusters by state, for query-block."""

@@ -55,7 +55,7 @@ class BackupJob(CopyJob):
                  buf_size=None, speed=0, on_source_error="report", on_target_error="report",
                  on_cbw_error="break-guest-write", auto_finalize=True, auto_dismiss=True,
                  clock=None, reconnect_delay=0.0, restored=False, max_chunk=None,
-                 exports=None, bitmap=None, bitmap_mode=None):
+                 exports=None, bitmap=None, bitmap_mode=None, target_instance=None):
         """files: STATE_DIR/jobs/ID, the prefix of the snapshot's files.
         exports: the server's export table (pull mode registers its view there)."""
         granularity = granularity or disk.store.cluster_size
@@ -64,7 +64,7 @@ class BackupJob(CopyJob):
         pull = target.startswith(EXPORT_PREFIX)
         super().__init__(job_id, "backup", bus, disk, target, granularity, chunk, buf_size,
                          speed, auto_finalize, auto_dismiss, clock, reconnect_delay, None,
-                         True if pull else restored, None, kind="Backup")
+                         True if pull else restored, target_instance, kind="Backup")
         self._restored = restored
         self.export = target[len(EXPORT_PREFIX):] if pull else None
         self._exports = exports
@@ -76,7 +76,7 @@ class BackupJob(CopyJob):
         self.files = files
         self.bitmap_name, self.bitmap_mode = bitmap, bitmap_mode
         self.created = None
-        self.snapshot = None
+        self.pit = None
         self._frozen = None               # ByteMap: the bitmap's contents at the start
         self._answered = []               # copies answered since the last flush started
         copied = self.copy.on_copied
@@ -84,6 +84,7 @@ class BackupJob(CopyJob):
         def on_copied(offset, length):
             copied(offset, length)
             self._answered.append((offset, length))
+            self.pit.note_answered(offset, length)
 
         self.copy.on_copied = on_copied
         self.flushes.on_start = self._flush_started
@@ -110,7 +111,7 @@ class BackupJob(CopyJob):
         A new job takes it with clients quiesced, so every change after this
         passes the copy-before-write guard; a restored one reopens its files.
         """
-        if self.snapshot is not None:
+        if self.pit is not None:
             return
         disk = self.disk
         with disk.quiesce():
@@ -124,7 +125,7 @@ class BackupJob(CopyJob):
                                    self.files, self._needed_at_start(),
                                    break_guest_write=self._breaks_guest())
             disk.add_guard(snap)
-        self.snapshot = snap
+        self.pit = snap
         snap.on_broken = self.kick
         self.copy.store = snap
         self.copy.copy_mask = snap.needed_within
@@ -208,9 +209,9 @@ class BackupJob(CopyJob):
         mode = self.bitmap_mode or "on-success"
         if mode == "never" or (mode == "on-success" and not succeeded):
             back = self._frozen_runs()
-        elif mode == "always" and not succeeded and self.snapshot is not None:
+        elif mode == "always" and not succeeded and self.pit is not None:
             back = [r for off, n in self._frozen_runs()
-                    for r in self.snapshot.needed_within(off, n)]
+                    for r in self.pit.needed_within(off, n)]
         else:
             back = []
         try:
@@ -249,7 +250,7 @@ class BackupJob(CopyJob):
         self.kick()
 
     def _detach(self):
-        snap = self.snapshot
+        snap = self.pit
         if snap is None:
             return
         if self.export is not None and self._exports is not None:
@@ -267,6 +268,7 @@ class BackupJob(CopyJob):
                 "on-target-error": self.on_target_error, "on-cbw-error": self.on_cbw_error,
                 "reconnect-delay": self.reconnect_delay, "created": self.created,
                 "max-chunk": self.max_chunk, "bitmap": self.bitmap_name,
+                "target-instance": self.trust.instance,
                 "bitmap-mode": self.bitmap_mode}
 
     def restore_state(self, paused, io_status, offset, total, ready_seen):
@@ -277,8 +279,8 @@ class BackupJob(CopyJob):
         return True
 
     def remove_files(self):
-        if self.snapshot is not None:
-            self.snapshot.remove()
+        if self.pit is not None:
+            self.pit.remove()
         if self._frozen is not None:
             self._frozen.remove()
 
@@ -302,7 +304,7 @@ class BackupJob(CopyJob):
     def _after_flush(self, flush):
         """A flush succeeded: what it covers is no longer needed (durably)."""
         if flush.payload:
-            self.snapshot.copied(flush.payload)
+            self.pit.copied(flush.payload)
         if self.durable is not None:
             self._update_progress()
             self._save()
@@ -325,10 +327,14 @@ class BackupJob(CopyJob):
                 if self.sleep(IDLE_INTERVAL):
                     return
             return
-        copy, flushes, snap = self.copy, self.flushes, self.snapshot
+        copy, flushes, snap = self.copy, self.flushes, self.pit
         self.link.connect()
         if not self.link.await_open(self, self.disk.size, lambda: self.on_target_error):
             return
+        if self._restored:
+            self._resume_answered()
+        else:
+            self.trust.connected([], flushes, self.id)
         if self.sync == "full" and not self._restored:
             copy.skip_zero = self.link.reads_zero(self.disk.size)
         pos = 0
@@ -380,9 +386,28 @@ class BackupJob(CopyJob):
         self._update_progress()
         log.info("Backup copied job=%s bytes=%d saves=%d", self.id, copy.copied, snap.saves)
 
+    def _resume_answered(self):
+        """After a restart: copies the target answered but no flush covered are
+        still on it when it is the very instance that answered (the same file in
+        this boot, the same server process: TargetTrust); then they only need a
+        flush, not a copy.  Any other instance: copy them again, and forget the
+        old answers before this instance is recorded."""
+        snap = self.pit
+        ranges = snap.answered_needed_runs()
+        self.trust.inherited_copied = False       # nothing to compare: copied again
+        if ranges and self.trust.trusts():
+            for off, n in ranges:
+                self.bitmap.clear(off, n)
+            self._answered += ranges
+            self.trust.connected(ranges, self.flushes, self.id)
+            return
+        if ranges:
+            snap.forget_answered()
+        self.trust.connected([], self.flushes, self.id)
+
     def _check_broken(self):
-        if self.snapshot is not None and self.snapshot.broken is not None:
-            raise self.snapshot.broken
+        if self.pit is not None and self.pit.broken is not None:
+            raise self.pit.broken
 
     def clean(self):
         # The link first: copies still in flight hold granules a client's

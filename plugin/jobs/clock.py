@@ -25,7 +25,9 @@ class ManualClock:
     def __init__(self, start: float = 1000.0):
         self._now = start
         self._lock = threading.Lock()
-        self._waiters: set = set()
+        self._changed = threading.Condition(self._lock)
+        self._waiters: dict = {}    # cond -> waits in progress on it
+        self._begun = 0             # waits begun so far
 
     def now(self) -> float:
         with self._lock:
@@ -33,14 +35,19 @@ class ManualClock:
 
     def wait(self, cond: threading.Condition, timeout: float) -> None:
         # Any notify on cond (a kick, a pause) or an advance() ends the wait;
-        # callers re-check their deadline against now().
+        # callers re-check their deadline against now().  The caller holds
+        # cond, so an advance() from now on cannot miss this wait.
         with self._lock:
-            self._waiters.add(cond)
+            self._waiters[cond] = self._waiters.get(cond, 0) + 1
+            self._begun += 1
+            self._changed.notify_all()
         try:
             cond.wait()
         finally:
             with self._lock:
-                self._waiters.discard(cond)
+                self._waiters[cond] -= 1
+                if not self._waiters[cond]:
+                    del self._waiters[cond]
 
     def advance(self, seconds: float) -> None:
         with self._lock:
@@ -53,7 +60,22 @@ class ManualClock:
     def sleepers(self) -> int:
         """How many waits are in progress (tests wait for a job to be asleep)."""
         with self._lock:
-            return len(self._waiters)
+            return sum(self._waiters.values())
+
+    def waits_begun(self) -> int:
+        """How many waits have begun so far (see wait_for_waits)."""
+        with self._lock:
+            return self._begun
+
+    def wait_for_waits(self, count: int, timeout: float) -> bool:
+        """Block until `count` waits have begun, up to `timeout` real seconds.
+
+        A test that advanced the clock knows the job has done what that time
+        allowed once the job waits again: ``n = waits_begun(); advance(dt);
+        wait_for_waits(n + 1, ...)`` (one sleeping thread).
+        """
+        with self._changed:
+            return self._changed.wait_for(lambda: self._begun >= count, timeout)
 
 
 MONOTONIC = MonotonicClock()

@@ -1,15 +1,17 @@
-"""Building jobs: one path for drive-mirror, block-stream and restore after a restart.
+"""Building jobs: one path for drive-mirror, block-stream, block-commit and restore after restart.
 
 A JobContext carries what a job needs from the composition root (the disk,
-the event bus, the registry, the job records, the pivot).  start_mirror() and
-start_stream() build a new job from its settings (the QMP handlers in
-plugin/qmp/block_commands.py check the arguments first); restore_all()
+the event bus, the registry, the job records, the pivot, the base).  start_mirror(),
+start_stream() and start_commit() build a new job from its settings (the QMP
+handlers in plugin/qmp/ check the arguments first); restore_all()
 brings back every job the state directory holds (plugin/jobs/record.py).
 
 Launch order, for a crash at any point between two steps:
 
 1. JobRegistry.add (id and device checks; JOB_STATUS_CHANGE created);
-2. a mirror's intent log, every region set, fdatasync()ed;
+   a commit's base check loosened in meta.json (its size only: the job
+   will change the bytes it samples; plugin/jobs/commit.py);
+2. a mirror's or commit's intent log, every region set, fdatasync()ed;
 3. the job record (atomic replace): from here a restart brings the job back;
 4. attach: the intent guard and the dirty-bitmap listener, clients quiesced;
 5. start (JOB_STATUS_CHANGE running; paused if it comes back paused).
@@ -22,6 +24,7 @@ import time
 from ..core.errors import CommandError
 from ..blockcopy.intent import IntentLog, region_size_for
 from .backup import BackupJob
+from .commit import CommitJob
 from .mirror import MirrorJob
 from .record import RecordError
 from .stream import StreamJob
@@ -34,11 +37,12 @@ class JobContext:
 
     records: JobRecords, or None (jobs live only in the process); pivot(address):
     serve the mirror target from now on; active_target: () -> the pivot target
-    meta.json names, or None; reconnect_delay: the plugin's (a target's default).
+    meta.json names, or None; reconnect_delay: the plugin's (a target's default);
+    open_base(address): a new read-only backend of the base (a commit's complete).
     """
 
     def __init__(self, disk, bus, jobs, records=None, pivot=None, active_target=None,
-                 reconnect_delay=0.0, exports=None):
+                 reconnect_delay=0.0, exports=None, open_base=None):
         self.disk = disk
         self.bus = bus
         self.jobs = jobs               # JobRegistry
@@ -47,6 +51,7 @@ class JobContext:
         self.active_target = active_target
         self.reconnect_delay = reconnect_delay
         self.exports = exports         # a pull-mode backup's view export (plugin/exports.py)
+        self.open_base = open_base
 
 
 def start_mirror(ctx, settings, connect_wait=None):
@@ -57,18 +62,35 @@ def start_mirror(ctx, settings, connect_wait=None):
     command and no job exists; a slower one is waited for by the job.
     """
     job = _mirror(ctx, settings, intent=None, restored=False)
-    if connect_wait is not None:
-        try:
-            job.open_target_within(connect_wait)
-        except (OSError, CommandError):
-            job.clean()
-            raise
+    job.hold_bitmap()
+    _connect_within(job, connect_wait)
     _launch(ctx, job)
     return job
 
 
+def _connect_within(job, connect_wait):
+    """Wait up to connect_wait for a new job's target (None: not at all); a target
+    that refuses (or has another size) ends the job before it exists."""
+    if connect_wait is None:
+        return
+    try:
+        job.open_target_within(connect_wait)
+    except (OSError, CommandError):
+        job.clean()
+        raise
+
+
 def start_stream(ctx, settings):
     job = _stream(ctx, settings)
+    _launch(ctx, job)
+    return job
+
+
+def start_commit(ctx, settings, connect_wait=None):
+    """A new commit into the disk's base (settings["target"]); connect_wait as
+    start_mirror's: a base that refuses writes is an error of the command."""
+    job = _commit(ctx, settings, intent=None, restored=False)
+    _connect_within(job, connect_wait)
     _launch(ctx, job)
     return job
 
@@ -83,7 +105,8 @@ def _mirror(ctx, s, intent, restored):
         auto_finalize=s.get("auto-finalize", True), auto_dismiss=s.get("auto-dismiss", True),
         pivot=ctx.pivot, intent=intent, restored=restored,
         reconnect_delay=s.get("reconnect-delay", ctx.reconnect_delay),
-        target_instance=s.get("target-instance") if restored else None)
+        target_instance=s.get("target-instance") if restored else None,
+        bitmap=s.get("bitmap"), target_is_zero=s.get("target-is-zero", False))
 
 
 def start_backup(ctx, settings, connect_wait=None):
@@ -97,12 +120,8 @@ def prepare_backup(ctx, settings, connect_wait=None):
     """A backup built and connected but not launched (a `transaction` launches it
     with launch() once every action is prepared, or drops it with job.clean())."""
     job = _backup(ctx, settings, restored=False)
-    if connect_wait is not None and job.export is None:
-        try:
-            job.open_target_within(connect_wait)
-        except (OSError, CommandError):
-            job.clean()
-            raise
+    if job.export is None:                 # pull mode: no target to connect to
+        _connect_within(job, connect_wait)
     return job
 
 
@@ -128,7 +147,18 @@ def _backup(ctx, s, restored):
         auto_finalize=s.get("auto-finalize", True), auto_dismiss=s.get("auto-dismiss", True),
         reconnect_delay=s.get("reconnect-delay", ctx.reconnect_delay), restored=restored,
         max_chunk=s.get("max-chunk"), exports=ctx.exports, bitmap=s.get("bitmap"),
-        bitmap_mode=s.get("bitmap-mode"))
+        bitmap_mode=s.get("bitmap-mode"),
+        target_instance=s.get("target-instance") if restored else None)
+
+
+def _commit(ctx, s, intent, restored):
+    return CommitJob(
+        s["id"], ctx.bus, ctx.disk, s["target"], speed=s.get("speed", 0),
+        on_error=s.get("on-error", "report"), auto_finalize=s.get("auto-finalize", True),
+        auto_dismiss=s.get("auto-dismiss", True), open_base=ctx.open_base,
+        buf_size=s.get("buf-size") or None, intent=intent, restored=restored,
+        reconnect_delay=s.get("reconnect-delay", ctx.reconnect_delay),
+        target_instance=s.get("target-instance") if restored else None)
 
 
 def _stream(ctx, s):
@@ -144,9 +174,16 @@ def _launch(ctx, job):
     except CommandError:
         job.clean()
         raise
+    if isinstance(job, CommitJob):
+        try:
+            job.loosen_base_check()
+        except OSError as e:
+            job.shutdown()
+            raise CommandError("Cannot update %s: %s" % (ctx.disk.store.state.path,
+                                                         e.strerror or e)) from None
     if ctx.records is not None:
         try:
-            if isinstance(job, MirrorJob):
+            if isinstance(job, _COPYING):
                 job.intent = IntentLog(ctx.records.intent_path(job.id), ctx.disk.size,
                                        region_size_for(ctx.disk.size, job.granularity),
                                        create=True)
@@ -159,9 +196,15 @@ def _launch(ctx, job):
             job.shutdown()
             raise CommandError("Cannot save the job record in %s: %s"
                                % (ctx.records.state.path, e.strerror or e)) from None
-    if isinstance(job, (MirrorJob, BackupJob)):
+    if isinstance(job, _ATTACHED):
         job.attach()
     job.start()
+
+
+# Jobs with an intent log and a client-write listener (attach()); a backup attaches
+# its copy-before-write guard (its point in time) instead.
+_COPYING = (MirrorJob, CommitJob)
+_ATTACHED = _COPYING + (BackupJob,)
 
 
 def restore_all(ctx, saved, pause=False):
@@ -192,8 +235,11 @@ def _restore_one(ctx, rec, pause):
                  job_id)
         ctx.records.forget_id(job_id)
         return None
+    if kind == "commit" and _commit_done(ctx, rec):
+        ctx.records.forget_id(job_id)
+        return None
     try:
-        if kind == "mirror":
+        if kind in ("mirror", "commit"):
             path = ctx.records.intent_path(job_id)
             granularity = rec.get("granularity") or ctx.disk.store.cluster_size
             region = rec.get("region-size") or region_size_for(ctx.disk.size, granularity)
@@ -202,10 +248,13 @@ def _restore_one(ctx, rec, pause):
                 log.warning("Mirror intent log missing job=%s: every region counts as dirty",
                             job_id)
             intent = IntentLog(path, ctx.disk.size, region, create=not exists)
-            job = _mirror(ctx, rec, intent, restored=True)
+            build = _mirror if kind == "mirror" else _commit
+            job = build(ctx, rec, intent, restored=True)
+            if kind == "mirror":
+                job.hold_bitmap()
         elif kind == "backup":
             if not os.path.exists(ctx.records.backup_path(job_id) + ".needed"):
-                log.warning("Job record dropped id=%s: the backup's point in time was never "
+                log.warning("Job record dropped job=%s: the backup's point in time was never "
                             "taken (a crash before it started)", job_id)
                 ctx.records.forget_id(job_id)
                 return None
@@ -221,7 +270,13 @@ def _restore_one(ctx, rec, pause):
                       ready_seen=bool(rec.get("ready-seen")))
     ctx.jobs.add(job)
     job.durable = ctx.records
-    if isinstance(job, (MirrorJob, BackupJob)):
+    if isinstance(job, CommitJob):
+        try:
+            job.loosen_base_check()
+        except OSError as e:
+            raise RecordError("job record %s: cannot update meta.json: %s"
+                              % (ctx.records.path(job_id), e.strerror or e)) from None
+    if isinstance(job, _ATTACHED):
         job.attach()
     ctx.records.save(job)
     job.start()
@@ -230,10 +285,29 @@ def _restore_one(ctx, rec, pause):
     info = {"id": job_id, "type": kind, "status": status, "after": after,
             "io-status": rec["io-status"], "ready-seen": bool(rec.get("ready-seen")),
             "offset": rec["offset"], "len": rec["len"]}
-    if isinstance(job, MirrorJob):
+    if isinstance(job, _COPYING):
         info["dirty"] = job.bitmap.dirty_bytes()
     log.info("Job recovered job=%s type=%s after=%s status=%s offset=%d len=%d%s", job_id, kind,
              after, status, rec["offset"], rec["len"],
              " dirty=%d" % info["dirty"] if "dirty" in info else "")
     ctx.bus.emit("JOB_RECOVERED", info)
     return job
+
+
+def _commit_done(ctx, rec):
+    """True if a commit's record needs no job: its complete emptied the overlay
+    before the stop (the record was saved "completing" first), or the disk has
+    no base to commit into any more.  A base other than the record's is an error."""
+    store = ctx.disk.store
+    base = getattr(store, "base_address", None) if getattr(store, "has_base", False) else None
+    if base is None:
+        log.info("Job record dropped job=%s: the disk has no base to commit into", rec["id"])
+        return True
+    if rec.get("target") != base:
+        raise RecordError("job record %s commits into %s, but the disk's base is %s"
+                          % (ctx.records.path(rec["id"]), rec.get("target"), base))
+    if rec.get("completing") and store.absent_bytes() == ctx.disk.size:
+        log.info("Job record dropped job=%s: the commit had emptied the overlay before the stop",
+                 rec["id"])
+        return True
+    return False

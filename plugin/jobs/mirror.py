@@ -2,7 +2,9 @@
 
 Phases, as QEMU's block/mirror.c:
 
-1. Initial dirty set by sync mode (full, top, none: CopyPipeline.mark_initial).
+1. Initial dirty set by sync mode (full, top, none: CopyPipeline.mark_initial;
+   incremental/bitmap: a dirty bitmap's ranges, for a target that already holds
+   the disk as it was when the bitmap was created or cleared: a delta move).
    Client writes are tracked from the start by a disk listener (_on_change).
 2. Copy loop (run): the copy pipeline (plugin/blockcopy/pipeline.py) takes
    dirty runs, reads the source and writes the target, up to buf-size in
@@ -45,31 +47,24 @@ import logging
 
 from ..blockcopy.writeblocking import WriteThrough
 from ..core.errors import CommandError, errno_of
-from .copyjob import FINAL_SYNC_TIMEOUT, CopyJob  # noqa: F401  (the bound, for tests)
+from .copyjob import FINAL_SYNC_TIMEOUT  # noqa: F401  (the bound, for tests)
+from .syncjob import SyncedCopyJob
 
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 DEFAULT_BUF_SIZE = 16 * MiB
 MAX_CHUNK = 1 * MiB
-# While ready, new writes are copied in batches at least this often.
-READY_COPY_INTERVAL = 0.1
-# While ready, flush the target this often (if something was copied), so that
-# a lost target connection costs a re-copy of at most this much work.
-READY_FLUSH_INTERVAL = 1.0
-# A checkpoint saves the job record (its progress) at most this often.
-RECORD_PROGRESS_INTERVAL = 1.0
 
 
-class MirrorJob(CopyJob):
-    soft_cancel_when_ready = True
+class MirrorJob(SyncedCopyJob):
     changeable_options = frozenset({"copy_mode", "on_source_error", "on_target_error"})
 
     def __init__(self, job_id, bus, disk, target, sync="full", granularity=None,
                  buf_size=None, speed=0, on_source_error="report", on_target_error="report",
                  copy_mode="background", auto_finalize=True, auto_dismiss=True, pivot=None,
                  clock=None, reconnect_delay=0.0, intent=None, restored=False,
-                 target_instance=None):
+                 target_instance=None, bitmap=None, target_is_zero=False):
         granularity = granularity or disk.store.cluster_size
         chunk = max(granularity, MAX_CHUNK)
         buf_size = buf_size or DEFAULT_BUF_SIZE
@@ -80,6 +75,10 @@ class MirrorJob(CopyJob):
         self.granularity, self.chunk, self.buf_size = granularity, chunk, buf_size
         self.on_source_error, self.on_target_error = on_source_error, on_target_error
         self.copy_mode = copy_mode
+        self.bitmap_name = bitmap         # sync=incremental/bitmap: held busy while the job runs
+        # QEMU 10.1's target-is-zero: the target reads as zeroes (the operator
+        # says so), so its extents are not asked and zero ranges not written.
+        self.target_is_zero = target_is_zero
         self._pivot = pivot
         self.created = None
         # copy-mode=write-blocking: client changes to the target, under the
@@ -90,8 +89,6 @@ class MirrorJob(CopyJob):
         self.copy.blocked = through.blocks
         self.flushes.through = through
         self.link.on_loss.insert(1, through.drop)
-        self.flushes.after = self._after_flush
-        self._last_progress_save = self.clock.now()
         self._fatal = None
         self.set_progress(0, 0)
 
@@ -104,7 +101,8 @@ class MirrorJob(CopyJob):
                 "on-target-error": self.on_target_error, "copy-mode": self.copy_mode,
                 "region-size": self.intent.region_size if self.intent else None,
                 "reconnect-delay": self.reconnect_delay, "created": self.created,
-                "target-instance": self.trust.instance}
+                "target-instance": self.trust.instance, "bitmap": self.bitmap_name,
+                "target-is-zero": self.target_is_zero}
 
     def restore_state(self, paused, io_status, offset, total, ready_seen):
         super().restore_state(paused, io_status, offset, total, ready_seen)
@@ -153,6 +151,15 @@ class MirrorJob(CopyJob):
         return {"on-source-error": self.on_source_error,
                 "on-target-error": self.on_target_error, "copy-mode": self.copy_mode}
 
+    def type_info(self):
+        """QEMU's actively-synced: write-blocking keeps the target in sync now (READY,
+        no write-through failed, no change fell back to the background copy and
+        waits in the bitmap)."""
+        copy = self.copy
+        synced = (self.copy_mode == "write-blocking" and self.is_ready and self._fatal is None
+                  and copy.bitmap.is_clean() and not copy.zero_queue and not copy.retries)
+        return {"actively-synced": synced}
+
     # -- client writes -------------------------------------------------------
 
     def _on_change(self, kind, offset, length, buf):
@@ -177,11 +184,19 @@ class MirrorJob(CopyJob):
             # Marked after the write completed: a flush that starts later covers it.
             self.flushes.note_copied(offset, length)
             return
-        # Before READY a clean-to-dirty change wakes the job at once; once ready
-        # the job collects writes for up to READY_COPY_INTERVAL, so a busy
-        # client does not wake it (and contend for the GIL) on every write.
-        if self.bitmap.mark(offset, length) and not self.is_ready:
-            self.kick()
+        super()._on_change(kind, offset, length, buf)
+
+    def _first_dirty(self):
+        if self.bitmap_name is not None:
+            self._mark_from_bitmap()
+        else:
+            self.copy.mark_initial(self.sync, lambda: self.target_is_zero
+                                   or self.link.reads_zero(self.disk.size))
+
+    def _each_turn(self):
+        if self._fatal is not None:
+            raise self._fatal
+        self._through.reap()
 
     def _client_side_error(self, exc):
         action = self.report_io_error("write", errno_of(exc), self.on_target_error)
@@ -189,130 +204,6 @@ class MirrorJob(CopyJob):
             self._fatal = exc
 
     # -- the job thread -------------------------------------------------------
-
-    def run(self):
-        try:
-            self._run()
-        finally:
-            self.compare.stop()
-            if self.suspended:
-                self._shutdown_checkpoint()
-
-    def _run(self):
-        copy, flushes = self.copy, self.flushes
-        self.attach()
-        self.link.connect()
-        if not self.link.await_open(self, self.disk.size, lambda: self.on_target_error):
-            return
-        self.trust.connected(self.compare.pending, flushes, self.id)
-        if not self._restored:
-            copy.mark_initial(self.sync, lambda: self.link.reads_zero(self.disk.size))
-        pos = 0
-        while True:
-            if self._fatal is not None:
-                raise self._fatal
-            if self._pause_point():
-                return
-            if self.should_complete or self.cancel_requested:
-                if self._leave_asked is None:
-                    self._leave_asked = self.clock.now()
-                self._check_stall()
-            if self.compare.pending:
-                self.compare.start(self.target)
-            if self.compare.running:
-                self.compare.collect()
-            for off, n in copy.retries.due():
-                self.bitmap.mark(off, n)
-            self._through.reap()
-            self._update_progress()
-            copied_before = copy.copied
-            pos = copy.issue(pos, speed=self.speed, throttle=self.throttle)
-            flushes.mark_copied_due()
-            if self.cancelled:
-                return
-            if self.target.in_flight() and not copy.failures:
-                self._reap(self.target.wait(0.1))
-            if copy.failures:
-                if self._handle_failures():
-                    return
-                continue
-            if flushes.checkpoint_due(self.is_ready):
-                self._start_flush(to_ready=False)
-            if self.target.in_flight():
-                continue
-            progressed = copy.copied != copied_before
-            now = self.clock.now()
-            if copy.pending():
-                if copy.retries.gate > now or not progressed:
-                    # Nothing could start (the retry gate is closed): wait.
-                    self.sleep(max(0.01, copy.retries.gate - now))
-                # Otherwise a rate-limited job copied its one range: go on at once.
-                continue
-            if self.compare.running:
-                # Nothing else left to copy: copying what is not compared yet is
-                # faster than waiting for the comparison, which never delays READY.
-                log.info("Mirror stops comparing job=%s: copying the rest", self.id)
-                self.compare.stop()
-                continue
-            if copy.retries:
-                self.sleep(max(0.01, copy.retries.next_due() - now))
-                continue
-            if self._flush_due(now):
-                if copy.retries.gate_open():
-                    self._start_flush()
-                else:           # a flush failed a moment ago: not again at once
-                    self.sleep(max(0.01, copy.retries.gate - now))
-                continue
-            if not self.is_ready:
-                if self.trust.now_ready():
-                    self._save()
-                self._update_progress()
-                self.transition_to_ready()
-            if self.should_complete or self.cancel_requested:
-                return
-            if flushes.unflushed.is_clean():
-                self.sleep(READY_COPY_INTERVAL)
-            else:
-                self.sleep(max(0.01, min(READY_COPY_INTERVAL,
-                                         flushes.last_flush + READY_FLUSH_INTERVAL - now)))
-
-    def _after_flush(self, flush):
-        """A flush succeeded: vouch for the target, save progress, and READY if
-        the copy had converged when it started (in sync now, even if clients
-        have written since: QEMU does the same)."""
-        if flush.to_ready:
-            self.trust.now_ready()
-        if self.intent is not None:
-            self._update_progress()
-            now = self.clock.now()
-            if (flush.to_ready or flush.leaving
-                    or now - self._last_progress_save >= RECORD_PROGRESS_INTERVAL):
-                self._last_progress_save = now
-                self._save()
-        if flush.to_ready and not self.is_ready:
-            self._update_progress()
-            self.transition_to_ready()
-
-    def _flush_due(self, now):
-        """Everything is copied: should the target be flushed now?
-
-        Before READY: if anything was copied (READY follows the flush, see
-        _after_flush).  Before leaving for prepare(): one good flush after
-        complete/cancel was asked, which finds a target lost while idle.
-        While ready: about once a second if anything (write-throughs too)
-        was written since, to keep a re-copy after a reconnect small.
-        """
-        flushes = self.flushes
-        if not self.is_ready:
-            return flushes.copied_since_flush
-        if (self.should_complete or self.cancel_requested) and not flushes.exit_flushed:
-            return True
-        # A checkpoint also clears the intent log, so an idle mirror keeps
-        # flushing until the log is clear (the regions clients wrote last
-        # are cleared one interval after their last change).
-        lagging = self.intent is not None and self.intent.set_bytes() > 0
-        return ((lagging or not flushes.unflushed.is_clean())
-                and now - flushes.last_flush >= READY_FLUSH_INTERVAL)
 
     # -- completion --------------------------------------------------------
 
@@ -354,7 +245,42 @@ class MirrorJob(CopyJob):
     def abort(self):
         self._stop_listening()
 
+    # -- a delta move (sync=incremental/bitmap) ------------------------------------
+
+    def hold_bitmap(self):
+        """Take the bitmap busy (before the job starts; again after a restart)."""
+        bitmaps = getattr(self.disk, "bitmaps", None)
+        if self.bitmap_name is None or bitmaps is None:
+            return
+        try:
+            bitmaps.set_busy(self.bitmap_name)
+        except CommandError as e:
+            if not self._restored:
+                raise
+            log.warning("Mirror bitmap not held job=%s bitmap=%s: %s", self.id,
+                        self.bitmap_name, e)
+
+    def _mark_from_bitmap(self):
+        """The first dirty set: the bitmap's ranges.  Read after attach(), so a write
+        after this is the listener's; one before it is in the bitmap (recording)."""
+        runs, _ = self.disk.bitmaps.lookup(self.bitmap_name).bits.runs()
+        for off, n in runs:
+            self.bitmap.mark(off, n)
+        log.info("Mirror copies a bitmap's ranges job=%s bitmap=%s bytes=%d", self.id,
+                 self.bitmap_name, sum(n for _, n in runs))
+
+    def _release_bitmap(self):
+        bitmaps = getattr(self.disk, "bitmaps", None)
+        if self.bitmap_name is None or bitmaps is None:
+            return
+        try:
+            if bitmaps.lookup(self.bitmap_name).busy:
+                bitmaps.set_busy(self.bitmap_name, False)
+        except CommandError:
+            pass
+
     def clean(self):
+        self._release_bitmap()
         self._stop_listening()
         self.link.close()
         self._through.drop()

@@ -2,8 +2,8 @@
 
 One JSON file per job, STATE_DIR/jobs/<id>.json, replaced atomically like
 meta.json (write a temporary file, fsync, rename, fsync the folder), so a
-crash leaves the old or the new record.  A mirror also keeps its write-intent
-log next to it (<id>.intent, plugin/blockcopy/intent.py).
+crash leaves the old or the new record.  A mirror or commit also keeps its
+write-intent log next to it (<id>.intent, plugin/blockcopy/intent.py).
 
 A record holds the job's settings (Job.settings(): target, sync,
 granularity, buf-size, policies, copy-mode...), the engine's state
@@ -31,7 +31,7 @@ FORMAT = "overlay-nbd-job"
 VERSION = 1
 SUFFIX = ".json"
 INTENT_SUFFIX = ".intent"
-BACKUP_SUFFIXES = (".needed", ".saved", ".cbw", ".frozen")   # a backup's point in time
+BACKUP_SUFFIXES = (".needed", ".saved", ".cbw", ".frozen", ".answered")   # a backup's point in time
 
 
 class RecordError(Exception):
@@ -159,6 +159,6 @@ def _load(path, job_id):
                               % (path, key, kind.__name__))
     if record["id"] != job_id:
         raise RecordError("job record %s holds job %r" % (path, record["id"]))
-    if record["type"] not in ("mirror", "stream", "backup"):
+    if record["type"] not in ("mirror", "stream", "backup", "commit"):
         raise RecordError("job record %s: unknown job type %r" % (path, record["type"]))
     return record

@@ -62,11 +62,25 @@ def register_block_commands(registry, service):
         if busy is not None:
             raise CommandError("Node '%s' is busy: block device is in use by block job: %s"
                            % (disk.device, busy.type))
+        sync, bitmap = args["sync"], args.get("bitmap")
+        if sync in ("incremental", "bitmap"):
+            if bitmap is None:
+                raise CommandError("must provide a valid bitmap name for '%s' sync mode" % sync)
+            try:
+                held = disk.bitmaps.lookup(bitmap)
+            except CommandError:
+                raise CommandError("Bitmap '%s' could not be found" % bitmap) from None
+            if held.busy:
+                raise CommandError("Bitmap '%s' is currently in use by another operation and "
+                                   "cannot be used" % bitmap)
+        elif bitmap is not None:
+            raise CommandError("Sync mode '%s' not supported with bitmap" % sync)
         settings = {"id": job_id, "target": args["target"], "sync": args["sync"],
+                    "bitmap": bitmap,
                     "granularity": granularity or None, "buf-size": buf_size or None,
                     "speed": speed, "reconnect-delay": reconnect_delay}
         for name in ("on-source-error", "on-target-error", "copy-mode", "auto-finalize",
-                     "auto-dismiss"):
+                     "auto-dismiss", "target-is-zero"):
             if name in args:
                 settings[name] = args[name]
         try:
@@ -77,13 +91,14 @@ def register_block_commands(registry, service):
                                                             e.strerror or e)) from None
 
     registry.register("drive-mirror", drive_mirror, {
-        "device": "str", "target": "str", "sync": ["full", "top", "none"],
+        "device": "str", "target": "str",
+        "sync": ["full", "top", "none", "incremental", "bitmap"], "*bitmap": "str",
         "*job-id": "str", "*mode": ["existing", "absolute-paths"], "*format": ["raw"],
         "*speed": "int", "*granularity": "int", "*buf-size": "int",
         "*on-source-error": _POLICY, "*on-target-error": _POLICY,
         "*copy-mode": ["background", "write-blocking"],
         "*auto-finalize": "bool", "*auto-dismiss": "bool", "*unmap": "bool",
-        "*reconnect-delay": "number",
+        "*reconnect-delay": "number", "*target-is-zero": "bool",
     })
 
     def block_stream(**args):

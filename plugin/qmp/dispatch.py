@@ -1,6 +1,6 @@
 """QMP command dispatch: the request envelope, argument validation, built-ins.
 
-This layer knows nothing about sockets or sessions (see ``control.py``):
+This layer knows nothing about sockets or sessions (see ``session.py``):
 it turns a decoded request into ``(name, args, id)``, checks arguments
 against a small QAPI-like schema *before* any handler runs, and calls the
 handler.  Errors are ``CommandError`` (plugin/core/errors.py) carrying QEMU's error class and text, so
@@ -152,7 +152,7 @@ class CommandRegistry:
 
 
 def _qmp_capabilities(enable=None):
-    # The session state (negotiated or not) lives in the control server; the
+    # The session state (negotiated or not) lives in session.py; the
     # command itself only refuses capabilities we never offer.
     for capability in enable or []:
         raise CommandError(f"Capability '{capability}' not available")

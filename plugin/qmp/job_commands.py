@@ -2,16 +2,18 @@
 
 Handlers only look a job up in the :class:`~plugin.jobs.registry.JobRegistry` and
 call the matching ``Job.user_*`` verb; every rule (verb table, error texts)
-lives in :mod:`plugin.jobs.engine` and :mod:`plugin.jobs.states`.  As in QEMU, the ``device`` argument of the
-block-job-* commands is the job id; block-job-* lookups fail with
-DeviceNotActive "Block job 'X' not found", job-* lookups with GenericError
-"Job not found".
+lives in :mod:`plugin.jobs.engine` and :mod:`plugin.jobs.states`; the query
+replies are shaped in :mod:`plugin.qmp.job_info`.  As in QEMU, the ``device``
+argument of the block-job-* commands is the job id; block-job-* lookups fail
+with DeviceNotActive "Block job 'X' not found", job-* lookups with
+GenericError "Job not found".
 """
 
 from __future__ import annotations
 
 from ..core import policy
 from ..core.errors import CommandError
+from .job_info import block_job_info, job_info
 
 # QEMU's JobType (block-job-change's optional, deprecated discriminator).
 JOB_TYPES = ["commit", "stream", "mirror", "backup", "create", "amend",
@@ -25,10 +27,10 @@ def register_job_commands(registry, jobs) -> None:
     """Register the job queries and verbs of ``jobs`` (a JobRegistry) in ``registry``."""
 
     def query_block_jobs():
-        return [job.block_info() for job in jobs.jobs()]
+        return [block_job_info(job) for job in jobs.jobs()]
 
     def query_jobs():
-        return [job.job_info() for job in jobs.jobs()]
+        return [job_info(job) for job in jobs.jobs()]
 
     def block_job_set_speed(device, speed):
         jobs.find_block_job(device).user_set_speed(speed)
@@ -40,9 +42,15 @@ def register_job_commands(registry, jobs) -> None:
         job.user_cancel(force)
 
     def block_job_change(id, type=None, **options):  # noqa: A002 (QMP names)
-        job = jobs.find_block_job(id)
+        change(jobs.find_block_job(id), type, options)
+
+    def job_change(id, type=None, **options):  # noqa: A002 (QMP names)
+        # QEMU 9.2's name for block-job-change: the same arguments, a job-* lookup.
+        change(jobs.find(id), type, options)
+
+    def change(job, type, options):  # noqa: A002 (QMP names)
         if type is not None and type != job.type:
-            raise CommandError(f"Job '{id}' is '{job.type}' job, not '{type}'")
+            raise CommandError(f"Job '{job.id}' is '{job.type}' job, not '{type}'")
         job.user_change(**{name.replace("-", "_"): value for name, value in options.items()})
 
     def block_verb(method):
@@ -70,6 +78,7 @@ def register_job_commands(registry, jobs) -> None:
     for name in _CHANGE_OPTIONS[1:]:
         change_schema["*" + name] = list(policy.POLICIES)
     registry.register("block-job-change", block_job_change, change_schema)
+    registry.register("job-change", job_change, change_schema)
 
     registry.register("job-pause", job_verb("user_pause"), {"id": "str"})
     registry.register("job-resume", job_verb("user_resume"), {"id": "str"})
