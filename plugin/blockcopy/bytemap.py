@@ -72,19 +72,7 @@ class ByteMap:
 
     def runs(self, value, first=0, end=None):
         """[(first, end)] of consecutive entries equal to value within [first, end)."""
-        other = b"\x00" if value else b"\x01"
-        want = b"\x01" if value else b"\x00"
-        data = self.bytes
-        end = len(data) if end is None else min(end, len(data))
-        out = []
-        i = data.find(want, first, end)
-        while i >= 0:
-            j = data.find(other, i, end)
-            if j < 0:
-                j = end
-            out.append((i, j))
-            i = data.find(want, j, end)
-        return out
+        return byteruns(self.bytes, value, first, end)
 
     def close(self):
         if self._fd is not None:
@@ -97,6 +85,22 @@ class ByteMap:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def byteruns(data, value, first=0, end=None):
+    """[(first, end)] of consecutive bytes of data (0 or 1) equal to value."""
+    other = b"\x00" if value else b"\x01"
+    want = b"\x01" if value else b"\x00"
+    end = len(data) if end is None else min(end, len(data))
+    out = []
+    i = data.find(want, first, end)
+    while i >= 0:
+        j = data.find(other, i, end)
+        if j < 0:
+            j = end
+        out.append((i, j))
+        i = data.find(want, j, end)
+    return out
 
 
 def _fsync_dir(path):

@@ -15,16 +15,19 @@ Files, in STATE_DIR/jobs/ (ByteMap: one byte per granule):
 
     ID.needed   1: the backup still needs the granule's point-in-time bytes
                 (the target does not durably hold them yet)
-    ID.saved    1: the granule's point-in-time bytes are in ID.cbw
-    ID.cbw      sparse, the disk's size: saved bytes at their own offsets
+    ID.cbw      the saved granules' bytes at their own offsets, and an entry
+                per saved granule with their crc32 (blockcopy/scratch.py)
     ID.answered 1: the target answered a copy of the granule (no flush yet); written
                 without a sync, it only matters to a restart that finds the very
                 target instance that answered (blockcopy/link.py TargetTrust)
 
 The rules that make the view survive kill -9 and power loss:
-- SAVE before change: the scratch bytes are written and fdatasync()ed, then
-  the saved entries, then synced, before the change is issued.  A crash in
-  between leaves the granule unsaved and unchanged: the disk still holds it.
+- SAVE before change: the scratch bytes and their entries are written and
+  fdatasync()ed (one sync) before the change is issued.  A crash in between
+  leaves the granule unsaved (its entry missing, or its crc wrong after a
+  power cut) and unchanged: the disk still holds it.  Where the change cannot
+  reach stable storage before the store's next commit (an overlay cluster
+  never committed as data), the sync is left to that commit (scratch.py).
 - CLEAR after flush: a needed entry is cleared (in the file, synced, then in
   memory) only after a target flush covering its copy succeeded.  Until then
   a change into it is saved first, so after a crash the view still has it.
@@ -42,8 +45,8 @@ import logging
 import os
 
 from ..core.extent import Extent, append_merged
-from ..core.fileio import pwrite_all
 from .bytemap import ByteMap
+from .scratch import ScratchFile
 
 log = logging.getLogger(__name__)
 
@@ -77,22 +80,45 @@ class PointInTime:
         count = (size + granularity - 1) >> self._shift
         if needed_runs is None:
             self.needed = ByteMap(base_path + NEEDED, count)
-            self.saved = ByteMap(base_path + SAVED, count)
-            self._scratch = os.open(base_path + SCRATCH, os.O_RDWR | os.O_CLOEXEC)
+            self.saved = self._reopen_scratch(count)
             exists = os.path.exists(base_path + ANSWERED)
             self.answered = ByteMap(base_path + ANSWERED, count, 0, create=not exists)
-            return
-        self.answered = ByteMap(base_path + ANSWERED, count, 0, create=True)
-        self._scratch = os.open(base_path + SCRATCH,
-                                os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        os.ftruncate(self._scratch, size)
-        self.saved = ByteMap(base_path + SAVED, count, 0, create=True)
-        self.needed = ByteMap(base_path + NEEDED, count, 0, create=True)
-        data = self.needed.bytes
-        for off, n in needed_runs:
-            first, end = self._span(off, n)
-            data[first:end] = b"\x01" * (end - first)
-        self.needed.write_all()
+        else:
+            self.answered = ByteMap(base_path + ANSWERED, count, 0, create=True)
+            self.saved = ScratchFile(base_path + SCRATCH, size, granularity, create=True)
+            self.needed = ByteMap(base_path + NEEDED, count, 0, create=True)
+            data = self.needed.bytes
+            for off, n in needed_runs:
+                first, end = self._span(off, n)
+                data[first:end] = b"\x01" * (end - first)
+            self.needed.write_all()
+        # A deferred save is synced before the commit that could make its change durable.
+        self._hooked = hasattr(store, "add_commit_hook")
+        if self._hooked:
+            store.add_commit_hook(self.saved.sync_pending)
+
+    def _reopen_scratch(self, count):
+        """The scratch a crash or stop left; one of the older format (a separate
+        ID.saved record) is converted, durably, and its record removed."""
+        path = self.base_path + SCRATCH
+        if not os.path.exists(self.base_path + SAVED):
+            scratch = ScratchFile(path, self.size, self.granularity, create=False)
+            if scratch.repaired:
+                log.warning("Copy-before-write scratch checked after a reboot path=%s: %d "
+                            "saves had not reached the disk (their granules read from the "
+                            "disk, which the changes had not reached either)", path,
+                            scratch.repaired)
+            return scratch
+        old = ByteMap(self.base_path + SAVED, count)
+        try:
+            runs = old.runs(1)
+        finally:
+            old.close()
+        scratch = ScratchFile(path, self.size, self.granularity, create=False, adopt=runs)
+        os.unlink(self.base_path + SAVED)
+        log.info("Copy-before-write scratch converted to format 2 path=%s saved=%d granules",
+                 path, sum(e - f for f, e in runs))
+        return scratch
 
     def _span(self, offset, length):
         g = self.granularity
@@ -127,19 +153,19 @@ class PointInTime:
         first, end = self._span(offset, length)
         if self.needed.bytes.find(b"\x01", first, end) < 0:
             return None
-        return (first, end, self._ranges.acquire(first, end))
+        return (first, end, self._ranges.acquire(first, end), offset, length)
 
     def persist(self, token):
         """Save the point-in-time bytes of the needed, unsaved granules of the change."""
         if token is None or self.broken is not None:
             return
-        first, end, _ = token
+        first, end, _, offset, length = token
         todo = [(f, e) for f, e in self.needed.runs(1, first, end)
                 if self.saved.bytes.find(b"\x00", f, e) >= 0]
         if not todo:
             return
         try:
-            self._save(first, end)
+            self._save(first, end, offset, length)
         except OSError as e:
             if self.break_guest_write:
                 log.warning("Copy-before-write failed offset=%d length=%d error=%s: the "
@@ -152,17 +178,27 @@ class PointInTime:
             if self.on_broken is not None:
                 self.on_broken()
 
-    def _save(self, first, end):
+    def _save(self, first, end, offset, length):
+        """The old bytes of the needed, unsaved granules of [first, end), before
+        the change of [offset, offset+length) is issued: durable now, or (the
+        store says the change cannot be durable before its next commit) synced
+        by that commit's hook."""
+        defers = getattr(self.store, "defers_durability", None)
+        deferred = defers is not None and defers(offset, length)
         runs = []
         for f, e in self.needed.runs(1, first, end):
             for sf, se in self.saved.runs(0, f, e):
                 off, n = self._range(sf, se)
                 buf = bytearray(n)
                 self.store.read(buf, off)
-                pwrite_all(self._scratch, buf, off)
+                self.saved.save(sf, se, buf)
                 runs.append((sf, se))
-        os.fdatasync(self._scratch)
-        self.saved.set(runs, 1)
+        if deferred:
+            self.saved.pending = True
+        else:
+            self.saved.sync()
+        for sf, se in runs:
+            self.saved.bytes[sf:se] = b"\x01" * (se - sf)
         self.saves += 1
         if self.on_saved is not None:
             for sf, se in runs:
@@ -186,9 +222,7 @@ class PointInTime:
             if soff > pos:
                 self.store.read(view[pos - offset:soff - offset], pos)
             send = min(offset + length, se << self._shift)
-            got = os.preadv(self._scratch, [view[soff - offset:send - offset]], soff)
-            if got != send - soff:
-                raise OSError(5, "short read of the copy-before-write scratch at %d" % soff)
+            self.saved.readinto(view[soff - offset:send - offset], soff)
             pos = send
         if pos < offset + length:
             self.store.read(view[pos - offset:], pos)
@@ -243,12 +277,12 @@ class PointInTime:
         self.answered.write_all()
 
     def close(self):
+        if self._hooked:
+            self.store.remove_commit_hook(self.saved.sync_pending)
+            self._hooked = False
         self.answered.close()
         self.needed.close()
         self.saved.close()
-        if self._scratch is not None:
-            os.close(self._scratch)
-            self._scratch = None
 
     def remove(self):
         """The job ended: free the scratch space and the maps."""

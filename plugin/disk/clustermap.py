@@ -106,6 +106,9 @@ class ClusterMap:
         self._commit_lock = threading.Lock()   # one commit at a time
         self._journal = journal
         self._sync_data = sync_data
+        self._hooks = ()               # run before a commit syncs the data (add_commit_hook)
+        self._committing = 0           # commits between their snapshot and their end
+        self._commit_failed = False    # the file may hold pages no commit made durable
         if journal is not None:
             try:
                 self._replay(path, journal)
@@ -179,6 +182,27 @@ class ClusterMap:
         self._map[first:end] = _STATE_BYTES[state] * (end - first)
         self._dirty.update(range(first // PAGE, (end - 1) // PAGE + 1))
 
+    def surely_uncommitted(self, first, end):
+        """True if no cluster of [first, end) is data, in memory or in the map
+        file, and no commit is under way or failed since the last one that
+        succeeded: a change there reaches stable storage only through the next
+        commit (the copy-before-write scratch defers its sync to it)."""
+        with self._lock:
+            if (self._committing or self._commit_failed
+                    or self._map.find(_STATE_BYTES[DATA], first, end) >= 0):
+                return False
+            return _STATE_BYTES[DATA] not in os.pread(self._fd, end - first, first)
+
+    def add_commit_hook(self, fn):
+        """fn() runs at every commit before the data sync; an error fails the commit."""
+        with self._lock:
+            self._hooks = self._hooks + (fn,)
+
+    def remove_commit_hook(self, fn):
+        with self._lock:
+            # == rather than `is`: each access to a bound method makes a new one.
+            self._hooks = tuple(h for h in self._hooks if h != fn)
+
     def count(self, state):
         return self._map.count(_STATE_BYTES[state])
 
@@ -191,6 +215,8 @@ class ClusterMap:
     def _write(self, snapshot, sync_data):
         """Data sync, then the snapshot's pages and a map sync; pages stay dirty on failure."""
         try:
+            for hook in self._hooks:
+                hook()
             sync_data()
             for page, content in snapshot:
                 pwrite_all(self._fd, content, page * PAGE)
@@ -211,9 +237,19 @@ class ClusterMap:
                 journal = self._journal if snapshot else None
                 if journal is not None:
                     journal.rotate()
-            self._write(snapshot, sync_data)
-            if journal is not None:
+                self._committing += 1
+            try:
+                self._write(snapshot, sync_data)
+            except BaseException:
                 with self._lock:
+                    self._commit_failed = True
+                raise
+            finally:
+                with self._lock:
+                    self._committing -= 1
+            with self._lock:
+                self._commit_failed = False
+                if journal is not None:
                     journal.committed()
 
     def clear(self):

@@ -233,6 +233,20 @@ class OverlayStore:
         """Make every completed write durable: data first, then the map that names it."""
         self.map.commit()
 
+    def defers_durability(self, offset, length):
+        """True if a change of [offset, offset+length) cannot reach stable
+        storage before the next flush: every cluster it touches is one the map
+        never committed as data (a copy-on-write write goes to space no
+        committed map entry names; disk/clustermap.py)."""
+        return self.map.surely_uncommitted(*self._clusters(offset, length))
+
+    def add_commit_hook(self, fn):
+        """fn() runs before every commit (flush, or a full journal) syncs the data."""
+        self.map.add_commit_hook(fn)
+
+    def remove_commit_hook(self, fn):
+        self.map.remove_commit_hook(fn)
+
     def cache(self, offset, length):
         """Prefetch: ask the kernel to read ahead the overlay's part of the range."""
         os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
