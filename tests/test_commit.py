@@ -59,6 +59,10 @@ def test_commit_while_a_client_writes_then_the_base_alone_is_the_disk(rig_of, ba
     assert rig.disk_bytes() == expected
     alloc = rig.allocation()
     assert alloc["absent-clusters"] == alloc["clusters"]   # the overlay holds nothing
+    # ... and its space is released: data.img is a new empty file (the old one is
+    # freed by its last close, off the completion's path).
+    assert os.stat(rig.overlay_dir / "data.img").st_blocks == 0
+    assert not [n for n in os.listdir(rig.overlay_dir) if n.endswith(".new")]
     assert rig.records() == {} and not os.listdir(rig.overlay_dir / "jobs")
     assert rig.meta()["base_check"]["size"] == rig.size
     # The disk goes on over its base: new writes land in the overlay again.

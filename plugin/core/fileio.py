@@ -68,3 +68,19 @@ def write_zeroes(fd, offset, length):
         length -= n
 
 
+
+
+def fsync_dir(path):
+    """Make a rename or unlink in directory path durable."""
+    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_if_there(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
