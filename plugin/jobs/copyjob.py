@@ -65,7 +65,6 @@ class CopyJob(Job):
         self.trust = TargetTrust(self.link, target_instance, restored, self._save)
         self.link.on_loss += [self.trust.unvouch, self.flushes.target_lost]
         self._leave_asked = None      # when the job first saw complete / cancel
-        self._listening = False
 
     def _pause_point(self):
         """pause_point() at the top of the job's loop, with the copies in flight
