@@ -15,7 +15,7 @@ _stop_listening (prepare, abort, clean).
 
 import logging
 
-from .copyjob import CopyJob
+from .copyjob import NEXT_TURN, STOP, CopyJob
 
 log = logging.getLogger(__name__)
 
@@ -106,19 +106,11 @@ class SyncedCopyJob(CopyJob):
                 self.compare.start(self.target)
             if self.compare.running:
                 self.compare.collect()
-            for off, n in copy.retries.due():
-                self.bitmap.mark(off, n)
-            self._update_progress()
             copied_before = copy.copied
-            pos = copy.issue(pos, speed=self.speed, throttle=self.throttle)
-            flushes.mark_copied_due()
-            if self.cancelled:
+            pos, then = self._copy_turn(pos)
+            if then == STOP:
                 return
-            if self.target.in_flight() and not copy.failures:
-                self._reap(self.target.wait(0.1))
-            if copy.failures:
-                if self._handle_failures():
-                    return
+            if then == NEXT_TURN:
                 continue
             if flushes.checkpoint_due(self.is_ready):
                 self._start_flush(to_ready=False)
