@@ -36,7 +36,7 @@ from ..blockcopy.bytemap import ByteMap
 from ..blockcopy.cadence import Cadence
 from ..blockcopy.snapshot import PointInTime
 from ..core.errors import CommandError
-from .copyjob import CopyJob
+from .copyjob import NEXT_TURN, STOP, CopyJob
 
 log = logging.getLogger(__name__)
 
@@ -342,17 +342,10 @@ class BackupJob(CopyJob):
             if self._pause_point():
                 return
             self._check_broken()
-            for off, n in copy.retries.due():
-                self.bitmap.mark(off, n)
-            self._update_progress()
-            pos = copy.issue(pos, speed=self.speed, throttle=self.throttle)
-            if self.cancelled:
+            pos, then = self._copy_turn(pos)
+            if then == STOP:
                 return
-            if self.target.in_flight() and not copy.failures:
-                self._reap(self.target.wait(0.1))
-            if copy.failures:
-                if self._handle_failures():
-                    return
+            if then == NEXT_TURN:
                 continue
             if not flushes.queue and self._checkpoints.due(copy.copied):
                 self._checkpoints.mark(copy.copied)

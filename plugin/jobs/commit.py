@@ -97,13 +97,8 @@ class CommitJob(SyncedCopyJob):
         mirror does.  A restored job's dirty set is what the overlay holds of
         its intent log's regions (the rest of a region reads from the base:
         nothing to commit there); its COPIED regions are compared first."""
-        if self._listening:
+        if not self._start_listening():
             return
-        with self.disk.quiesce():
-            if self.intent is not None:
-                self.disk.add_guard(self.intent)
-            self.disk.add_listener(self._on_change)
-            self._listening = True
         if self._restored and self.intent is not None:
             held = list(self.disk.store.overlay_runs())
             starts = [off for off, _ in held]
@@ -185,16 +180,6 @@ class CommitJob(SyncedCopyJob):
     def _close_link(self):
         self.link.close()
         self.link.target = None
-
-    def _stop_listening(self):
-        if self._listening:
-            self.disk.remove_listener(self._on_change)
-            if self.intent is not None:
-                self.disk.remove_guard(self.intent)
-            self._listening = False
-
-    def abort(self):
-        self._stop_listening()
 
     def clean(self):
         self._stop_listening()

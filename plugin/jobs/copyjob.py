@@ -34,6 +34,9 @@ SHUTDOWN_CHECKPOINT_TIMEOUT = 2.0
 # A pause collects the copies in flight first, unless the target answers none
 # of them for this long (then it pauses with them, as before).
 PAUSE_DRAIN_TIMEOUT = 1.0
+# What a job's loop does after _copy_turn: the rest of its turn, the next turn
+# (failures were handled), or return from run() (the job was cancelled).
+GO_ON, NEXT_TURN, STOP = "go on", "next turn", "stop"
 
 
 class CopyJob(Job):
@@ -65,7 +68,6 @@ class CopyJob(Job):
         self.trust = TargetTrust(self.link, target_instance, restored, self._save)
         self.link.on_loss += [self.trust.unvouch, self.flushes.target_lost]
         self._leave_asked = None      # when the job first saw complete / cancel
-        self._listening = False
 
     def _pause_point(self):
         """pause_point() at the top of the job's loop, with the copies in flight
@@ -82,6 +84,26 @@ class CopyJob(Job):
             elif time.monotonic() - quiet_since > PAUSE_DRAIN_TIMEOUT:
                 break
         return self.pause_point()
+
+    def _copy_turn(self, pos):
+        """The copying part of a turn of the job's loop (SyncedCopyJob._run,
+        BackupJob._run): ranges whose retry is due are dirty again, copies of
+        the next dirty ranges start at the job's speed from the cursor pos,
+        answers are collected for up to 0.1 s, and failures meet the policy
+        (_handle_failures).  Returns the cursor and GO_ON, NEXT_TURN or STOP."""
+        copy = self.copy
+        for off, n in copy.retries.due():
+            self.bitmap.mark(off, n)
+        self._update_progress()
+        pos = copy.issue(pos, speed=self.speed, throttle=self.throttle)
+        self.flushes.mark_copied_due()      # COPIED marks: nothing without an intent log
+        if self.cancelled:
+            return pos, STOP
+        if self.target.in_flight() and not copy.failures:
+            self._reap(self.target.wait(0.1))
+        if copy.failures:
+            return pos, STOP if self._handle_failures() else NEXT_TURN
+        return pos, GO_ON
 
     def _start_flush(self, final=False, to_ready=True):
         leaving = self.should_complete or self.cancel_requested

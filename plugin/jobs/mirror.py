@@ -115,13 +115,8 @@ class MirrorJob(SyncedCopyJob):
         the intent guard and the dirty-bitmap listener.  A restored job's
         dirty set is what its intent log holds.
         """
-        if self._listening:
+        if not self._start_listening():
             return
-        with self.disk.quiesce():
-            if self.intent is not None:
-                self.disk.add_guard(self.intent)
-            self.disk.add_listener(self._on_change)
-            self._listening = True
         if self._restored and self.intent is not None:
             for off, n, copied in self.intent.runs():
                 self.trust.inherited_copied |= copied
@@ -234,16 +229,6 @@ class MirrorJob(SyncedCopyJob):
             self._stop_listening()
         log.info("Mirror finished job=%s pivot=%s copied=%d", self.id, self.should_complete,
                  copy.copied)
-
-    def _stop_listening(self):
-        if self._listening:
-            self.disk.remove_listener(self._on_change)
-            if self.intent is not None:
-                self.disk.remove_guard(self.intent)
-            self._listening = False
-
-    def abort(self):
-        self._stop_listening()
 
     # -- a delta move (sync=incremental/bitmap) ------------------------------------
 

@@ -8,12 +8,14 @@ with the copy converged makes the job READY (_after_flush: the one place it
 happens).  While ready, new writes are copied in batches (READY_COPY_INTERVAL)
 and flushed about once a second.  Subclasses say what is dirty first
 (_first_dirty), what else a turn does (_each_turn) and what complete does
-(prepare).
+(prepare).  Client changes reach the job through the intent log (a Disk guard)
+and the dirty-bitmap listener, from _start_listening (the subclass's attach) to
+_stop_listening (prepare, abort, clean).
 """
 
 import logging
 
-from .copyjob import CopyJob
+from .copyjob import NEXT_TURN, STOP, CopyJob
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ class SyncedCopyJob(CopyJob):
         super().__init__(*args, **kwargs)
         self.flushes.after = self._after_flush
         self._last_progress_save = self.clock.now()
+        self._listening = False
 
     def _first_dirty(self):
         """A new job's first dirty set (after attach(): later writes are the listener's)."""
@@ -40,6 +43,29 @@ class SyncedCopyJob(CopyJob):
 
     def _each_turn(self):
         """What the job does first in each turn of its loop (raise to fail it)."""
+
+    def _start_listening(self):
+        """With clients quiesced: the intent log as a Disk guard and the listener,
+        so that every change after this passes both.  False if already listening
+        (attach() runs before start() and again first thing in run())."""
+        if self._listening:
+            return False
+        with self.disk.quiesce():
+            if self.intent is not None:
+                self.disk.add_guard(self.intent)
+            self.disk.add_listener(self._on_change)
+            self._listening = True
+        return True
+
+    def _stop_listening(self):
+        if self._listening:
+            self.disk.remove_listener(self._on_change)
+            if self.intent is not None:
+                self.disk.remove_guard(self.intent)
+            self._listening = False
+
+    def abort(self):
+        self._stop_listening()
 
     def _on_change(self, kind, offset, length, buf):
         """Disk listener: runs in the client's thread after its change completed.
@@ -80,19 +106,11 @@ class SyncedCopyJob(CopyJob):
                 self.compare.start(self.target)
             if self.compare.running:
                 self.compare.collect()
-            for off, n in copy.retries.due():
-                self.bitmap.mark(off, n)
-            self._update_progress()
             copied_before = copy.copied
-            pos = copy.issue(pos, speed=self.speed, throttle=self.throttle)
-            flushes.mark_copied_due()
-            if self.cancelled:
+            pos, then = self._copy_turn(pos)
+            if then == STOP:
                 return
-            if self.target.in_flight() and not copy.failures:
-                self._reap(self.target.wait(0.1))
-            if copy.failures:
-                if self._handle_failures():
-                    return
+            if then == NEXT_TURN:
                 continue
             if flushes.checkpoint_due(self.is_ready):
                 self._start_flush(to_ready=False)

@@ -22,16 +22,16 @@ from .core import Soak
 from .registry import OPS
 
 
-def schedule(seed, ops=None):
-    """Yield (index, Op, step seed) forever."""
+def schedule(seed, pool=None):
+    """Yield (index, Op, step seed) forever, drawn from pool (default: every Op)."""
     # By name: the order the modules registered them in must not matter.
-    ops = sorted(ops if ops is not None else OPS, key=lambda o: o.name)
+    pool = sorted(pool if pool is not None else OPS, key=lambda o: o.name)
     rnd = random.Random(seed)
-    weights = [o.weight for o in ops]
+    weights = [o.weight for o in pool]
     index = 0
     while True:
         index += 1
-        yield index, rnd.choices(ops, weights)[0], rnd.getrandbits(64)
+        yield index, rnd.choices(pool, weights)[0], rnd.getrandbits(64)
 
 
 def run(seed, seconds, workdir=None, size=32 << 20, max_steps=None, keep=False,
@@ -41,14 +41,14 @@ def run(seed, seconds, workdir=None, size=32 << 20, max_steps=None, keep=False,
     workdir = workdir or tempfile.mkdtemp(prefix="soak-%d-" % seed)
     os.makedirs(workdir, exist_ok=True)
     soak = Soak(seed, workdir, size)
-    ops = [o for o in OPS if o.name not in exclude]
+    pool = [o for o in OPS if o.name not in exclude]
     started = time.monotonic()
     status, failure = 0, None
     print("soak: seed=%d for %ds, workdir %s" % (seed, seconds, workdir), file=out, flush=True)
     try:
         soak.start()
         soak.check()
-        for index, o, step_seed in schedule(seed, ops):
+        for index, o, step_seed in schedule(seed, pool):
             if time.monotonic() - started > seconds or (max_steps and index > max_steps):
                 break
             soak.begin_step()
