@@ -11,6 +11,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from benchlib.bench import Bench  # noqa: E402
 from benchlib.cpu import CpuMeter, descendants  # noqa: E402
+from benchlib.fio import fio  # noqa: E402
+from benchlib.smallio import Workload  # noqa: E402
 from benchlib.results import (GIB, Goal, Group, missed_goals, render,  # noqa: E402
                               unjudged_goals)
 
@@ -274,3 +276,30 @@ def test_bench_timed_cpu_measures_the_command(worker, tmp_path):
     seconds, cpu = bench.timed_cpu([sys.executable, str(worker.script), "0.3"])
     assert 0.1 < cpu < 0.7
     assert seconds >= 0.1
+
+
+def test_fio_reports_iops_and_the_cpu_of_its_jobs(servers, tmp_path):
+    """Against nbdkit null (C): the keys of fio's JSON report that the sections read."""
+    null = servers.nbdkit("null", "size=64M")
+    bench = Bench(str(tmp_path), runs=3, size=64 << 20, quick=True)
+    workload = Workload("randwrite-4k-qd1", "randwrite", 4096, 1, 2)
+    measured = fio(bench, workload, [("a", null.uri), ("b", null.uri)], 0.2)
+    assert set(measured) == {"a", "b"}
+    for iops, p99, requests, cpu in measured.values():
+        assert iops > 0 and p99 > 0 and requests > 0
+        # Two jobs of 0.2 s each, mostly waiting for the server: some CPU, not more
+        # than the two jobs' run time.
+        assert 0 < cpu <= 0.4 * 1.5
+
+
+def test_smallio_report_prints_a_result_file_as_markdown():
+    from benchlib.smallio import WORKLOADS
+    from benchlib.smallio_report import markdown
+    g = Group("smallio", WORKLOADS[0].key, WORKLOADS[0].title + ": IOPS", "IOPS")
+    g.row("naive", "naive Python plugin", anchor=True)
+    g.row("ours", "ours")
+    for n, o in ((10000.0, 9000.0), (10000.0, 9500.0), (10000.0, 9200.0)):
+        g.add("naive", n, cpu=0.1, data=GIB)
+        g.add("ours", o, cpu=0.2, data=GIB)
+    text = markdown({"groups": [g.to_json()]})
+    assert "| ours | 9.2k (0.92) |" in text
