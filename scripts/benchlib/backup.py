@@ -13,9 +13,9 @@ sparse raw files served by `nbdkit file` on Unix sockets.
   (persistent), drive-backup full] (the anchor), then random 64 KiB writes at
   distinct aligned offsets totalling 5% of the disk, then `drive-backup
   sync=incremental bitmap=b0` onto the same target.  Goal <= 0.1x.
-- CPU: utime+stime (/proc/PID/stat) of the server that runs the job, per
-  GiB of disk, beside the wall times of full and incremental (issue 26: a
-  steadier figure than wall time on a shared machine).
+- CPU: both tables add the CPU time of the server that runs the job
+  (benchlib.cpu), per GiB copied: the disk for a full backup, the changed
+  bytes for the incremental one.
 - latency: synchronous 4 KiB client writes (libnbd) at random offsets, each
   in its own not-yet-copied granule of the disk's upper half, during a backup
   held back by a speed limit (every write is a copy-before-write): ours vs
@@ -23,11 +23,8 @@ sparse raw files served by `nbdkit file` on Unix sockets.
   the disk its blockdev-backup copies (blockdev-backup inserts the
   copy-before-write filter above the node, under the export).  Median (goal
   <= 1.0x) and 99th percentile.
-- resume: ours only.  A full backup to a target behind nbdkit's log filter
-  (which counts the bytes written), client writes during it, kill -9 of our
-  nbdkit once offset >= len/2, restart on the same state directory; the
-  resumed job runs to its end.  Bytes written to the target after the restart
-  as a percentage of the disk: goal <= 60%.
+- resume (benchlib.backup_resume): ours only, a full backup killed (kill -9)
+  at half way and restarted: bytes written after the restart, goal <= 60%.
 
 Every backup of ours is checked against its point in time (sha256 of the
 target file): the table `checks` counts the runs whose target differs (goal 0).
@@ -36,21 +33,19 @@ untimed warm-up round.
 """
 
 import contextlib
-import hashlib
 import os
 import random
-import re
 import shutil
-import signal
 import time
 
 import nbd
 from jobctl.qmp_client import QMPClient
 
+from benchlib.backup_resume import CHANGE_WRITE, _sha256, resume_benchmark
 from benchlib.bench import human_size
-from benchlib.durable import TargetCrashed, _cleanup, _target as _logged_target
-from benchlib.mirror import PLUGIN, TIMEOUT, _finish, _start_ours, _target
-from benchlib.overlay import CHUNK, make_base, rotated
+from benchlib.cpu import CpuMeter
+from benchlib.mirror import TIMEOUT, _finish, _start_ours, _target
+from benchlib.overlay import make_base, rotated
 from benchlib.results import Goal
 from benchlib.stream import _wait_for
 
@@ -59,41 +54,27 @@ SECTION = "backup"
 FULL_GOAL = Goal(1.0)
 INCREMENTAL_GOAL = Goal(0.1)
 LATENCY_GOAL = Goal(1.0)
-RESUME_GOAL = Goal(60, relative=False)
 CHECK_GOAL = Goal(0, relative=False)
 CHANGED = 0.05                      # incremental: the fraction of the disk written
-CHANGE_WRITE = 64 << 10             # ... in writes of this size, at aligned offsets
+                                    # (in writes of CHANGE_WRITE bytes, at aligned offsets)
 GRANULE = 64 << 10                  # the copy-before-write granule of both (their default)
 LATENCY_WRITES = 2000
 LATENCY_WINDOW = 120.0              # seconds the speed-limited backup needs to reach half
-RESUME_WRITES = 32                  # client writes during the backup that is killed
-
-_DATA_RE = re.compile(rb"connection=\d+ (?:Write|Zero) id=\d+ offset=0x[0-9a-f]+ "
-                      rb"count=0x([0-9a-f]+) ")
 
 
 def run(bench):
     size = bench.size
-    gib = size / (1 << 30)
     full = bench.group(SECTION, "full", "full backup of a %s random disk to an nbdkit file "
                        "target, until BLOCK_JOB_COMPLETED" % human_size(size), "s", size)
     full.row("qemu", "qemu-storage-daemon blockdev-backup, qcow2 overlay on base", anchor=True)
     full.row("overlay", "overlay plugin drive-backup, empty overlay on base (durable)",
              goal=FULL_GOAL)
     full.row("qemu-flushed", "qemu-storage-daemon, + blockdev-del of the target (flushes it)")
-    full_cpu = bench.group(SECTION, "full-cpu", "the same: CPU (utime+stime) of the server "
-                           "running the job, per GiB of disk", "CPU ms/GiB")
-    full_cpu.row("qemu", "qemu-storage-daemon", anchor=True)
-    full_cpu.row("overlay", "overlay plugin")
     inc = bench.group(SECTION, "incremental", "incremental backup of %d%% changed (random "
                       "64K writes) vs the full backup that started the chain"
                       % round(CHANGED * 100), "s")
     inc.row("full", "overlay plugin, transaction [bitmap-add, drive-backup full]", anchor=True)
     inc.row("incremental", "overlay plugin, drive-backup sync=incremental", goal=INCREMENTAL_GOAL)
-    inc_cpu = bench.group(SECTION, "incremental-cpu", "the same: CPU (utime+stime) of our "
-                          "server, per GiB of disk", "CPU ms/GiB")
-    inc_cpu.row("full", "full backup", anchor=True)
-    inc_cpu.row("incremental", "incremental backup")
     checks = Checks(bench)
     base = make_base(bench)
     base_sha = _sha256(base)
@@ -102,24 +83,21 @@ def run(bench):
                                        "run %d/%d" % (i, bench.runs)))
         for key in rotated(["qemu", "overlay", "chain"], i):
             if key == "qemu":
-                seconds, cpu, flushed = _qsd_full(bench, base)
+                (seconds, cpu), (flushed, flushed_cpu) = _qsd_full(bench, base)
                 if i > 0:
-                    full.add("qemu", seconds)
-                    full.add("qemu-flushed", flushed)
-                    full_cpu.add("qemu", cpu * 1e3 / gib)
+                    full.add("qemu", seconds, cpu=cpu)
+                    full.add("qemu-flushed", flushed, cpu=flushed_cpu)
             elif key == "overlay":
                 seconds, cpu, same = _ours_full(bench, base, base_sha)
                 checks.add("full", same)
                 if i > 0:
-                    full.add("overlay", seconds)
-                    full_cpu.add("overlay", cpu * 1e3 / gib)
+                    full.add("overlay", seconds, cpu=cpu)
             else:
-                (f_s, f_cpu), (i_s, i_cpu) = _chain(bench, base, base_sha, checks, seed=i)
+                (f_s, f_cpu), (i_s, i_cpu), changed = _chain(bench, base, base_sha, checks,
+                                                             seed=i)
                 if i > 0:
-                    inc.add("full", f_s)
-                    inc.add("incremental", i_s)
-                    inc_cpu.add("full", f_cpu * 1e3 / gib)
-                    inc_cpu.add("incremental", i_cpu * 1e3 / gib)
+                    inc.add("full", f_s, cpu=f_cpu, data=size)
+                    inc.add("incremental", i_s, cpu=i_cpu, data=changed)
     latency_benchmark(bench, base)
     resume_benchmark(bench, base, base_sha, checks)
     checks.finish()
@@ -154,37 +132,10 @@ class Checks:
 
 # -- helpers ---------------------------------------------------------------------
 
-def _cpu_seconds(pid):
-    """utime + stime of a process (all its threads), in seconds."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _sha256(path, patches=None, block=CHANGE_WRITE):
-    """sha256 of a file; patches: {offset: bytes of `block`} replacing its blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        offset = 0
-        while True:
-            chunk = f.read(CHUNK)
-            if not chunk:
-                break
-            if patches:
-                chunk = bytearray(chunk)
-                for b in range(0, len(chunk), block):
-                    data = patches.get(offset + b)
-                    if data is not None:
-                        chunk[b:b + block] = data
-            h.update(chunk)
-            offset += len(chunk)
-    return h.hexdigest()
-
-
 def _until_completed(qmp, command, args, pid):
-    """Send command, wait for BLOCK_JOB_COMPLETED: (seconds, CPU seconds of pid)."""
+    """Send command, wait for BLOCK_JOB_COMPLETED: (seconds, CPU seconds of server pid)."""
     os.sync()       # earlier writeback must not land in this measurement
-    cpu = _cpu_seconds(pid)
+    meter = CpuMeter([pid]).start()
     start = time.perf_counter()
     qmp.execute(command, args)
     while True:
@@ -195,7 +146,7 @@ def _until_completed(qmp, command, args, pid):
             seconds = time.perf_counter() - start
             if "error" in event["data"]:
                 raise RuntimeError("%s failed: %s" % (command, event["data"]))
-            return seconds, _cpu_seconds(pid) - cpu
+            return seconds, meter.stop()
         if event["event"] == "BLOCK_JOB_CANCELLED":
             raise RuntimeError("%s was cancelled: %s" % (command, event["data"]))
 
@@ -255,15 +206,17 @@ def _qsd(bench, base, target_sock, export=False):
 # -- full and incremental ------------------------------------------------------------
 
 def _qsd_full(bench, base):
-    """(seconds to COMPLETED, CPU seconds, seconds to COMPLETED + blockdev-del of tgt)."""
+    """((seconds, CPU seconds) to COMPLETED, the same to COMPLETED + blockdev-del of tgt)."""
     path, target = _target(bench)
     try:
         with _qsd(bench, base, target.sock) as (server, qmp, _):
             seconds, cpu = _until_completed(qmp, "blockdev-backup", {
                 "job-id": "bench", "device": "src", "target": "tgt", "sync": "full"}, server.pid)
+            meter = CpuMeter([server.pid]).start()
             start = time.perf_counter()
             qmp.execute("blockdev-del", {"node-name": "tgt"})   # closing flushes it
-            return seconds, cpu, seconds + time.perf_counter() - start
+            deleted = time.perf_counter() - start
+            return (seconds, cpu), (seconds + deleted, cpu + meter.stop())
     finally:
         _finish(bench, target, path)
 
@@ -300,7 +253,7 @@ def _change(uri, size, seed):
 
 def _chain(bench, base, base_sha, checks, seed):
     """Full backup starting a bitmap, 5% changed, incremental onto the same target:
-    ((seconds, CPU) of the full, (seconds, CPU) of the incremental)."""
+    ((seconds, CPU) of the full, (seconds, CPU) of the incremental, bytes changed)."""
     path, target = _target(bench)
     try:
         with _ours(bench, base, "overlay-chain") as (server, qmp):
@@ -316,7 +269,7 @@ def _chain(bench, base, base_sha, checks, seed):
                 "device": "disk0", "job-id": "inc", "sync": "incremental", "bitmap": "b0",
                 "target": target.uri}, server.pid)
         checks.add("incremental", _sha256(path) == _sha256(base, written))
-        return full, incremental
+        return full, incremental, len(written) * CHANGE_WRITE
     finally:
         _finish(bench, target, path)
 
@@ -396,106 +349,3 @@ def latency_benchmark(bench, base):
             times.sort()
             group.add(key, times[len(times) // 2] * 1e6)
             p99.add(key, times[max(0, int(len(times) * 0.99) - 1)] * 1e6)
-
-
-# -- resume after kill -9 ----------------------------------------------------------------
-
-def _written(log, since=0):
-    """Data bytes the target's log shows written (Write and Zero) after position since."""
-    with open(log, "rb") as f:
-        f.seek(since)
-        data = f.read()
-    return sum(int(m.group(1), 16) for m in _DATA_RE.finditer(data)), since + len(data)
-
-
-def resume_benchmark(bench, base, base_sha, checks):
-    group = bench.group(SECTION, "resume", "bytes written to the target by a full backup "
-                        "killed (kill -9) at offset >= len/2 and restarted, %% of the %s disk"
-                        % human_size(bench.size), "%")
-    group.row("before", "before the kill")
-    group.row("after", "after the restart, until COMPLETED", goal=RESUME_GOAL)
-    for i in range(bench.runs):
-        bench.progress("backup resume: run %d/%d" % (i + 1, bench.runs))
-        for attempt in range(3):
-            try:
-                before, after, same = _killed(bench, base, base_sha, seed=i)
-                break
-            except TargetCrashed as e:
-                bench.progress("backup resume: the target nbdkit died at the kill (not ours; "
-                               "round repeated, attempt %d/3):%s" % (attempt + 1, e))
-        else:
-            raise RuntimeError("backup resume: the target nbdkit died at the kill 3 times")
-        checks.add("resume", same)
-        group.add("before", 100.0 * before / bench.size)
-        group.add("after", 100.0 * after / bench.size)
-
-
-def _client_writes(uri, size, count, seed):
-    """count synchronous 64 KiB writes at random aligned offsets (copy-before-write)."""
-    rnd = random.Random(seed)
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    for block in rnd.sample(range(size // CHANGE_WRITE), min(count, size // CHANGE_WRITE)):
-        h.pwrite(rnd.randbytes(CHANGE_WRITE), block * CHANGE_WRITE)
-    h.shutdown()
-
-
-def _killed(bench, base, base_sha, seed):
-    """(bytes written before the kill, after the restart, the target is the point in time).
-
-    The backup starts with a speed limit so that the client writes land while
-    it is young, then runs unlimited; kill -9 once offset >= len/2.  It is
-    started with auto-dismiss off, so that its end shows in query-jobs even if
-    it comes before our QMP client reconnects after the restart.
-    """
-    path, log, target, uri = _logged_target(bench)
-    state, control = bench.path("bstate"), bench.path("bctl.sock")
-    args = ("python", PLUGIN, "overlay=" + state, "base=" + base, "control=" + control)
-    server = bench.servers.nbdkit("overlay-resume", *args, ready=False)
-    try:
-        _wait_for(control, server)
-        with QMPClient(control, timeout=TIMEOUT) as qmp:
-            qmp.execute("drive-backup", {"device": "disk0", "job-id": "b", "sync": "full",
-                                         "target": uri, "auto-dismiss": False,
-                                         "speed": max(1 << 20, bench.size // 4)})
-            _client_writes(server.uri, bench.size, RESUME_WRITES, seed)
-            qmp.execute("block-job-set-speed", {"device": "b", "speed": 0})
-            deadline = time.monotonic() + TIMEOUT
-            while True:
-                job = qmp.execute("query-block-jobs")[0]
-                if job["len"] and job["offset"] >= job["len"] / 2:
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError("backup resume: the backup did not reach 50%")
-                time.sleep(0.002)
-        os.kill(server.pid, signal.SIGKILL)
-        server.proc.wait()
-        bench.servers._running.remove(server)
-        before, pos = _written(log)
-        os.unlink(server.sock)
-        os.unlink(control)             # stale: the restarted server makes a new one
-        server = bench.servers.nbdkit("overlay-resume", *args, ready=False)
-        _wait_for(control, server)
-        with QMPClient(control, timeout=TIMEOUT) as qmp:
-            _client_writes(server.uri, bench.size, RESUME_WRITES // 2, seed + 1000)
-            deadline = time.monotonic() + TIMEOUT
-            while True:
-                jobs = [j for j in qmp.execute("query-jobs") if j["id"] == "b"]
-                if not jobs:
-                    raise RuntimeError("backup resume: the job did not come back")
-                if jobs[0]["status"] == "concluded":
-                    if "error" in jobs[0]:
-                        raise RuntimeError("backup resume: the job failed: %s" % jobs[0])
-                    break
-                if target.proc.poll() is not None:
-                    bench.servers._running.remove(target)      # dead: nothing to stop
-                    raise TargetCrashed(target.log_tail())
-                if time.monotonic() > deadline:
-                    raise RuntimeError("backup resume: not concluded within %ss" % TIMEOUT)
-                time.sleep(0.01)
-            qmp.execute("job-dismiss", {"id": "b"})
-        after, _ = _written(log, pos)
-        return before, after, _sha256(path) == base_sha
-    finally:
-        _cleanup(bench, server, state, target, path, log)
-

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+from benchlib.cpu import CpuMeter
 from benchlib.results import Group
 from benchlib.servers import Servers
 
@@ -75,3 +76,13 @@ class Bench:
         start = time.perf_counter()
         self.run(argv, env=env)
         return time.perf_counter() - start
+
+    def timed_cpu(self, argv, pids=(), env=None):
+        """(seconds, CPU seconds) of a command that must succeed: the CPU of the command
+        and of the servers `pids` (with their descendants) while it runs (benchlib.cpu)."""
+        os.sync()
+        meter = CpuMeter(pids).start()
+        start = time.perf_counter()
+        self.run(argv, env=env)
+        seconds = time.perf_counter() - start
+        return seconds, meter.stop()

@@ -111,9 +111,9 @@ def run(bench):
                            % (i + 1, runs, len(WORKLOADS) * len(targets), seconds))
             for n, workload in enumerate(WORKLOADS):
                 iops, cpu = tables[workload.key]
-                for key, (rate, _, per_request) in measure(
+                for key, (rate, _, per_request, total, data) in measure(
                         bench, rotated(targets, i + n), workload, seconds).items():
-                    iops.add(key, rate)
+                    iops.add(key, rate, cpu=total, data=data)
                     cpu.add(key, per_request)
     finally:
         for target in targets:

@@ -15,7 +15,7 @@ import time
 
 from benchlib import smallio
 from benchlib.bench import Bench, REPO, human_size
-from benchlib.results import missed_goals, render
+from benchlib.results import ANCHOR_DRIFT, missed_goals, render, unjudged_goals
 from benchlib.sections import SECTIONS
 
 QUICK_SIZE = 64 << 20
@@ -177,10 +177,15 @@ def main(argv=None):
         print(render(g))
     missed = missed_goals(bench.groups)
     print()
+    unjudged = unjudged_goals(bench.groups)
     if missed:
         print("goals missed: " + "; ".join("%s/%s: %s" % (g.name, r.key, r.label) for g, r in missed))
     else:
-        print("all goals met")
+        print("all %sgoals met" % ("judged " if unjudged else ""))
+    if unjudged:
+        print("goals not judged (the row they divide by moved more than %.0f%%): " % (
+            ANCHOR_DRIFT * 100) + "; ".join("%s/%s (%s)" % (g.name, r.key, g.goal_text(r))
+                                           for g, r in unjudged))
 
     result = {
         "date": started.isoformat(timespec="seconds"),

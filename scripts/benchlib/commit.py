@@ -15,19 +15,21 @@ the result durable (the base flushed, the emptied overlay's map synced and
 renamed); QEMU's completion flushes the base at READY but not the qcow2 it
 drops from the chain, so a third row adds QEMU's time to quit, as the stream
 section does.  Rows are interleaved and rotated per run, after one untimed
-warm-up round.
+warm-up round.  Each row adds the CPU time of its server over the same
+interval, per GiB committed.
 """
 
 import os
 import shutil
 import time
 
-from jobctl.qmp_client import ConnectionProblem, QMPClient
+from jobctl.qmp_client import QMPClient
 
 from benchlib.bench import REPO, human_size
+from benchlib.cpu import CpuMeter
 from benchlib.overlay import make_base, rotated
 from benchlib.results import Goal
-from benchlib.stream import _wait_for
+from benchlib.stream import _wait_for, quit_server
 
 TITLE = "block-commit of a full overlay into a file base: overlay plugin vs qemu-storage-daemon"
 SECTION = "commit"
@@ -50,14 +52,14 @@ def run(bench):
                                        "run %d/%d" % (i, bench.runs)))
         for key in rotated(["qemu", "overlay"], i):
             if key == "overlay":
-                seconds = _ours(bench, data)
+                seconds, cpu = _ours(bench, data)
                 if i > 0:
-                    group.add("overlay", seconds)
+                    group.add("overlay", seconds, cpu=cpu)
             else:
-                seconds, quit_seconds = _qemu(bench, data)
+                (seconds, cpu), (quit_seconds, quit_cpu) = _qemu(bench, data)
                 if i > 0:
-                    group.add("qemu", seconds)
-                    group.add("qemu-durable", seconds + quit_seconds)
+                    group.add("qemu", seconds, cpu=cpu)
+                    group.add("qemu-durable", seconds + quit_seconds, cpu=cpu + quit_cpu)
 
 
 def _fresh_base(bench):
@@ -67,10 +69,13 @@ def _fresh_base(bench):
     return path
 
 
-def _commit(control, device, complete):
-    """block-commit on a QMP socket, READY, complete; seconds to BLOCK_JOB_COMPLETED."""
+def _commit(control, device, complete, pid):
+    """block-commit on a QMP socket, READY, complete: (seconds to BLOCK_JOB_COMPLETED,
+    CPU seconds of the server pid meanwhile)."""
+    meter = CpuMeter([pid])
     with QMPClient(control, timeout=TIMEOUT) as qmp:
         os.sync()       # the fill's writeback must not land in this measurement
+        meter.start()
         start = time.perf_counter()
         qmp.execute("block-commit", {"device": device, "job-id": "bench"})
         while True:
@@ -85,9 +90,10 @@ def _commit(control, device, complete):
             elif name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
                 break
         seconds = time.perf_counter() - start
+        meter.stop()
     if name != "BLOCK_JOB_COMPLETED" or "error" in event["data"]:
         raise RuntimeError("block-commit on %s failed: %s" % (control, event))
-    return seconds
+    return seconds, meter.seconds
 
 
 def _ours(bench, data):
@@ -99,7 +105,7 @@ def _ours(bench, data):
     try:
         _wait_for(control, server)
         bench.run(["nbdcopy", "--flush", data, server.uri])
-        return _commit(control, "disk0", "block-job-complete")
+        return _commit(control, "disk0", "block-job-complete", server.pid)
     finally:
         bench.servers.stop(server)
         shutil.rmtree(state, ignore_errors=True)
@@ -107,7 +113,8 @@ def _ours(bench, data):
 
 
 def _qemu(bench, data):
-    """(seconds to BLOCK_JOB_COMPLETED, seconds for qemu-storage-daemon to quit)."""
+    """((seconds, CPU seconds) to BLOCK_JOB_COMPLETED, the same for qemu-storage-daemon
+    to quit)."""
     base = _fresh_base(bench)
     image = bench.path("commit.qcow2")
     bench.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", image])
@@ -126,17 +133,10 @@ def _qemu(bench, data):
     try:
         _wait_for(control, server)
         bench.run(["nbdcopy", "--flush", data, "nbd+unix:///top?socket=" + export])
-        seconds = _commit(control, "top", "job-complete")
-        start = time.perf_counter()
-        try:
-            with QMPClient(control) as qmp:
-                qmp.execute("quit")
-        except ConnectionProblem:
-            pass        # it may close the socket before the reply arrives
-        server.proc.wait(TIMEOUT)
-        quit_seconds = time.perf_counter() - start
+        committed = _commit(control, "top", "job-complete", server.pid)
+        quit_ = quit_server(control, server)
     finally:
         bench.servers.stop(server)
         os.unlink(image)
         os.unlink(base)
-    return seconds, quit_seconds
+    return committed, quit_

@@ -15,6 +15,8 @@ offsets through libnbd, median and 99th percentile, with no job and with a
 background mirror in READY (every write is then copied to the target).
 
 Rows are interleaved and rotated per run, after one untimed warm-up round.
+The ready and copy tables add the CPU time of the process doing the copy (our
+nbdkit, qemu-storage-daemon, nbdcopy) per GiB; the target's is not counted.
 """
 
 import os
@@ -26,6 +28,7 @@ import time
 from jobctl.qmp_client import QMPClient
 
 from benchlib.bench import REPO, human_size
+from benchlib.cpu import CpuMeter
 from benchlib.overlay import make_base, rotated
 from benchlib.stream import _wait_for
 from benchlib.results import Goal
@@ -56,13 +59,13 @@ def run(bench):
         bench.progress("mirror: %s" % ("warm-up round" if i == 0 else
                                        "run %d/%d" % (i, bench.runs)))
         for key in rotated(["qemu", "overlay", "nbdcopy"], i):
-            seconds = runners[key](bench, base)
+            seconds, cpu = runners[key](bench, base)
             if i > 0:
-                ready.add(key, seconds)
+                ready.add(key, seconds, cpu=cpu)
         for key in rotated(["qemu", "overlay", "nbdcopy"], i):
-            seconds = runners[key](bench, base, discard_flush=True)
+            seconds, cpu = runners[key](bench, base, discard_flush=True)
             if i > 0:
-                copy.add(key, seconds)
+                copy.add(key, seconds, cpu=cpu)
     latency_benchmark(bench, base)
 
 
@@ -82,8 +85,11 @@ def _finish(bench, target, path):
     os.unlink(path)
 
 
-def _until_ready(qmp, command, args):
+def _until_ready(qmp, command, args, meter=None):
+    """Seconds from sending command to BLOCK_JOB_READY; meter: a CpuMeter run meanwhile."""
     os.sync()
+    if meter is not None:
+        meter.start()
     start = time.perf_counter()
     qmp.execute(command, args)
     while True:
@@ -91,7 +97,10 @@ def _until_ready(qmp, command, args):
         if event is None:
             raise RuntimeError("%s: no BLOCK_JOB_READY within %ss" % (command, TIMEOUT))
         if event["event"] == "BLOCK_JOB_READY":
-            return time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            if meter is not None:
+                meter.stop()
+            return seconds
         if event["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
             raise RuntimeError("%s ended early: %s" % (command, event))
 
@@ -123,14 +132,16 @@ def _ours(bench, base, discard_flush=False):
 
 def ours_mirror_until_ready(bench, base, uri, name, env=None):
     """Our plugin with an empty overlay on base: drive-mirror to uri until
-    BLOCK_JOB_READY; returns the seconds.  env: the server's environment."""
+    BLOCK_JOB_READY; returns (seconds, CPU seconds of our nbdkit).  env: the
+    server's environment."""
     server, state, control = _start_ours(bench, base, name, env)
     try:
+        meter = CpuMeter([server.pid])
         with QMPClient(control, timeout=TIMEOUT) as qmp:
             seconds = _until_ready(qmp, "drive-mirror", {"device": "disk0", "target": uri,
-                                                        "sync": "full"})
+                                                        "sync": "full"}, meter)
             _cancel(qmp, "disk0")
-        return seconds
+        return seconds, meter.seconds
     finally:
         bench.servers.stop(server)
         shutil.rmtree(state, ignore_errors=True)
@@ -148,8 +159,8 @@ def _qemu(bench, base, discard_flush=False):
 def qsd_mirror_until_ready(bench, base, target_blockdev, extra_args=(), env=None,
                            while_ready=None):
     """qemu-storage-daemon with a fresh qcow2 overlay on base: blockdev-mirror to the
-    node `tgt` (target_blockdev) until BLOCK_JOB_READY; returns the seconds.  env: the
-    daemon's environment.
+    node `tgt` (target_blockdev) until BLOCK_JOB_READY; returns (seconds, CPU seconds
+    of the daemon).  env: the daemon's environment.
 
     while_ready(uri): called while the job is READY with the NBD URI of the
     mirrored disk (QSD exports node src, writable; the mirror's filter takes
@@ -171,13 +182,15 @@ def qsd_mirror_until_ready(bench, base, target_blockdev, extra_args=(), env=None
     server = bench.servers.start("qsd-mirror", lambda sock: argv, env=env, ready=False)
     try:
         _wait_for(control, server)
+        meter = CpuMeter([server.pid])
         with QMPClient(control, timeout=TIMEOUT) as qmp:
             seconds = _until_ready(qmp, "blockdev-mirror", {"job-id": "bench", "device": "src",
-                                                           "target": "tgt", "sync": "full"})
+                                                           "target": "tgt", "sync": "full"},
+                                   meter)
             if while_ready is not None:
                 while_ready("nbd+unix:///src?socket=" + export_sock)
             _cancel(qmp, "bench")
-        return seconds
+        return seconds, meter.seconds
     finally:
         bench.servers.stop(server)
         os.unlink(image)
@@ -186,7 +199,7 @@ def qsd_mirror_until_ready(bench, base, target_blockdev, extra_args=(), env=None
 def _nbdcopy(bench, base, discard_flush=False):
     path, target = _target(bench, discard_flush)
     try:
-        return bench.timed(["nbdcopy", "--flush", base, target.uri])
+        return bench.timed_cpu(["nbdcopy", "--flush", base, target.uri])
     finally:
         _finish(bench, target, path)
 

@@ -9,7 +9,8 @@ Tables (all on one random base of --size bytes, made once and page-cached):
 - startup: exec of nbdkit -> `nbdinfo --size` succeeds, for a fresh 1 TiB
            overlay and for re-opening it; anchor: a trivial Python plugin.
 Rows are measured interleaved (run 1 of every row, then run 2...), in a
-rotating order, so slow drifts of a noisy machine hit every row alike.
+rotating order, so slow drifts of a noisy machine hit every row alike.  read
+and write add the CPU time of the server and of nbdcopy per GiB.
 """
 
 import os
@@ -155,7 +156,9 @@ def read_benchmark(bench, group, base):
     for i in range(bench.runs):
         bench.progress("read: run %d/%d" % (i + 1, bench.runs))
         for key in rotated(list(group.rows), i):
-            group.add(key, bench.timed(["nbdcopy", servers[key].uri, "null:"]))
+            seconds, cpu = bench.timed_cpu(["nbdcopy", servers[key].uri, "null:"],
+                                           [servers[key].pid])
+            group.add(key, seconds, cpu=cpu)
     for server in servers.values():
         bench.servers.stop(server)
 
@@ -192,10 +195,11 @@ def write_benchmark(bench, group, memory, base):
             server, paths = start(key)
             # --flush: nbdcopy does not flush by default, and a write that is
             # not durable is not what an overlay promises.
-            seconds = bench.timed(["nbdcopy", "--flush", base, server.uri])
+            seconds, cpu = bench.timed_cpu(["nbdcopy", "--flush", base, server.uri],
+                                           [server.pid])
             rss = bench.servers.stop(server)
             if i > 0:
-                group.add(key, seconds)
+                group.add(key, seconds, cpu=cpu)
                 if key == "overlay" and rss is not None:
                     memory.add("after-write", rss / 2**20)
             for path in paths:

@@ -33,7 +33,9 @@ flushed (no fsync in the fio jobs: a guest with a writeback cache); `sync` runs
 before each invocation.  Besides IOPS and p99 completion latency (fio's clat),
 the section reads each server's CPU time (utime+stime of the process, from
 /proc/PID/stat) around the invocation, while fio drives the others that server
-is idle: server CPU microseconds per request.
+is idle: server CPU microseconds per request.  The IOPS tables add that CPU
+plus fio's own for the row (its report's usr_cpu + sys_cpu of the job) per
+GiB moved (requests x block size).
 
 --quick: one run (not --runs), 0.2 s per fio job, on a 64 MiB disk.
 
@@ -45,17 +47,16 @@ under the same thread count.
 Ratios: to the naive plugin (the anchor, where the goals are) and to the
 no-op ceiling ("/noop" column).  Rows are interleaved and rotated per run and
 workload.  `python -m benchlib.smallio RESULTS.json` prints the IOPS and
-latency of a result file as one markdown table (for docs/benchmarks.md).
+latency of a result file as one markdown table (benchlib.smallio_report).
 """
 
 import dataclasses
-import json
 import os
-import re
 import shutil
-import sys
 
 from benchlib.bench import REPO, human_size
+from benchlib.cpu import CpuMeter
+from benchlib.fio import fio
 from benchlib.overlay import make_base, rotated
 from benchlib.results import Goal
 
@@ -300,64 +301,14 @@ def sweep_targets(bench, files, threads_list):
     return out
 
 
-def cpu_seconds(pid):
-    """utime + stime of a process (all its threads), in seconds."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def job_file(workload, jobs, seconds):
-    """A fio job file: the workload once per (name, uri), one after the other (stonewall)."""
-    lines = ["[global]", "ioengine=nbd", "rw=" + workload.rw, "bs=%d" % workload.bs,
-             "iodepth=%d" % workload.iodepth, "numjobs=%d" % workload.numjobs,
-             "group_reporting", "time_based", "runtime=%dms" % round(seconds * 1000),
-             "norandommap", "randrepeat=0", ""]
-    for name, uri in jobs:
-        # fio's job files expand ${VAR} and treat ';' and '#' as comments: a socket
-        # path in our temporary folder has none of them.
-        lines += ["[%s]" % name, "uri=" + uri, "stonewall", ""]
-    return "\n".join(lines)
-
-
-def fio(bench, workload, jobs, seconds):
-    """One fio invocation running the workload against each (name, uri) in turn.
-
-    Returns {name: (IOPS, p99 completion latency in us, requests completed)}.
-    One invocation for many servers: fio itself takes ~0.4 s to start and stop.
-    """
-    path = bench.path("jobs.fio")
-    out = bench.path("fio.json")
-    with open(path, "w") as f:
-        f.write(job_file(workload, jobs, seconds))
-    try:
-        bench.run(["fio", "--eta=never", "--output-format=json", "--output=" + out, path])
-        with open(out) as f:
-            result = json.load(f)
-    finally:
-        _remove(path)
-        _remove(out)
-    measured = {}
-    for job in result["jobs"]:
-        stats = job[workload.op]
-        if job.get("error") or not stats.get("total_ios"):
-            raise RuntimeError("fio %s on %s: error %s, %s requests" % (
-                workload.key, job["jobname"], job.get("error"), stats.get("total_ios")))
-        p99 = stats["clat_ns"]["percentile"]["99.000000"] / 1000
-        measured[job["jobname"]] = (stats["iops"], p99, stats["total_ios"])
-    missing = [name for name, _ in jobs if name not in measured]
-    if missing:
-        raise RuntimeError("fio %s: no result for %s" % (workload.key, ", ".join(missing)))
-    return measured
-
-
 def measure(bench, targets_in_order, workload, seconds):
     """Run the workload against every target, in this order, in one fio invocation.
 
     Persistent targets keep their server (started on first use); the others get
     a new one (a fresh overlay) for this batch, stopped after it.  The server
     CPU time is read around the whole invocation: a server is idle while fio
-    drives the others.  Returns {key: (IOPS, p99 us, server CPU us per request)}.
+    drives the others.  Returns {key: (IOPS, p99 us, server CPU us per request,
+    CPU seconds of the server and of fio's job, bytes moved)}.
     """
     started = []
     try:
@@ -372,13 +323,15 @@ def measure(bench, targets_in_order, workload, seconds):
                 started.append((server, paths))
                 servers[target.key] = server
         os.sync()   # no writeback of an earlier batch's dirty pages during this one
-        cpu0 = {key: cpu_seconds(server.pid) for key, server in servers.items()}
+        # clients=False: fio's CPU is in its report, per job.
+        meters = {key: CpuMeter([server.pid], clients=False).start()
+                  for key, server in servers.items()}
         measured = fio(bench, workload, [(t.key, servers[t.key].uri) for t in targets_in_order],
                        seconds)
         out = {}
-        for key, (iops, p99, requests) in measured.items():
-            cpu = (cpu_seconds(servers[key].pid) - cpu0[key]) / requests * 1e6
-            out[key] = (iops, p99, cpu)
+        for key, (iops, p99, requests, fio_cpu) in measured.items():
+            cpu = meters[key].stop()
+            out[key] = (iops, p99, cpu / requests * 1e6, cpu + fio_cpu, requests * workload.bs)
         return out
     finally:
         for server, paths in started:
@@ -433,9 +386,9 @@ def run(bench):
             i + 1, runs, len(WORKLOADS) * len(rows), seconds))
         for n, workload in enumerate(WORKLOADS):
             t = tables[workload.key]
-            for key, (iops, p99, cpu) in measure(bench, rotated(rows, i + n), workload,
-                                                 seconds).items():
-                t["iops"].add(key, iops)
+            for key, (iops, p99, cpu, total, data) in measure(
+                    bench, rotated(rows, i + n), workload, seconds).items():
+                t["iops"].add(key, iops, cpu=total, data=data)
                 t["p99"].add(key, p99)
                 if "cpu" in t:
                     t["cpu"].add(key, cpu)
@@ -464,8 +417,9 @@ def sweep(bench, files, threads_list, seconds, runs):
             for m, threads in enumerate(rotated(list(by_threads), i + n)):
                 rows = rotated(by_threads[threads], i + n + m)
                 t = tables[workload.key, threads]
-                for key, (iops, _, cpu) in measure(bench, rows, workload, seconds).items():
-                    t["iops"].add(key, iops)
+                for key, (iops, _, cpu, total, data) in measure(bench, rows, workload,
+                                                                seconds).items():
+                    t["iops"].add(key, iops, cpu=total, data=data)
                     t["cpu"].add(key, cpu)
     for rows in by_threads.values():
         for target in rows:
@@ -474,60 +428,6 @@ def sweep(bench, files, threads_list, seconds, runs):
                 target.server = None
 
 
-def sweep_markdown(result, groups):
-    """A sweep's IOPS (ratio to naive) and server CPU us per request: rows x workloads."""
-    keys = [w.key for w in SWEEP_WORKLOADS]
-    threads = sorted({int(m.group(2)) for m in map(re.compile(r"^(.*)-t(\d+)$").match, groups)
-                      if m and m.group(1) in keys})
-    lines = ["| row | --threads | " + " | ".join(keys) + " |",
-             "|---|---|" + "---|" * len(keys)]
-    for key in ("naive", "ours-empty", "ours-full"):
-        for t in threads:
-            cells = []
-            for w in keys:
-                iops = next(r for r in groups["%s-t%d" % (w, t)]["rows"] if r["key"] == key)
-                cpu_group = groups.get("%s-t%d-cpu" % (w, t))
-                cpu = next(r for r in cpu_group["rows"] if r["key"] == key) if cpu_group else None
-                text = "%.1fk" % (iops["median"] / 1000)
-                if not iops["anchor"]:
-                    text += " (%.2f)" % iops["ratio"]
-                if cpu:
-                    text += ", %.0f us CPU" % cpu["median"]
-                cells.append(text)
-            lines.append("| %s | %d | %s |" % (key, t, " | ".join(cells)))
-    return "\n".join(lines)
-
-
-def markdown(result):
-    """The IOPS (and p99) tables of a result file as one markdown table: rows x workloads."""
-    groups = {g["group"]: g for g in result["groups"] if g["section"] == SECTION}
-    keys = [w.key for w in WORKLOADS if w.key in groups]
-    if not keys and groups:
-        return sweep_markdown(result, groups)
-    if not keys:
-        return "no smallio results"
-    heads = [groups[k]["title"].split(" (")[0].replace("fio ", "") for k in keys]
-    lines = ["| server | " + " | ".join(heads) + " |",
-             "|---|" + "---|" * len(keys)]
-    for row in groups[keys[0]]["rows"]:
-        cells = []
-        for k in keys:
-            r = next(x for x in groups[k]["rows"] if x["key"] == row["key"])
-            p99 = groups.get(k + "-p99")
-            lat = next((x["median"] for x in p99["rows"] if x["key"] == row["key"]), None) \
-                if p99 else None
-            text = "%.1fk" % (r["median"] / 1000)
-            if r["ratio"] is not None and not r["anchor"]:
-                text += " (%.2f)" % r["ratio"]
-            if lat is not None:
-                text += ", %.0f us" % lat
-            cells.append(text)
-        lines.append("| %s | %s |" % (row["label"], " | ".join(cells)))
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m benchlib.smallio RESULTS.json")
-    with open(sys.argv[1]) as f:
-        print(markdown(json.load(f)))
+    from benchlib.smallio_report import main
+    main()

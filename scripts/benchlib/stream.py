@@ -13,7 +13,8 @@ is not timed.  Ours includes making the result durable (the overlay is
 flushed before the base is forgotten); QEMU's completion does not flush the
 qcow2 data, so a third row adds QEMU's time to quit (which flushes and closes
 the image) for a like-for-like figure.  Rows are interleaved and rotated per
-run, after one untimed warm-up round, as in the overlay section.
+run, after one untimed warm-up round, as in the overlay section.  Each row
+adds the CPU time of its server over the same interval, per GiB of the base.
 """
 
 import os
@@ -24,6 +25,7 @@ import time
 from jobctl.qmp_client import ConnectionProblem, QMPClient
 
 from benchlib.bench import REPO, human_size
+from benchlib.cpu import CpuMeter
 from benchlib.overlay import make_base, rotated
 from benchlib.results import Goal
 
@@ -47,20 +49,23 @@ def run(bench):
                                        "run %d/%d" % (i, bench.runs)))
         for key in rotated(["qemu", "overlay"], i):
             if key == "overlay":
-                seconds = _ours(bench, base)
+                seconds, cpu = _ours(bench, base)
                 if i > 0:
-                    group.add("overlay", seconds)
+                    group.add("overlay", seconds, cpu=cpu)
             else:
-                seconds, quit_seconds = _qemu(bench, base)
+                (seconds, cpu), (quit_seconds, quit_cpu) = _qemu(bench, base)
                 if i > 0:
-                    group.add("qemu", seconds)
-                    group.add("qemu-durable", seconds + quit_seconds)
+                    group.add("qemu", seconds, cpu=cpu)
+                    group.add("qemu-durable", seconds + quit_seconds, cpu=cpu + quit_cpu)
 
 
-def _stream(control_path, device):
-    """Send block-stream on a QMP socket and wait for its end; seconds taken."""
+def _stream(control_path, device, pid):
+    """Send block-stream on a QMP socket and wait for its end: (seconds, CPU seconds
+    of the server pid)."""
+    meter = CpuMeter([pid])
     with QMPClient(control_path, timeout=TIMEOUT) as qmp:
         os.sync()       # earlier writeback must not land in this measurement
+        meter.start()
         start = time.perf_counter()
         qmp.execute("block-stream", {"device": device, "job-id": "bench"})
         while True:
@@ -71,9 +76,10 @@ def _stream(control_path, device):
             if event["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
                 break
         seconds = time.perf_counter() - start
+        meter.stop()
     if "error" in event["data"] or event["event"] != "BLOCK_JOB_COMPLETED":
         raise RuntimeError("block-stream on %s failed: %s" % (control_path, event))
-    return seconds
+    return seconds, meter.seconds
 
 
 def _wait_for(path, server):
@@ -104,14 +110,15 @@ def _ours(bench, base):
                                   "base=" + base, "control=" + control)
     try:
         _wait_for(control, server)
-        return _stream(control, "disk0")
+        return _stream(control, "disk0", server.pid)
     finally:
         bench.servers.stop(server)
         shutil.rmtree(state, ignore_errors=True)
 
 
 def _qemu(bench, base):
-    """(seconds to BLOCK_JOB_COMPLETED, seconds for qemu-storage-daemon to quit)."""
+    """((seconds, CPU seconds) to BLOCK_JOB_COMPLETED, the same for qemu-storage-daemon
+    to quit)."""
     image = bench.path("stream.qcow2")
     bench.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", image])
     control = bench.path("qsd-qmp.sock")
@@ -122,16 +129,26 @@ def _qemu(bench, base):
     server = bench.servers.start("qsd-stream", lambda sock: argv, ready=False)
     try:
         _wait_for(control, server)
-        seconds = _stream(control, "top")
-        start = time.perf_counter()
-        try:
-            with QMPClient(control) as qmp:
-                qmp.execute("quit")
-        except ConnectionProblem:
-            pass        # it may close the socket before the reply arrives
-        server.proc.wait(TIMEOUT)
-        quit_seconds = time.perf_counter() - start
+        streamed = _stream(control, "top", server.pid)
+        quit_ = quit_server(control, server)
     finally:
         bench.servers.stop(server)
         os.unlink(image)
-    return seconds, quit_seconds
+    return streamed, quit_
+
+
+def quit_server(control, server):
+    """QMP quit, wait for the exit: (seconds, CPU seconds of the server meanwhile).
+
+    The server is a child of ours: its last CPU seconds reach us when it is
+    waited for (benchlib.cpu).
+    """
+    meter = CpuMeter([server.pid]).start()
+    start = time.perf_counter()
+    try:
+        with QMPClient(control) as qmp:
+            qmp.execute("quit")
+    except ConnectionProblem:
+        pass        # it may close the socket before the reply arrives
+    server.proc.wait(TIMEOUT)
+    return time.perf_counter() - start, meter.stop()
