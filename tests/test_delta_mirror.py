@@ -9,6 +9,7 @@ import pytest
 from qemu.qmp import ExecuteError
 
 from conftest import make_image
+from faults import wait_until
 from helpers import Control
 
 MiB = 1 << 20
@@ -104,6 +105,37 @@ def test_writes_during_a_delta_mirror_are_copied_too(rig):
     assert dirty <= _written(rig.log) <= dirty + len(during) * G
     rig.qmp("block-job-complete", device="delta")
     rig.qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
+    assert rig.target_path.read_bytes() == rig.disk_bytes()
+
+
+def test_small_writes_in_ready_copy_only_their_bytes(rig):
+    """A 4 KiB write into a clean 64 KiB granule sends the target 4 KiB, not the granule
+    (DirtyBitmap parts); two writes in one granule send the span between them; a write
+    across granules sends them whole."""
+    rig.h.pwrite(random.Random(1).randbytes(SIZE), 0)
+    target = rig.logged_target()
+    rig.qmp("drive-mirror", device="disk0", target=target.uri, sync="full", job_id="m")
+    rig.qmp.wait_event("BLOCK_JOB_READY", timeout=60)
+    before = _written(rig.log)
+    assert before == SIZE
+    rig.qmp("block-job-pause", device="m")          # every write below in one batch
+    rig.qmp.wait_status("m", "standby")
+    n = SIZE // G
+    rnd = random.Random(4)
+    # Not adjacent: a run of dirty granules narrows only at its ends.
+    granules = [2 * k for k in rnd.sample(range((n - 8) // 2), 19)]
+    for g in granules[:18]:
+        rig.h.pwrite(rnd.randbytes(4096), g * G + rnd.randrange(16) * 4096)
+    g = granules[18]
+    rig.h.pwrite(b"a" * 4096, g * G + 8192)
+    rig.h.pwrite(b"b" * 512, g * G + 32768)
+    rig.h.pwrite(rnd.randbytes(G + 8192), (n - 3) * G - 4096)     # granules n-4 .. n-2
+    expected = 18 * 4096 + (32768 + 512 - 8192) + 3 * G
+    rig.qmp("block-job-resume", device="m")
+    wait_until(lambda: _written(rig.log) - before >= expected, timeout=30)
+    rig.qmp("block-job-complete", device="m")
+    rig.qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=60)
+    assert _written(rig.log) - before == expected
     assert rig.target_path.read_bytes() == rig.disk_bytes()
 
 

@@ -177,21 +177,25 @@ class CopyPipeline:
                 unpaid, self._unpaid = self._unpaid, 0
                 if unpaid and throttle(unpaid):
                     break
-            run = self.bitmap.take(pos, self.chunk)
+            run = self.bitmap.take_part(pos, self.chunk)
             if run is None:
                 break
-            off, n = run
+            off, n, part_off, part_n = run
             pos = off + n
-            if not self._start(off, n):
+            if not self._start(off, n, part=(part_off, part_n)):
                 break
             if speed and not final:
                 self._unpaid = n
                 break
         return pos
 
-    def _start(self, offset, length, zero=False):
+    def _start(self, offset, length, zero=False, part=None):
         """Read the source and submit target requests for one range.
 
+        part: (offset, length) within the range, the only bytes that changed
+        since its granules were last clean (DirtyBitmap.take_part): only they
+        are read and sent; the copy still stands for the whole range (its
+        lock, progress, flush and retry cover the granules).
         False if nothing was started: a copy of the same granules is in
         flight, or the read failed (recorded in failures).
         """
@@ -202,6 +206,8 @@ class CopyPipeline:
             # before it on the target.  Retry once it has completed.
             if zero:
                 self.zero_queue.append((offset, length))
+            elif part is not None:
+                self.bitmap.mark_part(*part)
             else:
                 self.bitmap.mark(offset, length)
             return False
@@ -215,7 +221,8 @@ class CopyPipeline:
             else:
                 op.buf = self._take_buffer(length)
                 view = memoryview(op.buf)
-                pos, stop = offset, offset + length
+                pos, stop = part if part is not None else (offset, length)
+                stop += pos
                 while pos < stop:
                     for e in store.extents(pos, stop - pos):
                         if e.zero:

@@ -3,6 +3,13 @@
 One byte per granule (granularity is a power of two, 512 B to 64 MiB), so runs
 are found with bytearray.find at C speed.  Thread safe: client write threads
 mark, the job thread takes runs and clears them.
+
+Parts: a small change inside one granule that was clean (mark_part) also
+records which bytes of it changed, and take_part() says which bytes of a run
+need copying: a mirror in READY then copies a guest's 4 KiB write, not the
+64 KiB granule around it (the rest of the granule was clean: the target holds
+it, or a copy of it is in flight).  Any other mark of a granule drops its part
+(the whole granule is copied), so a part is never narrower than what changed.
 """
 
 import threading
@@ -20,6 +27,7 @@ class DirtyBitmap:
         self._shift = granularity.bit_length() - 1
         self._bits = bytearray((size + granularity - 1) >> self._shift)
         self._count = 0
+        self._parts = {}          # granule -> (start, end): the bytes that changed in it
         self._lock = threading.Lock()
 
     def _span(self, offset, length):
@@ -41,7 +49,39 @@ class DirtyBitmap:
             before = bits.count(_DIRTY, first, end)
             bits[first:end] = _DIRTY * (end - first)
             self._count += (end - first) - before
+            if self._parts:
+                self._drop_parts(first, end)
         return was_clean
+
+    def mark_part(self, offset, length):
+        """mark(), remembering which bytes changed when the change lies inside one
+        granule that was clean (or held only such changes)."""
+        if length <= 0:
+            return False
+        first = offset >> self._shift
+        if (offset + length - 1) >> self._shift != first or first >= len(self._bits):
+            return self.mark(offset, length)
+        stop = min(offset + length, self.size)
+        with self._lock:
+            was_clean = self._count == 0
+            if self._bits[first] == 0:
+                self._bits[first] = 1
+                self._count += 1
+                self._parts[first] = (offset, stop)
+            else:
+                part = self._parts.get(first)
+                if part is not None:
+                    self._parts[first] = (min(part[0], offset), max(part[1], stop))
+        return was_clean
+
+    def _drop_parts(self, first, end):
+        parts = self._parts
+        if end - first < len(parts):
+            for g in range(first, end):
+                parts.pop(g, None)
+        else:
+            for g in [g for g in parts if first <= g < end]:
+                del parts[g]
 
     def mark_all(self):
         self.mark(0, self.size)
@@ -53,6 +93,8 @@ class DirtyBitmap:
             bits = self._bits
             self._count -= bits.count(_DIRTY, first, end)
             bits[first:end] = _CLEAN * (end - first)
+            if self._parts:
+                self._drop_parts(first, end)
 
     def take(self, start, max_length):
         """Find the next dirty run at or after start (wrapping), clear it and return it.
@@ -60,6 +102,13 @@ class DirtyBitmap:
         Returns (offset, length) of at most max_length bytes, granule aligned
         (the last granule is cut at the disk size), or None when clean.
         """
+        run = self.take_part(start, max_length)
+        return None if run is None else run[:2]
+
+    def take_part(self, start, max_length):
+        """take(), and the bytes of the run that changed: (offset, length,
+        changed_offset, changed_length).  Only the run's first and last granules
+        can narrow it (from their parts); the granules between are whole."""
         with self._lock:
             if not self._count:
                 return None
@@ -73,8 +122,16 @@ class DirtyBitmap:
                 end = min(i + max_granules, len(bits))
             bits[i:end] = _CLEAN * (end - i)
             self._count -= end - i
+            head = tail = None
+            if self._parts:
+                head = self._parts.get(i)
+                tail = self._parts.get(end - 1)
+                self._drop_parts(i, end)
         offset = i << self._shift
-        return offset, min(end << self._shift, self.size) - offset
+        stop = min(end << self._shift, self.size)
+        lo = head[0] if head is not None else offset
+        hi = tail[1] if tail is not None else stop
+        return offset, stop - offset, lo, hi - lo
 
     def dirty_bytes(self):
         with self._lock:

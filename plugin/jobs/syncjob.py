@@ -73,7 +73,8 @@ class SyncedCopyJob(CopyJob):
         Before READY a clean-to-dirty change wakes the job at once; once ready
         the job collects writes for up to READY_COPY_INTERVAL, so a busy
         client does not wake it (and contend for the GIL) on every write."""
-        if self.bitmap.mark(offset, length) and not self.is_ready:
+        # mark_part: a change inside one clean granule copies only its bytes.
+        if self.bitmap.mark_part(offset, length) and not self.is_ready:
             self.kick()
 
     def run(self):
