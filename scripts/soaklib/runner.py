@@ -11,6 +11,7 @@ import itertools
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -45,11 +46,15 @@ def run(seed, seconds, workdir=None, size=32 << 20, max_steps=None, keep=False,
     started = time.monotonic()
     status, failure = 0, None
     print("soak: seed=%d for %ds, workdir %s" % (seed, seconds, workdir), file=out, flush=True)
+    stop, previous = _stop_on_signals()
     try:
         soak.start()
         soak.check()
         for index, o, step_seed in schedule(seed, pool):
             if time.monotonic() - started > seconds or (max_steps and index > max_steps):
+                break
+            if stop:
+                status, failure = 2, "INTERRUPTED by signal %d (no violation so far)" % stop[0]
                 break
             soak.begin_step()
             t0 = time.monotonic()
@@ -71,10 +76,26 @@ def run(seed, seconds, workdir=None, size=32 << 20, max_steps=None, keep=False,
         status, failure = 1, "HARNESS ERROR (or an unexpected answer):\n" + traceback.format_exc()
     finally:
         soak.close()
+        _restore_signals(previous)
     report(soak, seed, time.monotonic() - started, failure, out)
     if status == 0 and own and not keep:
         shutil.rmtree(workdir, ignore_errors=True)
     return status
+
+
+def _stop_on_signals():
+    """SIGINT and SIGTERM end the soak after the step under way, with its servers,
+    mounts and namespace cleaned up (a step may catch an interrupt of its own).
+    Returns (the signals received, the handlers to put back)."""
+    stop = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: stop.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    return stop, previous
+
+
+def _restore_signals(previous):
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def report(soak, seed, elapsed, failure, out):
@@ -96,7 +117,8 @@ def report(soak, seed, elapsed, failure, out):
               "max %d MiB" % (len(life), life[0] >> 20, life[-1] >> 20, max(life) >> 20))
         return
     p("")
-    p("soak: seed=%d FAILED after %d steps (%.0fs)" % (seed, len(soak.steps), elapsed))
+    word = "INTERRUPTED" if failure.startswith("INTERRUPTED") else "FAILED"
+    p("soak: seed=%d %s after %d steps (%.0fs)" % (seed, word, len(soak.steps), elapsed))
     p(failure.rstrip())
     p("steps (replay: scripts/soak --seed %d --steps %d):" % (seed, len(soak.steps)))
     for index, name, what, seconds in soak.steps:
