@@ -25,7 +25,10 @@ Durability: the stream's progress is the cluster map itself (a cluster the
 overlay holds is never copied again).  Every CHECKPOINT_INTERVAL the job
 flushes the overlay (the map commit makes the copied clusters durable) and
 saves its record; a resumed stream walks the disk again and copies only what
-is still absent.
+is still absent.  The checkpoint runs in a thread of its own, one at a time,
+while the copy goes on: its fdatasync writes back what was copied so far
+instead of stopping the copy (in the job thread the syncs took 0.6 of 1.3 s
+for 1 GiB).  The record's offset is progress for display only.
 
 Errors (of a populate: reading the base, or writing the overlay) go through
 ``Job.report_io_error`` as operation "read", as QEMU reports every stream
@@ -41,6 +44,7 @@ error (its copy-on-read is a read):
 """
 
 import logging
+import threading
 
 from ..blockcopy.cadence import Cadence
 from ..core.errors import errno_of
@@ -79,6 +83,7 @@ class StreamJob(Job):
         self._copied = 0
         self._floor = 0               # a restored job's offset: progress never goes back
         self.created = None
+        self._flusher = None          # the checkpoint under way (a thread)
         self._checkpoints = Cadence(self.store.size, self.clock.now, CHECKPOINT_INTERVAL,
                                     CHECKPOINT_FRACTION)
         self.set_progress(0, self.store.size)
@@ -103,16 +108,31 @@ class StreamJob(Job):
         super().set_progress(offset, total)
 
     def _checkpoint(self):
-        """Make the copied clusters durable and save the record (about once a second)."""
+        """Make the copied clusters durable and save the record (about once a second),
+        in a thread while the copy goes on; one at a time."""
         if self.durable is None or not self._checkpoints.due(self._copied, idle=True):
             return
+        if self._flusher is not None:
+            if self._flusher.is_alive():
+                return
+            self._flusher.join()
         self._checkpoints.mark(self._copied)
+        self._flusher = threading.Thread(target=self._flush_and_save, daemon=True,
+                                         name="stream-checkpoint-%s" % self.id)
+        self._flusher.start()
+
+    def _flush_and_save(self):
         try:
             self.store.flush()
         except OSError as e:
             log.warning("Stream checkpoint flush failed job=%s error=%s", self.id, e)
             return
         self._save()
+
+    def _join_checkpoint(self):
+        if self._flusher is not None:
+            self._flusher.join()
+            self._flusher = None
 
     def change(self, on_error=None):
         if on_error is not None:
@@ -122,6 +142,12 @@ class StreamJob(Job):
     # -- the job thread ----------------------------------------------------
 
     def run(self):
+        try:
+            self._run()
+        finally:
+            self._join_checkpoint()
+
+    def _run(self):
         store = self.store
         log.info("Stream started job=%s size=%d chunk=%d on_error=%s", self.id, store.size,
                  self.chunk, self.on_error)
