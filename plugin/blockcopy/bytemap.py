@@ -10,7 +10,7 @@ granule, and the rules in snapshot.py say both are safe.
 
 import os
 
-from ..core.fileio import pwrite_all
+from ..core.fileio import fsync_dir, pwrite_all
 
 
 class ByteMap:
@@ -28,7 +28,7 @@ class ByteMap:
             except BaseException:
                 os.close(fd)
                 raise
-            _fsync_dir(os.path.dirname(path))
+            fsync_dir(os.path.dirname(path))
         else:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             try:
@@ -103,9 +103,3 @@ def byteruns(data, value, first=0, end=None):
     return out
 
 
-def _fsync_dir(path):
-    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

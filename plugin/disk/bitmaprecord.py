@@ -37,7 +37,7 @@ import os
 import threading
 from array import array
 
-from ..core.fileio import pwrite_all
+from ..core.fileio import fsync_dir, pwrite_all, unlink_if_there
 from . import bitmapfile
 from .bitmapfile import COPY_HEADER_BYTES, HEADER_BYTES, REGIONS, TMP
 
@@ -45,14 +45,6 @@ log = logging.getLogger(__name__)
 
 SET_GROUP = 16          # a first write into a clear region sets this many with one sync
 _SET, _CLEAR = b"\x01", b"\x00"
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def make_folder(folder):
@@ -92,15 +84,8 @@ def _write_new(path, length, blocks):
         os.rename(tmp, path)
         fsync_dir(os.path.dirname(path))
     except BaseException:
-        _unlink(tmp)
+        unlink_if_there(tmp)
         raise
-
-
-def _unlink(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class RegionRecord:
@@ -288,7 +273,7 @@ class BitmapFile:
             finally:
                 os.close(fd)
         except BaseException:
-            _unlink(tmp)
+            unlink_if_there(tmp)
             raise
         return PendingFile(path, header_bytes, stride)
 
@@ -332,7 +317,7 @@ class BitmapFile:
     def discard(self):
         """After retire(): the file is gone for good."""
         self.close()
-        _unlink(self.path + TMP)
+        unlink_if_there(self.path + TMP)
 
     def close(self):
         if self._fd is not None:
@@ -359,12 +344,12 @@ class PendingFile:
         return BitmapFile(self.path, self.header_bytes, self.stride, 1, 0)
 
     def discard(self):
-        _unlink(self.path + TMP)
+        unlink_if_there(self.path + TMP)
 
 
 def remove_leftovers(state_dir):
     """*.tmp files of an add or remove that did not finish (after the checks)."""
     for path in bitmapfile.leftovers(state_dir):
         log.info("removing a leftover bitmap file path=%s", path)
-        _unlink(path)
+        unlink_if_there(path)
 

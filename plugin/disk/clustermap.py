@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 
-from ..core.fileio import pread_all, pwrite_all
+from ..core.fileio import fsync_dir, pread_all, pwrite_all, unlink_if_there
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +51,6 @@ def create(path, nclusters):
         os.close(fd)
 
 
-def _unlink(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _allocate(fd, length):
     """Make sure the map's blocks exist, so a commit never needs new space (a map
     made by an older server may be sparse).  Content is unchanged."""
@@ -89,7 +74,7 @@ class ClusterMap:
         # statecheck.py checked it): it is never created, cut or extended here.
         self._path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        _unlink(path + TMP)        # a clear() that a crash cut short before its rename
+        unlink_if_there(path + TMP)        # a clear() that a crash cut short before its rename
         try:
             if os.fstat(self._fd).st_size != nclusters:
                 raise OSError(errno.EINVAL, "%s: %d bytes, not one per cluster (%d)"
@@ -268,7 +253,7 @@ class ClusterMap:
         self.commit()
         tmp = self._path + TMP
         with self._commit_lock:
-            _unlink(tmp)
+            unlink_if_there(tmp)
             create(tmp, self.nclusters)
             fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
             with self._lock:
@@ -278,7 +263,7 @@ class ClusterMap:
                     os.rename(tmp, self._path)
                 except BaseException:
                     os.close(fd)
-                    _unlink(tmp)
+                    unlink_if_there(tmp)
                     if self._journal is not None:
                         self._journal.restart()   # the old map stays, and goes on
                     raise
@@ -288,7 +273,7 @@ class ClusterMap:
                 if self._journal is not None:
                     self._journal.restart()
             os.close(old)
-            _fsync_dir(os.path.dirname(self._path) or ".")
+            fsync_dir(os.path.dirname(self._path) or ".")
         log.info("cluster map cleared path=%s clusters=%d", self._path, self.nclusters)
 
     def close(self):

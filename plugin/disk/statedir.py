@@ -35,6 +35,7 @@ import json
 import logging
 import os
 
+from ..core.fileio import fsync_dir, unlink_if_there
 from . import bitmapfile, clustermap, statecheck
 from .statecheck import DATA, FORMAT, MAP, META, VERSION, Damaged
 
@@ -59,14 +60,6 @@ def write_json_atomic(path, obj):
         os.fsync(f.fileno())
     os.rename(tmp, path)
     fsync_dir(os.path.dirname(path) or ".")
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StateDir:
@@ -135,21 +128,14 @@ class _Undo:
 
     def undo(self):
         for path in reversed(self.files):
-            _unlink(path)
+            unlink_if_there(path)
         if self.lock_path:
-            _unlink(self.lock_path)
+            unlink_if_there(self.lock_path)
         for path in reversed(self.dirs):
             try:
                 os.rmdir(path)
             except OSError:
                 pass         # not empty: someone else uses it now
-
-
-def _unlink(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def open_state_dir(path, open_base, base=None, size=None, cluster_size=None, device=None):
@@ -268,7 +254,7 @@ def _open_existing(path, meta_path, open_base, base, size, cluster_size, device)
     tmp = meta_path + ".tmp"
     if os.path.lexists(tmp):
         log.info("removing a leftover %s (meta.json is valid)", tmp)
-        _unlink(tmp)
+        unlink_if_there(tmp)
     if meta["version"] != VERSION:
         # Every check passed: upgrade in place (version 1 differs only in
         # having no jobs/ folder, which is made on first use; version 2 in
