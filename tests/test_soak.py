@@ -75,3 +75,33 @@ def test_a_bitmap_missing_a_changed_granule_is_found():
     changes = Mask.of(size, [(65536 + 4096, 4096), (2 << 20, 8192)])
     assert first_missing(changes, [(65536, 65536), (2 << 20, 65536)], 65536) is None
     assert first_missing(changes, [(65536, 65536)], 65536) == (2 << 20, 65536)
+
+
+def test_job_change_has_options_for_every_kind_of_job_the_soak_starts():
+    """A 60-minute soak met block-job-change on a commit for the first time and the
+    harness died (KeyError 'commit'); every option it sends is one the job accepts."""
+    import random
+    from soaklib import ops
+    from soaklib.core import JobTrack
+    from plugin.jobs.backup import BackupJob
+    from plugin.jobs.commit import CommitJob
+    from plugin.jobs.mirror import MirrorJob
+    from plugin.jobs.stream import StreamJob
+    classes = {"mirror": MirrorJob, "stream": StreamJob, "backup": BackupJob,
+               "commit": CommitJob}
+
+    class Soak:
+        sent = []
+
+        def try_qmp(self, command, args):
+            self.sent.append(args)
+            return True, {}
+
+    soak = Soak()
+    for kind, cls in classes.items():
+        soak.job = JobTrack("j-" + kind, kind)
+        for seed in range(20):
+            ops.job_change(soak, random.Random(seed))
+        names = {name.replace("-", "_") for args in soak.sent for name in args if name != "id"}
+        assert names and names <= cls.changeable_options, (kind, names)
+        soak.sent.clear()

@@ -268,7 +268,8 @@ def job_set_speed(soak, rnd):
 def job_change(soak, rnd):
     job = _job(soak)
     options = {"mirror": [("copy-mode", "write-blocking"), ("on-target-error", None)],
-               "stream": [("on-error", None)], "backup": [("on-target-error", None)]}
+               "stream": [("on-error", None)], "commit": [("on-error", None)],
+               "backup": [("on-target-error", None), ("on-source-error", None)]}
     name, value = rnd.choice(options[job.kind])
     args = {"id": job.id, name: value or rnd.choice(POLICIES)}
     ok, why = soak.try_qmp("block-job-change", args)
