@@ -182,6 +182,7 @@ class Job(JobLifecycle, RunHelpers):
         self.durable = None             # record keeper (save/forget), see plugin/jobs/record.py
         self._ready_seen = False
         self._suspended = False
+        self._shutting_down = False   # suspend() began: every record saved says shutdown
 
     # ------------------------------------------------------------------
     # Hooks for subclasses
@@ -234,6 +235,14 @@ class Job(JobLifecycle, RunHelpers):
         with self._cond:
             return self._suspended
 
+    @property
+    def shutting_down(self) -> bool:
+        """suspend() began: a record saved from now on is a shutdown record
+        (JobRecords.save reads this under its lock, so a checkpoint's save that
+        waited for suspend()'s does not write shutdown=false over it)."""
+        with self._cond:
+            return self._shutting_down or self._suspended
+
     def saved_state(self) -> dict:
         """The engine's part of the job record."""
         with self._cond:
@@ -260,7 +269,7 @@ class Job(JobLifecycle, RunHelpers):
         if durable is None:
             return
         try:
-            durable.save(self, shutdown=self.suspended)
+            durable.save(self)
         except OSError as e:
             log.error("Job record not saved job=%s error=%s", self.id, e)
 
@@ -269,6 +278,7 @@ class Job(JobLifecycle, RunHelpers):
         with self._cond:
             if self._status in ("concluded", "null") or self._suspended:
                 return
+            self._shutting_down = True
         durable = self.durable
         if durable is None:
             self.shutdown()           # nothing keeps it: it ends with the process

@@ -66,10 +66,12 @@ class JobRecords:
         return os.path.join(self._dir(), job_id)
 
     def save(self, job, shutdown=False):
-        """Write the job's record now (the latest state wins: taken under the lock)."""
+        """Write the job's record now (the latest state wins: taken under the lock,
+        shutdown too: once the job's suspend() began every save says so)."""
         with self._lock:
             if self._closed:
                 return
+            shutdown = shutdown or getattr(job, "shutting_down", False)
             generation = self._generations.get(job.id, 0) + 1
             record = {"format": FORMAT, "version": VERSION, "generation": generation,
                       "shutdown": shutdown}
