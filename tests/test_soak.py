@@ -105,3 +105,39 @@ def test_job_change_has_options_for_every_kind_of_job_the_soak_starts():
         names = {name.replace("-", "_") for args in soak.sent for name in args if name != "id"}
         assert names and names <= cls.changeable_options, (kind, names)
         soak.sent.clear()
+
+
+def test_no_chain_follows_a_bitmap_disabled_while_its_backup_ran():
+    """Seed 994825607: a bitmap disabled while the full backup that started its chain
+    still ran; the chain was set up at the backup's end anyway, and the incremental that
+    followed (copying nothing: the bitmap had recorded nothing) was taken for a server
+    bug.  A chain follows a bitmap only if it covered every change meanwhile."""
+    from soaklib import ops
+    from soaklib.bitmaps import _end_chain
+    from soaklib.core import JobTrack
+    from soaklib.model import BitmapModel
+
+    class Target:
+        def read(self):
+            return b"x" * 512
+
+    class Model:
+        size = 1 << 20
+        bitmaps = {}
+
+    class Soak:
+        model = Model()
+        chain = None
+
+    for disabled_meanwhile in (False, True):
+        soak = Soak()
+        bm = BitmapModel("chain1", soak.model.size, 65536, True, True)
+        soak.model.bitmaps = {"chain1": bm}
+        track = JobTrack("b1", "backup", Target(), sync="full")
+        track.info.update({"snapshot": b"x" * 512, "starts-chain": "chain1", "breaks": 0})
+        track.outcome = "completed"
+        if disabled_meanwhile:
+            bm.recording = False
+            _end_chain(soak, bm)
+        ops._backup_ended(soak, track)
+        assert (soak.chain is None) == disabled_meanwhile

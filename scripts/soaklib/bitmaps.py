@@ -38,6 +38,9 @@ def _command(soak, bitmaps, command, args):
 
 
 def _end_chain(soak, bitmap):
+    """The bitmap stops covering every change (disabled, cleared, removed): no chain
+    follows it, not even one whose backup is still running (ops._backup_ended)."""
+    bitmap.breaks += 1
     if soak.chain is not None and soak.chain[0] == bitmap.name:
         soak.chain = None
 

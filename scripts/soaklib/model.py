@@ -112,6 +112,7 @@ class BitmapModel:
         self.exact = None             # disabled: the extents it must keep, exactly
         self.busy = False             # held by a backup
         self.frozen = None            # an incremental backup's point in time (a Mask)
+        self.breaks = 0               # times it stopped covering every change (disable, clear)
 
     def describe(self):
         return "%s(g=%d %s %s)" % (self.name, self.granularity,
