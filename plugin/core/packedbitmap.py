@@ -7,20 +7,32 @@ granules into a byte (2 MiB for the same disk).  Bit i is granule i, in byte
 i // 8 at bit i % 8 (least significant first), the layout the state directory
 stores (docs/bitmaps.md); bits past the last granule stay 0.
 
-Speed where it matters: a client write marks one or a few granules (a byte
-test and store under the lock); counting, merging and finding runs work on
-whole byte strings (int.from_bytes / bit_count, re over bytes) at C speed.
+Speed where it matters: a client write marks one or a few granules
+(marker(): a request inside one granule adds the granule to the bitmap's
+pending set, one set.add and no lock; wider ones take the lock); counting,
+merging and finding runs work on whole byte strings (int.from_bytes /
+bit_count, re over bytes) at C speed.
+
+Pending granules are marks: everything that reads or changes the bits folds
+them in first, under the lock (_fold), and the marker folds every
+FOLD_EVERY marks, which bounds the sets.  Why not the lock: two client
+threads marking four bitmaps contended for the four locks (with the GIL),
+2.9 us of CPU a write against 0.3 us for the set adds.
 
 Thread safe: client threads mark, the control thread and the checkpoint
 thread copy, clear and merge.  `changes` counts the marks that set a new bit
 (a saver compares it with the value it last saved).
 """
 
+import itertools
 import re
 import threading
 
 _NONZERO = re.compile(rb"[^\x00]")
 _NOT_FULL = re.compile(rb"[^\xff]")
+
+# The marker folds the pending granules into the bits every this many marks.
+FOLD_EVERY = 4096
 
 
 def _low_bit(b):
@@ -45,6 +57,7 @@ class PackedBitmap:
         self.nbytes = (self.nbits + 7) >> 3
         self._lock = threading.Lock()
         self._bits = bytearray(self.nbytes)
+        self._pending = set()              # granules marked, not yet in _bits
         self._count = 0
         self.changes = 0
         if data is not None:
@@ -96,19 +109,46 @@ class PackedBitmap:
         if hi_bit:
             bits[hi] |= (1 << hi_bit) - 1
 
+    def fold(self):
+        """Move the pending granules into the bits."""
+        with self._lock:
+            self._fold()
+
+    def _fold(self):
+        """(under the lock) list() and difference_update() run in C without
+        letting another thread in: a granule added meanwhile stays pending."""
+        pending = self._pending
+        if not pending:
+            return
+        granules = list(pending)
+        pending.difference_update(granules)
+        bits, gained = self._bits, 0
+        for i in granules:
+            j, m = i >> 3, 1 << (i & 7)
+            b = bits[j]
+            if not b & m:
+                bits[j] = b | m
+                gained += 1
+        if gained:
+            self._count += gained
+            self.changes += 1
+
     # -- whole-bitmap operations ---------------------------------------------
 
     def count(self):
         """Dirty granules."""
+        if self._pending:
+            self.fold()
         return self._count
 
     def dirty_bytes(self):
         """Dirty bytes as QEMU counts them (whole granules)."""
-        return self._count << self._shift
+        return self.count() << self._shift
 
     def snapshot(self):
         """(bytes, changes): the bits and the change counter they include."""
         with self._lock:
+            self._fold()
             return bytes(self._bits), self.changes
 
     def load(self, data):
@@ -116,12 +156,14 @@ class PackedBitmap:
         if len(data) != self.nbytes:
             raise ValueError("bitmap data has %d bytes, not %d" % (len(data), self.nbytes))
         with self._lock:
+            self._fold()
             self._bits[:] = data
             self._count = _popcount(self._bits)
             self.changes += 1
 
     def clear(self):
         with self._lock:
+            self._fold()
             self._bits[:] = bytes(self.nbytes)
             self._count = 0
             self.changes += 1
@@ -136,6 +178,7 @@ class PackedBitmap:
         if first >= end:
             return
         with self._lock:
+            self._fold()
             lo, hi = first >> 3, (end - 1) >> 3
             before = _popcount(self._bits[lo:hi + 1])
             self._reset(first, end)
@@ -163,6 +206,7 @@ class PackedBitmap:
         if other.granularity == self.granularity and other.size == self.size:
             data, _ = other.snapshot()
             with self._lock:
+                self._fold()
                 merged = int.from_bytes(self._bits, "little") | int.from_bytes(data, "little")
                 before = self._count
                 self._bits[:] = merged.to_bytes(self.nbytes, "little")
@@ -193,6 +237,7 @@ class PackedBitmap:
         g0, g1 = offset >> shift, ((stop - 1) >> shift) + 1
         base = g0 >> 3
         with self._lock:
+            self._fold()
             data = bytes(self._bits[base:(g1 + 7) >> 3])
         nbits = len(data) << 3
         pos, end = g0 - (base << 3), g1 - (base << 3)
@@ -209,6 +254,29 @@ class PackedBitmap:
             out.append((a, b - a))
             pos = finish
         return out, None
+
+
+def marker(bitmaps):
+    """fn(offset, length): mark [offset, offset+length) in every one of bitmaps
+    (the client path; see the module's docstring)."""
+    bitmaps = tuple(bitmaps)
+    parts = tuple((b._shift, b._pending.add, b.mark) for b in bitmaps)
+    tick = itertools.count(1).__next__
+
+    def mark_all(offset, length):
+        if length <= 0:
+            return
+        last = offset + length - 1
+        for shift, add, mark in parts:
+            first = offset >> shift
+            if last >> shift == first:
+                add(first)
+            else:
+                mark(offset, length)
+        if not tick() % FOLD_EVERY:
+            for b in bitmaps:
+                b.fold()
+    return mark_all
 
 
 def _next_set(data, pos, nbits):

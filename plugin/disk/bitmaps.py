@@ -26,6 +26,7 @@ import re
 import threading
 import time
 
+from ..core import packedbitmap
 from ..core.packedbitmap import PackedBitmap
 from . import bitmapfile, bitmaprecord
 from .bitmapchange import Change, busy_error, not_found
@@ -292,26 +293,12 @@ def _gained(snaps, shift, nregions):
 def _marker(recording, record):
     """fn(offset, length): mark every recording bitmap, then cover the change in the
     region record (None: no persistent bitmap records)."""
-    marks = tuple(bits.mark for bits in recording)
+    mark = packedbitmap.marker(recording)
     if record is None:
-        if len(marks) == 1:
-            return marks[0]
-
-        def mark_all(offset, length):
-            for mark in marks:
-                mark(offset, length)
-        return mark_all
+        return mark
     cover = record.cover
-    if len(marks) == 1:
-        mark = marks[0]
 
-        def mark_one_and_cover(offset, length):
-            mark(offset, length)
-            cover(offset, length)
-        return mark_one_and_cover
-
-    def mark_all_and_cover(offset, length):
-        for mark in marks:
-            mark(offset, length)
+    def mark_and_cover(offset, length):
+        mark(offset, length)
         cover(offset, length)
-    return mark_all_and_cover
+    return mark_and_cover
