@@ -163,3 +163,70 @@ def test_a_byte_other_than_0_1_2_reads_as_set(tmp_path):
     (tmp_path / "disk0.intent").write_bytes(bytes([0, 7, 2, 1]) + bytes(60))
     log = _log(tmp_path, create=False)
     assert list(log.runs()) == [(MiB, MiB, False), (2 * MiB, MiB, True), (3 * MiB, MiB, False)]
+
+
+class _Syncs:
+    """Counts the log's fdatasync()s."""
+
+    def __init__(self, monkeypatch):
+        import plugin.blockcopy.intent as intent
+        self.n = 0
+        real = intent.os.fdatasync
+
+        def counting(fd):
+            self.n += 1
+            real(fd)
+        monkeypatch.setattr(intent.os, "fdatasync", counting)
+
+
+def test_a_set_the_store_cannot_make_durable_before_its_commit_is_owed_not_synced(
+        tmp_path, monkeypatch):
+    log = _log(tmp_path)
+    _clear_all(log)
+    fresh = {(3 * MiB, 4096), (5 * MiB, 4096)}          # changes into never-committed space
+    log.defer = lambda offset, length: (offset, length) in fresh
+    syncs = _Syncs(monkeypatch)
+    _write(log, 3 * MiB, 4096)
+    assert syncs.n == 0 and log.owed and log.deferred_sets == 1 and log.sets == 0
+    group = (3 // SET_GROUP) * SET_GROUP
+    # Written without the sync: a kill -9 (same page cache) still finds the group set.
+    assert list(_log(tmp_path, create=False).regions()) == [(group * MiB, SET_GROUP * MiB)]
+    _write(log, 5 * MiB, 4096)                          # owed region, fresh space: no sync
+    assert syncs.n == 0 and log.owed
+    log.sync_owed()                                     # the commit hook, before_send
+    assert syncs.n == 1 and not log.owed
+    log.sync_owed()                                     # nothing owed: no system call
+    assert syncs.n == 1
+
+
+def test_a_change_into_an_owed_region_that_could_be_durable_sooner_syncs_first(
+        tmp_path, monkeypatch):
+    log = _log(tmp_path)
+    _clear_all(log)
+    log.defer = lambda offset, length: offset == 3 * MiB
+    syncs = _Syncs(monkeypatch)
+    _write(log, 3 * MiB, 4096)
+    assert syncs.n == 0 and log.owed
+    _write(log, 3 * MiB + 65536, 4096)                  # a committed cluster, same region
+    assert syncs.n == 1 and not log.owed
+    _write(log, 2 * MiB, 2 * MiB)                       # set, nothing owed: no sync
+    assert syncs.n == 1
+
+
+def test_without_defer_and_after_a_checkpoint_nothing_stays_owed(tmp_path, monkeypatch):
+    log = _log(tmp_path)
+    _clear_all(log)
+    syncs = _Syncs(monkeypatch)
+    _write(log, 20 * MiB, 4096)                         # no defer: synced as always
+    assert syncs.n == 1 and log.sets == 1 and not log.owed
+    log.defer = lambda offset, length: True
+    _write(log, 40 * MiB, 4096)
+    assert log.owed and syncs.n == 1
+    _clear_all(log)                                     # both groups touched: nothing cleared
+    assert log.owed and syncs.n == 1
+    _clear_all(log)                                     # clears them: writes and syncs the log
+    assert not log.owed and syncs.n == 2
+    _write(log, 60 * MiB, 4096)                         # a clear group again: owed
+    log.defer = None
+    _write(log, 50 * MiB, 4096)                         # a synced set syncs the owed ones too
+    assert not log.owed

@@ -369,3 +369,55 @@ def test_copied_bytes_count_data_written_not_zero_ranges(servers, tmp_path, conn
         assert s.disk_bytes() == s.target_bytes()
     finally:
         s.qmp.close()
+
+
+def test_a_deferred_intent_set_is_durable_before_the_target_or_a_commit_gets_the_change(
+        local_disks, tmp_path):
+    """A background mirror's first write into a clear region of fresh overlay space
+    defers the intent log's fdatasync (IntentLog.defer): the change cannot be durable
+    before the store's next commit.  The sync must come before the target is sent
+    anything (the copy pipeline's before_send) and before that commit (its hook)."""
+    from plugin.blockcopy.intent import IntentLog
+    size = 64 * MiB
+    base = make_image(tmp_path / "base.img", size, [(0, size)], seed=3)
+    target_path = tmp_path / "target.img"
+    with open(target_path, "wb") as f:
+        f.truncate(size)
+    disk = local_disks(base)
+    intent = IntentLog(str(tmp_path / "disk0.intent"), size, MiB, create=True)
+    job = disk.mirror(target_path, granularity=65536, intent=intent)
+    disk.wait_event("BLOCK_JOB_READY")
+
+    def cleared():
+        disk.run(5.0, until=lambda: intent.set_bytes() == 0)    # checkpoints clear it
+        assert intent.set_bytes() == 0
+    cleared()
+    sent_while_owed = []
+    target = job.copy.target
+    for name in ("submit_write", "submit_zero"):
+        real = getattr(target, name)
+
+        def spy(*args, _real=real):
+            sent_while_owed.append(intent.owed)
+            return _real(*args)
+        setattr(target, name, spy)
+    for i in range(4):                          # fresh clusters in 4 of the 8 MiB groups
+        disk.disk.write(bytearray(b"%d" % i * 4096), i * 8 * MiB + 8192)
+    assert intent.deferred_sets == 4 and intent.sets == 0 and intent.owed
+    disk.run(1.0, until=lambda: job.copy.bitmap.is_clean() and not target.in_flight())
+    assert sent_while_owed and not any(sent_while_owed)
+    assert not intent.owed                      # the copy synced it first
+    disk.disk.write(bytearray(b"x" * 4096), 40 * MiB + 8192)    # a clear group: owed
+    assert intent.owed
+    disk.disk.flush()                           # the commit's hook syncs it
+    assert not intent.owed
+    # A change into a committed cluster of an owed region syncs first.
+    cleared()
+    disk.disk.write(bytearray(b"y" * 4096), 41 * MiB)           # fresh, group 5: owed
+    assert intent.owed
+    disk.disk.write(bytearray(b"z" * 4096), 40 * MiB + 4096)    # committed cluster
+    assert not intent.owed
+    expected = disk.read()
+    job.user_cancel()
+    disk.wait_event("JOB_STATUS_CHANGE", id="disk0", status="null")
+    assert target_path.read_bytes() == expected

@@ -47,6 +47,19 @@ The rule (docs/overlay.md, "Mirror durability"):
   change into it is in progress or ended since the mirror looked at its
   holdings (mark_copied's `since`).  A power cut may leave a stale 2 (the
   pwrite lost, the change flushed): a new boot never trusts, it compares.
+- DEFERRED set (`defer`, a background mirror): when the store says the
+  change cannot reach stable storage before its next commit (every cluster
+  it touches is one the map never committed: a copy-on-write write into
+  fresh space, store.defers_durability()), the slow path writes the set
+  bytes without the fdatasync and the regions are OWED.  The sync then comes
+  before anything could make the change matter after a power cut:
+  sync_owed() runs as the store's commit hook (before the commit that makes
+  the change durable) and before the mirror sends anything to the target
+  (the copy pipeline's before_send, the write-through).  Until then a power
+  cut loses the change with its set byte, and the region holds on the disk
+  and on the target what it held when it was clear: in sync.  A change into
+  an owed region that could be durable sooner (a committed cluster) syncs
+  first.  A kill -9 keeps the page cache: the set bytes survive.
 - A new log starts with every region set: until the first checkpoint the
   whole disk may differ.  So the log also serves as the bulk copy's record:
   a mirror killed half way copies again what it had not reached (plus what
@@ -140,13 +153,19 @@ class IntentLog:
         # begin_checkpoint() starts a new epoch.
         self._touched = array("Q", bytes(8 * n))
         self._epoch = 1
-        self._writing = {}                    # token -> (first, end) of changes in progress
+        self._writing = {}                    # token -> (first, end, offset, length) in progress
         self._tokens = itertools.count()
         # A stamp from _seq per region, taken as the last change into it ended
         # (mark_copied's `since`: changes that ended after the mirror looked).
         self._seq = itertools.count(1)
         self._ended = array("Q", bytes(8 * n))
         self.sets = 0                         # slow paths taken (for tests, the log)
+        # fn(offset, length): True if a change there cannot be durable before the
+        # store's next commit (DEFERRED set, above); None: every set is synced.
+        self.defer = None
+        self._owed = bytearray(n)             # 1: set in the page cache, not synced
+        self.owed = False                     # any region owed
+        self.deferred_sets = 0
 
     # -- the guard (client threads) -------------------------------------
 
@@ -158,7 +177,7 @@ class IntentLog:
     def begin(self, offset, length):
         first, end = self._span(offset, length)
         token = next(self._tokens)
-        self._writing[token] = (first, end)
+        self._writing[token] = (first, end, offset, length)
         if end - first == 1:
             self._touched[first] = self._epoch
         else:
@@ -167,11 +186,13 @@ class IntentLog:
 
     def persist(self, token):
         """Make sure the regions of the change are set on disk before it is issued."""
-        first, end = self._writing[token]
+        first, end, offset, length = self._writing[token]
         bits = self._bits
         if end - first == 1:
             state = bits[first]
             if state == SET:
+                if self.owed and self._owed[first]:
+                    self._sync_unless_deferred(offset, length)
                 return
             if state == COPIED:
                 self._uncopy(first, end)
@@ -179,21 +200,55 @@ class IntentLog:
         elif bits.find(_CLEAR, first, end) < 0:
             if bits.find(_COPIED, first, end) >= 0:
                 self._uncopy(first, end)
+            if self.owed and self._owed.find(1, first, end) >= 0:
+                self._sync_unless_deferred(offset, length)
             return
         # The slow path below rewrites COPIED regions of the group as SET too.
         # Set the whole group around the change (SET_GROUP regions, aligned):
         # one fdatasync then covers the next first writes nearby too.
         first -= first % SET_GROUP
         end = min(end + (-end % SET_GROUP), self.nregions)
+        defer = self.defer
+        deferred = defer is not None and defer(offset, length)
         with self._lock:
             if self._fd is None:
                 return            # the job is gone (a change that began as it ended)
             bits[first:end] = _SET * (end - first)
             pwrite_all(self._fd, bits[first:end], first)
-            os.fdatasync(self._fd)
-            self.sets += 1
+            if deferred:
+                self._owed[first:end] = b"\x01" * (end - first)
+                self.owed = True
+                self.deferred_sets += 1
+            else:
+                os.fdatasync(self._fd)
+                self._synced()
+                self.sets += 1
         # The group counts as touched: it lives at least one checkpoint interval.
         self._touched[first:end] = array("Q", (self._epoch,)) * (end - first)
+
+    def _sync_unless_deferred(self, offset, length):
+        """A change into owed regions: sync them first unless it too cannot be
+        durable before the store's next commit."""
+        defer = self.defer
+        if defer is None or not defer(offset, length):
+            self.sync_owed()
+
+    def sync_owed(self):
+        """Make the owed sets durable (the store's commit hook; before the mirror
+        sends anything to the target).  Cheap when nothing is owed."""
+        if not self.owed:
+            return
+        with self._lock:
+            if not self.owed or self._fd is None:
+                return
+            os.fdatasync(self._fd)
+            self._synced()
+
+    def _synced(self):
+        """(under _lock) The file was synced: nothing is owed."""
+        if self.owed:
+            self._owed[:] = bytes(self.nregions)
+            self.owed = False
 
     def _uncopy(self, first, end):
         """A change is coming into COPIED regions: rewrite them as SET first (no sync)."""
@@ -211,7 +266,7 @@ class IntentLog:
         if span is None:
             return
         # Stamp before leaving _writing: mark_copied sees one or the other.
-        first, end = span
+        first, end = span[0], span[1]
         stamp = next(self._seq)
         if end - first == 1:
             self._ended[first] = stamp
@@ -276,7 +331,7 @@ class IntentLog:
                 i = bits.find(_SET, i + 1, end)
             if not marked:
                 return 0
-            for lo, hi in list(self._writing.values()):          # (b)
+            for lo, hi, _, _ in list(self._writing.values()):    # (b)
                 for r in range(max(lo, first), min(hi, end)):
                     if bits[r] == COPIED:
                         bits[r] = SET
@@ -336,11 +391,12 @@ class IntentLog:
             restored = 0
             if writing:
                 for r in cleared:
-                    if any(first <= r < end for first, end in writing):
+                    if any(span[0] <= r < span[1] for span in writing):
                         bits[r] = 1
                         restored += 1
             pwrite_all(self._fd, bytes(bits), 0)
             os.fdatasync(self._fd)
+            self._synced()
         return len(cleared) - restored
 
     def remove(self):

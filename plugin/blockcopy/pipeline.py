@@ -81,6 +81,10 @@ class CopyPipeline:
         self.copy_mask = None             # (offset, length) -> the sub-ranges to copy again
         self.on_flush = None              # (flush tag, errno) of a completed flush
         self.on_copied = None             # (offset, length) the target answered
+        # fn() before a copy's requests go to the target, after its reads (the
+        # intent log's sync_owed: a set it deferred is durable before the target
+        # can hold the change); an OSError fails the copy as a read.
+        self.before_send = None
         self._buffers = []                # free copy buffers of `chunk` bytes
         self._unpaid = 0                  # bytes copied but not yet paid to the rate limiter
 
@@ -233,6 +237,8 @@ class CopyPipeline:
                             store.read(piece, e.offset)
                             requests.append((e.offset, e.length, piece))
                         pos = e.end
+            if requests and self.before_send is not None:
+                self.before_send()
         except OSError as e:
             self._give_buffer(op)
             self.ranges.release(op.token)

@@ -128,6 +128,10 @@ class MirrorJob(SyncedCopyJob):
                      self.bitmap.dirty_bytes(), sum(n for _, n in self.compare.pending),
                      self.disk.size)
 
+    def _may_defer_sets(self):
+        """A background mirror sends the disk's bytes only through the copy pipeline."""
+        return self.copy_mode == "background"
+
     # -- policies (block-job-change) ---------------------------------------
 
     def change(self, copy_mode=None, on_source_error=None, on_target_error=None):
@@ -135,6 +139,8 @@ class MirrorJob(SyncedCopyJob):
             if self.copy_mode == "write-blocking" and copy_mode == "background":
                 raise CommandError("Cannot change copy-mode from 'write-blocking' to 'background'")
             self.copy_mode = copy_mode
+            if copy_mode == "write-blocking":
+                self._stop_deferring()
         if on_source_error is not None:
             self.on_source_error = on_source_error
         if on_target_error is not None:
@@ -162,6 +168,8 @@ class MirrorJob(SyncedCopyJob):
         if (self.copy_mode == "write-blocking" and self._fatal is None and not self.user_paused
                 and not self.cancelled):
             try:
+                if self.intent is not None:
+                    self.intent.sync_owed()   # a set deferred before the change of mode
                 through = self._through.apply(kind, offset, length, buf)
             except OSError as e:
                 log.warning("Mirror write-through failed job=%s offset=%d length=%d error=%s",

@@ -36,6 +36,7 @@ class SyncedCopyJob(CopyJob):
         self.flushes.after = self._after_flush
         self._last_progress_save = self.clock.now()
         self._listening = False
+        self._hooked_store = None            # the store whose commits sync the intent log
 
     def _first_dirty(self):
         """A new job's first dirty set (after attach(): later writes are the listener's)."""
@@ -51,17 +52,43 @@ class SyncedCopyJob(CopyJob):
         if self._listening:
             return False
         with self.disk.quiesce():
-            if self.intent is not None:
-                self.disk.add_guard(self.intent)
+            intent, store = self.intent, self.disk.store
+            if intent is not None:
+                defers = getattr(store, "defers_durability", None)
+                if defers is not None and self._may_defer_sets():
+                    # The hooks first: no set is deferred before both are there.
+                    store.add_commit_hook(intent.sync_owed)
+                    self._hooked_store = store     # a pivot changes the disk's store
+                    self.copy.before_send = intent.sync_owed
+                    intent.defer = defers
+                self.disk.add_guard(intent)
             self.disk.add_listener(self._on_change)
             self._listening = True
         return True
 
+    def _may_defer_sets(self):
+        """May the intent log defer the sync of a set the store cannot make
+        durable before its next commit (IntentLog.defer)?  Only where nothing
+        but the copy pipeline sends the disk's bytes to the target."""
+        return False
+
+    def _stop_deferring(self):
+        """No set is deferred from now on, and none stays owed."""
+        intent = self.intent
+        if intent is not None and intent.defer is not None:
+            intent.defer = None
+            intent.sync_owed()
+
     def _stop_listening(self):
         if self._listening:
             self.disk.remove_listener(self._on_change)
-            if self.intent is not None:
-                self.disk.remove_guard(self.intent)
+            intent = self.intent
+            if intent is not None:
+                self.disk.remove_guard(intent)
+                if self._hooked_store is not None:
+                    self._stop_deferring()
+                    self._hooked_store.remove_commit_hook(intent.sync_owed)
+                    self._hooked_store = None
             self._listening = False
 
     def abort(self):
