@@ -141,3 +141,50 @@ def test_no_chain_follows_a_bitmap_disabled_while_its_backup_ran():
             _end_chain(soak, bm)
         ops._backup_ended(soak, track)
         assert (soak.chain is None) == disabled_meanwhile
+
+
+def test_a_mirror_back_after_a_restart_has_forgotten_complete():
+    """Seed 1158835865, step 1462: complete, kill -9 before the pivot; the mirror came
+    back READY (docs/jobs.md: `complete` again) and a soft cancel then ended it without
+    a pivot, as it should, which the harness took for 'completed after complete
+    without pivoting'.  After a restart a mirror that is back has no complete asked."""
+    from soaklib.core import JobTrack, Soak
+
+    class Model:
+        bitmaps = {}
+
+    class Rig:
+        def __init__(self, ids):
+            self.ids = ids
+
+        def jobs(self):
+            return self.ids
+
+    class Fake:
+        restarted = Soak.restarted
+        forget_unknown_job = Soak.forget_unknown_job
+
+        def __init__(self, job, listed):
+            self.model, self.chain, self.job = Model(), None, job
+            self.rig = Rig([job.id] if listed else [])
+            self.ended = []
+
+        def settle(self):
+            pass
+
+        def _end(self, job, outcome):
+            self.ended.append((job.id, outcome))
+            self.job = None
+
+    for kind in ("mirror", "commit"):
+        track = JobTrack("j1", kind)
+        track.complete_asked = True
+        soak = Fake(track, listed=True)
+        soak.restarted("kill -9")
+        assert soak.job is track and track.faulted == ["kill -9"]
+        assert track.complete_asked == (kind == "commit")
+    gone = JobTrack("j2", "mirror")
+    gone.complete_asked = True
+    soak = Fake(gone, listed=False)
+    soak.restarted("kill -9")
+    assert soak.ended == [("j2", "unknown")] and gone.complete_asked

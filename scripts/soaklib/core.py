@@ -240,6 +240,11 @@ class Soak:
         if self.job is not None:
             self.job.faulted.append(how)
         self.forget_unknown_job()
+        if self.job is not None and self.job.kind == "mirror":
+            # A mirror that comes back has forgotten a complete asked before the
+            # restart (docs/jobs.md, "A crash during complete": `complete` again); a
+            # soft cancel then ends it without a pivot.
+            self.job.complete_asked = False
 
     def fresh_disk(self):
         """Throw the disk away and serve a new one over the base (the clients idle)."""
