@@ -394,7 +394,7 @@ def test_a_deferred_intent_set_is_durable_before_the_target_or_a_commit_gets_the
     cleared()
     sent_while_owed = []
     target = job.copy.target
-    for name in ("submit_write", "submit_zero"):
+    for name in ("submit_write", "submit_zero", "submit_copy"):
         real = getattr(target, name)
 
         def spy(*args, _real=real):

@@ -8,7 +8,7 @@ import struct
 
 from ..core.extent import Extent
 from ..core.fileio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
-                     fallocate, pread_all, pwrite_all, write_zeroes)
+                     copy_range, fallocate, pread_all, pwrite_all, write_zeroes)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ class FileBackend:
         pwrite_all(self._fd, buf, offset)
         if fua:
             os.fdatasync(self._fd)
+
+    def copy_from(self, fd, offset, length):
+        """Write what file fd holds at [offset, offset+length) to the same offsets."""
+        copy_range(fd, self._fd, offset, length)
 
     def zero(self, offset, length, may_trim=False, fua=False):
         mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if may_trim else FALLOC_FL_ZERO_RANGE

@@ -67,6 +67,12 @@ class FileTarget:
         fut = self._pool.submit(self._backend.write, buf, offset)
         self._pending[fut] = tag
 
+    def submit_copy(self, fd, offset, length, tag):
+        """Write what file fd holds at [offset, offset+length) to the same offsets,
+        in the kernel (the copy pipeline's file-to-file path)."""
+        fut = self._pool.submit(self._backend.copy_from, fd, offset, length)
+        self._pending[fut] = tag
+
     def submit_zero(self, offset, length, tag):
         fut = self._pool.submit(self._backend.zero, offset, length, True)
         self._pending[fut] = tag

@@ -219,12 +219,14 @@ class CopyPipeline:
         op.first, op.end = first, end
         store = self.store
         requests = []
+        # File to file (a file target, overlay data in data.img at the same
+        # offsets): the kernel copies (copy_file_range), no bytes through Python.
+        data_file = (getattr(store, "data_file", None)
+                     if hasattr(self.target, "submit_copy") else None)
         try:
             if zero:
                 requests.append((offset, length, None))
             else:
-                op.buf = self._take_buffer(length)
-                view = memoryview(op.buf)
                 pos, stop = part if part is not None else (offset, length)
                 stop += pos
                 while pos < stop:
@@ -233,7 +235,14 @@ class CopyPipeline:
                             if not self.skip_zero:
                                 requests.append((e.offset, e.length, None))
                         else:
-                            piece = view[e.offset - offset:e.end - offset]
+                            fd = data_file(e.offset, e.length) if data_file else None
+                            if fd is not None:
+                                requests.append((e.offset, e.length, fd))
+                                pos = e.end
+                                continue
+                            if op.buf is None:
+                                op.buf = self._take_buffer(length)
+                            piece = memoryview(op.buf)[e.offset - offset:e.end - offset]
                             store.read(piece, e.offset)
                             requests.append((e.offset, e.length, piece))
                         pos = e.end
@@ -263,6 +272,8 @@ class CopyPipeline:
         for o, n, buf in requests:
             if buf is None:
                 target.submit_zero(o, n, op)
+            elif isinstance(buf, int):
+                target.submit_copy(buf, o, n, op)
             else:
                 target.submit_write(buf, o, op)
         return True

@@ -58,6 +58,37 @@ def pwrite_all(fd, buf, offset):
         offset += n
 
 
+# copy_file_range errors that mean "not between these two files": copy by hand.
+_NO_COPY_RANGE = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+COPY_CHUNK = 1 << 20
+
+
+def copy_range(src_fd, dst_fd, offset, length):
+    """Copy [offset, offset+length) of src_fd to the same offsets of dst_fd in the
+    kernel (copy_file_range: no bytes pass through Python; a file system that
+    shares extents may share them), or by pread/pwrite where the kernel will not.
+    A source that ends early is EIO."""
+    pos, stop = offset, offset + length
+    while pos < stop:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, stop - pos, pos, pos)
+        except OSError as e:
+            if e.errno not in _NO_COPY_RANGE:
+                raise
+            break
+        if n == 0:
+            raise OSError(errno.EIO, "copy source ended at offset %d" % pos)
+        pos += n
+    buf = None
+    while pos < stop:
+        if buf is None:
+            buf = bytearray(min(COPY_CHUNK, stop - pos))
+        view = memoryview(buf)[:min(len(buf), stop - pos)]
+        pread_all(src_fd, view, pos)
+        pwrite_all(dst_fd, view, pos)
+        pos += len(view)
+
+
 def write_zeroes(fd, offset, length):
     """Write zero bytes over a range (when no fallocate mode is supported)."""
     chunk = bytes(min(length, 1 << 20))

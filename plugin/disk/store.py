@@ -245,6 +245,14 @@ class OverlayStore:
         committed map entry names; disk/clustermap.py)."""
         return self.map.surely_uncommitted(*self._clusters(offset, length))
 
+    def data_file(self, offset, length):
+        """data.img's descriptor if the overlay holds every byte of the range there
+        (at the same offsets: a copy can go file to file), else None.  Valid while
+        the caller holds the range against a change of file (commit's complete
+        waits for the copies in flight)."""
+        first, end = self._clusters(offset, length)
+        return self._fd if self.map.all_in(first, end, DATA) else None
+
     def add_commit_hook(self, fn):
         """fn() runs before every commit (flush, or a full journal) syncs the data."""
         self.map.add_commit_hook(fn)
