@@ -246,10 +246,8 @@ class OverlayStore:
         return self.map.surely_uncommitted(*self._clusters(offset, length))
 
     def data_file(self, offset, length):
-        """data.img's descriptor if the overlay holds every byte of the range there
-        (at the same offsets: a copy can go file to file), else None.  Valid while
-        the caller holds the range against a change of file (commit's complete
-        waits for the copies in flight)."""
+        """data.img's descriptor if the overlay holds the whole range there (at the
+        same offsets: a copy may go file to file), else None."""
         first, end = self._clusters(offset, length)
         return self._fd if self.map.all_in(first, end, DATA) else None
 
