@@ -53,3 +53,36 @@ def test_a_region_a_bitmap_gained_bits_in_meanwhile_stays_set(tmp_path):
     assert _on_disk(record)[:SET_GROUP] == b"\x00\x00\x01" + bytes(SET_GROUP - 3)
     record.cover(MiB, 4096)                        # cleared: the slow path sets it again
     assert record.syncs == 2 and _on_disk(record)[1] == 1
+
+
+def test_first_writes_waiting_for_a_sync_are_set_together_by_the_next_one(tmp_path):
+    """Group commit: writers queue their groups while the record is busy (here: its
+    lock held, as during another writer's fdatasync); the next holder sets all of
+    them with one sync, and the others find theirs set and pay nothing."""
+    import threading
+    record = _record(tmp_path, size=128 * MiB)     # 8 groups of 16 regions
+    errors = []
+
+    def write(group):
+        try:
+            record.cover(group * SET_GROUP * MiB + 4096, 4096)
+        except Exception as e:                     # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=write, args=(g,)) for g in range(1, 8)]
+    with record._lock:
+        for t in threads:
+            t.start()
+        import time
+        deadline = time.monotonic() + 60
+        while True:                                # each queued its group, then waits
+            with record._queue_lock:
+                if len(record._queued) == len(threads):
+                    break
+            assert time.monotonic() < deadline, "the writers never queued"
+            threading.Event().wait(0.001)
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert record.syncs == 1
+    assert _on_disk(record) == bytes(SET_GROUP) + b"\x01" * (7 * SET_GROUP)
+    assert record.set_ranges() == [(16 * MiB, 112 * MiB)]

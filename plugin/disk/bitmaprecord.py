@@ -7,7 +7,8 @@ Two kinds of files in STATE_DIR/bitmaps/ (layout: bitmapfile.py, docs/bitmaps.md
   region's byte is written and fdatasync()ed before the first client change
   into a clear region is issued to the store; a change into a set region pays
   no system call.  The slow path sets the aligned group of SET_GROUP regions
-  around the change with one sync.  CLEAR lazily: a checkpoint clears a set
+  around the change with one sync, together with every group other writers
+  queued meanwhile (group commit).  CLEAR lazily: a checkpoint clears a set
   region only once every recording bitmap's saved copy holds every change
   into it (see checkpoint_candidates/clear).
 - BitmapFile (`NNNNNNNN.bitmap`), one per bitmap: two preallocated copies of
@@ -103,6 +104,8 @@ class RegionRecord:
         self._trusted = bits
         self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self._lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queued = []                # (first, end) groups waiting for a sync
         # The epoch in which the last change into each region began (0: none).
         self._touched = array("Q", bytes(8 * self.nregions))
         self._epoch = 1
@@ -139,20 +142,39 @@ class RegionRecord:
             self._set(first, end)
 
     def _set(self, first, end):
+        """Set the group(s) around [first, end) durably.  Group commit: a writer
+        queues its groups before it waits for the record, and whoever holds it
+        next writes every queued group with one sync (a burst of first writes
+        into many cleared regions pays a few syncs, not one each)."""
         first -= first % SET_GROUP
         end = min(end + (-end % SET_GROUP), self.nregions)
+        with self._queue_lock:
+            self._queued.append((first, end))
         with self._lock:
             if self._fd is None:
                 raise OSError(errno.EIO, "bitmap region record closed")
-            pwrite_all(self._fd, _SET * (end - first), HEADER_BYTES + first)
+            if self._trusted.find(_CLEAR, first, end) < 0:
+                return                     # an earlier batch set ours
+            with self._queue_lock:
+                batch, self._queued = self._queued, []
+            batch.append((first, end))     # ours, even if a failed batch took it
+            lo = min(f for f, _ in batch)
+            hi = max(e for _, e in batch)
+            span = bytearray(self._bits[lo:hi])
+            for f, e in batch:
+                span[f - lo:e - lo] = _SET * (e - f)
+            pwrite_all(self._fd, span, HEADER_BYTES + lo)
             os.fdatasync(self._fd)
-            self._bits[first:end] = _SET * (end - first)
-            if self._trusted is not self._bits:
-                self._trusted[first:end] = _SET * (end - first)
+            for f, e in batch:
+                self._bits[f:e] = _SET * (e - f)
+                if self._trusted is not self._bits:
+                    self._trusted[f:e] = _SET * (e - f)
             self.syncs += 1
-        # The group lives at least one checkpoint interval (a writer moving on
-        # into it pays no second sync).
-        self._touched[first:end] = array("Q", (self._epoch,)) * (end - first)
+        # The groups live at least one checkpoint interval (a writer moving on
+        # into one pays no second sync).
+        stamp = array("Q", (self._epoch,))
+        for f, e in batch:
+            self._touched[f:e] = stamp * (e - f)
 
     # -- checkpoints (the checkpoint thread, under the bitmap set's lock) --------
 
