@@ -136,6 +136,11 @@ class IntentLog:
         self.nregions = n = max(1, (size + region_size - 1) // region_size)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._lock = threading.Lock()        # file writes, the slow path, checkpoints
+        # Syncs that need not hold _lock (sync_owed, checkpoints) take this one
+        # instead, one at a time: a client rewriting a COPIED region or making a
+        # deferred set does not wait for the disk.  Order: _sync_lock, then _lock.
+        self._sync_lock = threading.Lock()
+        self._owed_gen = 0                   # deferred sets made (which ones a sync covered)
         if create:
             self._bits = bytearray(_SET * n)
             os.ftruncate(self._fd, 0)
@@ -218,6 +223,7 @@ class IntentLog:
             if deferred:
                 self._owed[first:end] = b"\x01" * (end - first)
                 self.owed = True
+                self._owed_gen += 1
                 self.deferred_sets += 1
             else:
                 os.fdatasync(self._fd)
@@ -238,11 +244,21 @@ class IntentLog:
         sends anything to the target).  Cheap when nothing is owed."""
         if not self.owed:
             return
+        with self._sync_lock:
+            with self._lock:
+                if not self.owed or self._fd is None:
+                    return
+                gen = self._owed_gen
+            self._sync_since(gen)
+
+    def _sync_since(self, gen):
+        """(under _sync_lock, not _lock) fdatasync: every write made before it
+        began is durable after it; the owed sets are settled only if no deferred
+        set came meanwhile (it may have missed this sync: it stays owed)."""
+        os.fdatasync(self._fd)
         with self._lock:
-            if not self.owed or self._fd is None:
-                return
-            os.fdatasync(self._fd)
-            self._synced()
+            if self._owed_gen == gen:
+                self._synced()
 
     def _synced(self):
         """(under _lock) The file was synced: nothing is owed."""
@@ -374,29 +390,32 @@ class IntentLog:
         """
         if not any(checkpoints):
             return 0
-        with self._lock:
-            if self._fd is None:
-                return 0
-            bits, touched = self._bits, self._touched
-            cleared = []
-            for checkpoint in checkpoints:
-                epoch = checkpoint.epoch
-                for r in checkpoint.candidates:
-                    if bits[r] and touched[r] < epoch and not busy[r]:
-                        bits[r] = 0                  # (a) clear, then (b) look
-                        cleared.append(r)
-            if not cleared:
-                return 0
-            writing = list(self._writing.values())
-            restored = 0
-            if writing:
-                for r in cleared:
-                    if any(span[0] <= r < span[1] for span in writing):
-                        bits[r] = 1
-                        restored += 1
-            pwrite_all(self._fd, bytes(bits), 0)
-            os.fdatasync(self._fd)
-            self._synced()
+        with self._sync_lock:
+            with self._lock:
+                if self._fd is None:
+                    return 0
+                bits, touched = self._bits, self._touched
+                cleared = []
+                for checkpoint in checkpoints:
+                    epoch = checkpoint.epoch
+                    for r in checkpoint.candidates:
+                        if bits[r] and touched[r] < epoch and not busy[r]:
+                            bits[r] = 0                  # (a) clear, then (b) look
+                            cleared.append(r)
+                if not cleared:
+                    return 0
+                writing = list(self._writing.values())
+                restored = 0
+                if writing:
+                    for r in cleared:
+                        if any(span[0] <= r < span[1] for span in writing):
+                            bits[r] = 1
+                            restored += 1
+                pwrite_all(self._fd, bytes(bits), 0)
+                gen = self._owed_gen
+            # A client change finding a region cleared sets it again after this
+            # write (under _lock), and syncs it itself unless deferred.
+            self._sync_since(gen)
         return len(cleared) - restored
 
     def remove(self):
@@ -407,7 +426,7 @@ class IntentLog:
             pass
 
     def close(self):
-        with self._lock:
+        with self._sync_lock, self._lock:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
