@@ -247,29 +247,86 @@ def latency_benchmark(bench, base):
                       "us")
     p99.row("idle", "overlay plugin, no job", anchor=True)
     p99.row("ready", "overlay plugin, background mirror in READY")
+    # The same measure on QEMU (context, no goal): what a mirror in READY costs
+    # qemu-storage-daemon's own clients, against QSD with no job.
+    qsd = bench.group(SECTION, "latency-qsd", "the same on qemu-storage-daemon (median)", "us")
+    qsd.row("idle", "qemu-storage-daemon, no job", anchor=True)
+    qsd.row("ready", "qemu-storage-daemon, background mirror in READY")
+    qsd99 = bench.group(SECTION, "latency-qsd-p99",
+                        "the same on qemu-storage-daemon (99th percentile)", "us")
+    qsd99.row("idle", "qemu-storage-daemon, no job", anchor=True)
+    qsd99.row("ready", "qemu-storage-daemon, background mirror in READY")
     for i in range(bench.runs):
         bench.progress("mirror latency: run %d/%d" % (i + 1, bench.runs))
-        # Both phases on one server and one disk, in turn, so that the only
-        # difference between them is the mirror.
-        server, state, control = _start_ours(bench, base, "overlay-latency")
-        path, target = _target(bench)
-        try:
-            with QMPClient(control, timeout=TIMEOUT) as qmp:
-                for key in rotated(["idle", "ready"], i):
-                    if key == "ready":
-                        _until_ready(qmp, "drive-mirror", {"device": "disk0",
-                                                           "target": target.uri, "sync": "full"})
-                        _drop_cached(path)
-                    # Neither phase pays for the writeback of what came before it.
-                    os.sync()
-                    # A new seed per phase: each writes to clusters not written before.
-                    times = _write_latencies(server.uri, bench.size, count,
-                                             seed=2 * i + (key == "ready"))
-                    if key == "ready":
-                        _cancel(qmp, "disk0")
-                    group.add(key, statistics.median(times) * 1e6)
-                    p99.add(key, sorted(times)[int(len(times) * 0.99) - 1] * 1e6)
-        finally:
-            bench.servers.stop(server)
-            shutil.rmtree(state, ignore_errors=True)
-            _finish(bench, target, path)
+        for key, times in _our_latencies(bench, base, count, i).items():
+            group.add(key, statistics.median(times) * 1e6)
+            p99.add(key, _p99(times) * 1e6)
+        for key, times in _qsd_latencies(bench, base, count, i).items():
+            qsd.add(key, statistics.median(times) * 1e6)
+            qsd99.add(key, _p99(times) * 1e6)
+
+
+def _p99(times):
+    return sorted(times)[int(len(times) * 0.99) - 1]
+
+
+def _phases(bench, uri, count, i, start_mirror, cancel, target_path):
+    """Both phases on one server and one disk, in an order that rotates per run,
+    so that the only difference between them is the mirror: {phase: [seconds]}."""
+    out = {}
+    for key in rotated(["idle", "ready"], i):
+        if key == "ready":
+            start_mirror()
+            _drop_cached(target_path)
+        # Neither phase pays for the writeback of what came before it.
+        os.sync()
+        # A new seed per phase: each writes to clusters not written before.
+        out[key] = _write_latencies(uri, bench.size, count, seed=2 * i + (key == "ready"))
+        if key == "ready":
+            cancel()
+    return out
+
+
+def _our_latencies(bench, base, count, i):
+    server, state, control = _start_ours(bench, base, "overlay-latency")
+    path, target = _target(bench)
+    try:
+        with QMPClient(control, timeout=TIMEOUT) as qmp:
+            return _phases(bench, server.uri, count, i, lambda: _until_ready(
+                qmp, "drive-mirror", {"device": "disk0", "target": target.uri, "sync": "full"}),
+                lambda: _cancel(qmp, "disk0"), path)
+    finally:
+        bench.servers.stop(server)
+        shutil.rmtree(state, ignore_errors=True)
+        _finish(bench, target, path)
+
+
+def _qsd_latencies(bench, base, count, i):
+    """QSD exporting a fresh qcow2 overlay on base (node src) over NBD; blockdev-mirror
+    to the same kind of target (its filter takes over the export's writes)."""
+    image = bench.path("latency.qcow2")
+    bench.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", image])
+    path, target = _target(bench)
+    control = bench.path("qsd-latency.sock")
+    export_sock = bench.path("qsd-latency-export.sock")
+    argv = ["qemu-storage-daemon",
+            "--blockdev", "driver=qcow2,node-name=src,file.driver=file,file.filename=" + image,
+            "--blockdev", "driver=raw,node-name=tgt,file.driver=nbd,file.server.type=unix,"
+                          "file.server.path=" + target.sock,
+            "--nbd-server", "addr.type=unix,addr.path=" + export_sock,
+            "--export", "type=nbd,id=exp,node-name=src,name=src,writable=on",
+            "--chardev", "socket,id=mon,path=%s,server=on,wait=off" % control,
+            "--monitor", "chardev=mon"]
+    server = bench.servers.start("qsd-latency", lambda sock: argv, ready=False)
+    try:
+        _wait_for(control, server)
+        with QMPClient(control, timeout=TIMEOUT) as qmp:
+            return _phases(bench, "nbd+unix:///src?socket=" + export_sock, count, i,
+                           lambda: _until_ready(qmp, "blockdev-mirror", {
+                               "job-id": "bench", "device": "src", "target": "tgt",
+                               "sync": "full"}),
+                           lambda: _cancel(qmp, "bench"), path)
+    finally:
+        bench.servers.stop(server)
+        os.unlink(image)
+        _finish(bench, target, path)
