@@ -48,6 +48,7 @@ from benchlib.mirror import TIMEOUT, _finish, _start_ours, _target
 from benchlib.overlay import make_base, rotated
 from benchlib.results import Goal
 from benchlib.stream import _wait_for
+from benchlib.servers import qsd_monitor
 
 TITLE = "drive-backup: full and incremental vs qemu-storage-daemon, writes during, kill -9"
 SECTION = "backup"
@@ -183,8 +184,7 @@ def _qsd(bench, base, target_sock, export=False):
             "--blockdev", "driver=qcow2,node-name=src,file.driver=file,file.filename=" + image,
             "--blockdev", "driver=raw,node-name=tgt,file.driver=nbd,file.server.type=unix,"
                           "file.server.path=" + target_sock,
-            "--chardev", "socket,id=mon,path=%s,server=on,wait=off" % control,
-            "--monitor", "chardev=mon"]
+            *qsd_monitor(control)]
     server = bench.servers.start("qsd-backup", lambda sock: argv, ready=False)
     try:
         _wait_for(control, server)

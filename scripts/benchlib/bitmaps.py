@@ -29,6 +29,7 @@ from benchlib.bench import human_size
 from benchlib.overlay import make_base, rotated
 from benchlib.results import Goal
 from benchlib.smallio import DEFAULT_THREADS, PLUGIN, Target, Workload, measure
+from benchlib.servers import qsd_export
 
 TITLE = "4K random writes with 0, 1, 4 persistent dirty bitmaps (and QSD with a qcow2 bitmap)"
 SECTION = "bitmaps"
@@ -66,8 +67,7 @@ def _qsd(bench, image, key):
         return ["qemu-storage-daemon",
                 "--blockdev", "driver=qcow2,node-name=disk0,file.driver=file,"
                               "file.filename=" + image,
-                "--nbd-server", "addr.type=unix,addr.path=" + sock,
-                "--export", "type=nbd,id=exp,node-name=disk0,name=,writable=on"]
+                *qsd_export(sock, "disk0", name="")]
     return bench.servers.start(key, argv)
 
 

@@ -39,6 +39,7 @@ from benchlib.mirror import TIMEOUT, _cancel, _start_ours, _until_ready
 from benchlib.overlay import make_base, rotated
 from benchlib.results import Goal
 from benchlib.stream import _wait_for
+from benchlib.servers import qsd_monitor
 
 TITLE = "drive-mirror into Ceph RBD: native librbd vs via qemu-nbd vs qemu-storage-daemon"
 SECTION = "ceph"
@@ -165,8 +166,7 @@ def _qsd(bench, cluster, base, image):
             "--blockdev", "driver=qcow2,node-name=src,file.driver=file,file.filename=" + overlay,
             "--blockdev", "driver=rbd,node-name=tgt,pool=%s,image=%s,conf=%s,cache.direct=on"
                           % (POOL, image, cluster.conf),
-            "--chardev", "socket,id=mon,path=%s,server=on,wait=off" % control,
-            "--monitor", "chardev=mon"]
+            *qsd_monitor(control)]
     server = bench.servers.start("qsd-ceph", lambda sock: argv, ready=False)
     try:
         _wait_for(control, server)

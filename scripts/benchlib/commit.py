@@ -30,6 +30,7 @@ from benchlib.cpu import CpuMeter
 from benchlib.overlay import make_base, rotated
 from benchlib.results import Goal
 from benchlib.stream import _wait_for, quit_server
+from benchlib.servers import qsd_monitor, qsd_export
 
 TITLE = "block-commit of a full overlay into a file base: overlay plugin vs qemu-storage-daemon"
 SECTION = "commit"
@@ -125,10 +126,7 @@ def _qemu(bench, data):
             "--blockdev", "driver=raw,node-name=base,file=basef",
             "--blockdev", "driver=qcow2,node-name=top,backing=base,file.driver=file,"
             "file.filename=" + image,
-            "--nbd-server", "addr.type=unix,addr.path=" + export,
-            "--export", "type=nbd,id=exp,node-name=top,name=top,writable=on",
-            "--chardev", "socket,id=mon,path=%s,server=on,wait=off" % control,
-            "--monitor", "chardev=mon"]
+            *qsd_export(export, "top"), *qsd_monitor(control)]
     server = bench.servers.start("qsd-commit", lambda sock: argv, ready=False)
     try:
         _wait_for(control, server)

@@ -32,6 +32,7 @@ from benchlib.cpu import CpuMeter
 from benchlib.overlay import make_base, rotated
 from benchlib.stream import _wait_for
 from benchlib.results import Goal
+from benchlib.servers import qsd_monitor, qsd_export
 
 TITLE = "drive-mirror to an nbdkit file target: overlay plugin vs qemu-storage-daemon"
 SECTION = "mirror"
@@ -172,13 +173,11 @@ def qsd_mirror_until_ready(bench, base, target_blockdev, extra_args=(), env=None
     export = []
     if while_ready is not None:
         export_sock = bench.path("qsd-export.sock")
-        export = ["--nbd-server", "addr.type=unix,addr.path=" + export_sock,
-                  "--export", "type=nbd,id=exp,node-name=src,name=src,writable=on"]
+        export = qsd_export(export_sock, "src")
     argv = ["qemu-storage-daemon", *extra_args,
             "--blockdev", "driver=qcow2,node-name=src,file.driver=file,file.filename=" + image,
             "--blockdev", target_blockdev, *export,
-            "--chardev", "socket,id=mon,path=%s,server=on,wait=off" % control,
-            "--monitor", "chardev=mon"]
+            *qsd_monitor(control)]
     server = bench.servers.start("qsd-mirror", lambda sock: argv, env=env, ready=False)
     try:
         _wait_for(control, server)
@@ -313,10 +312,7 @@ def _qsd_latencies(bench, base, count, i):
             "--blockdev", "driver=qcow2,node-name=src,file.driver=file,file.filename=" + image,
             "--blockdev", "driver=raw,node-name=tgt,file.driver=nbd,file.server.type=unix,"
                           "file.server.path=" + target.sock,
-            "--nbd-server", "addr.type=unix,addr.path=" + export_sock,
-            "--export", "type=nbd,id=exp,node-name=src,name=src,writable=on",
-            "--chardev", "socket,id=mon,path=%s,server=on,wait=off" % control,
-            "--monitor", "chardev=mon"]
+            *qsd_export(export_sock, "src"), *qsd_monitor(control)]
     server = bench.servers.start("qsd-latency", lambda sock: argv, ready=False)
     try:
         _wait_for(control, server)

@@ -30,6 +30,20 @@ def nbd_uri(sock):
     return "nbd+unix:///?socket=%s" % sock
 
 
+def qsd_monitor(control):
+    """qemu-storage-daemon options: its QMP monitor on the Unix socket control."""
+    return ["--chardev", "socket,id=mon,path=%s,server=on,wait=off" % control,
+            "--monitor", "chardev=mon"]
+
+
+def qsd_export(sock, node, name=None):
+    """qemu-storage-daemon options: an NBD server on the Unix socket sock that
+    exports node, writable, under its own name (or name)."""
+    return ["--nbd-server", "addr.type=unix,addr.path=" + sock,
+            "--export", "type=nbd,id=exp,node-name=%s,name=%s,writable=on"
+            % (node, node if name is None else name)]
+
+
 def free_port(addr="127.0.0.1"):
     """A TCP port nothing listens on now (for a server started on addr)."""
     with socket.socket() as s:

@@ -28,6 +28,7 @@ from benchlib.bench import REPO, human_size
 from benchlib.cpu import CpuMeter
 from benchlib.overlay import make_base, rotated
 from benchlib.results import Goal
+from benchlib.servers import qsd_monitor
 
 TITLE = "block-stream into an empty overlay: overlay plugin vs qemu-storage-daemon + qcow2"
 SECTION = "stream"
@@ -124,8 +125,7 @@ def _qemu(bench, base):
     control = bench.path("qsd-qmp.sock")
     argv = ["qemu-storage-daemon",
             "--blockdev", "driver=qcow2,node-name=top,file.driver=file,file.filename=" + image,
-            "--chardev", "socket,id=mon,path=%s,server=on,wait=off" % control,
-            "--monitor", "chardev=mon"]
+            *qsd_monitor(control)]
     server = bench.servers.start("qsd-stream", lambda sock: argv, ready=False)
     try:
         _wait_for(control, server)
