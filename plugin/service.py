@@ -178,6 +178,7 @@ class Service:
             self.control = None
         if not self.jobs.suspend_all(timeout=3.0):
             log.error("some jobs did not stop in time; their records are saved")
+        self.jobs.close()
         if self.records is not None:
             self.records.close()
         if self.disk is not None:

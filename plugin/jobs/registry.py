@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import threading
@@ -13,7 +14,12 @@ from .engine import Job
 log = logging.getLogger(__name__)
 
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
-
+# A job's objects refer to each other (callbacks: the link, the trust, the
+# flushes), so what it held (copy buffers, its dirty bitmap: 16 MiB each for a
+# 1 TiB disk) goes only with a full collection, which a quiet server rarely
+# runs: 150 mirrors of a 64 MiB disk grew the server from 40 to 326 MiB.  This
+# long after a job leaves the registry (its thread has ended), one runs.
+REAP_DELAY = 0.5
 
 
 class JobRegistry:
@@ -24,9 +30,13 @@ class JobRegistry:
     null (dismissed).
     """
 
-    def __init__(self):
+    def __init__(self, reap_delay: float = REAP_DELAY):
         self._lock = threading.Lock()
         self._jobs: list[Job] = []
+        self._reap_delay = reap_delay
+        self._reaper: threading.Timer | None = None
+        self._removed = 0                  # jobs that left (a reap covers those before it)
+        self._closed = False
 
     def add(self, job: Job) -> None:
         """Register a new job and move it to created (JOB_STATUS_CHANGE).
@@ -59,6 +69,37 @@ class JobRegistry:
         with self._lock:
             if job in self._jobs:
                 self._jobs.remove(job)
+            self._removed += 1
+            self._schedule_reap()
+
+    def _schedule_reap(self) -> None:
+        """(under _lock) A full garbage collection in reap_delay seconds, unless
+        one is pending (it runs again if jobs left while it waited)."""
+        if self._closed or (self._reaper is not None and self._reaper.is_alive()):
+            return
+        self._reaper = threading.Timer(self._reap_delay, self._reap, (self._removed,))
+        self._reaper.daemon = True
+        self._reaper.name = "job-reaper"
+        self._reaper.start()
+
+    def _reap(self, removed: int) -> None:
+        started = time.monotonic()
+        found = gc.collect()
+        log.debug("Collected finished jobs objects=%d seconds=%.3f", found,
+                  time.monotonic() - started)
+        with self._lock:
+            self._reaper = None
+            if self._removed != removed:     # a job left after this was scheduled
+                self._schedule_reap()
+
+    def close(self) -> None:
+        """cleanup: no more collections; a pending one is cancelled and joined."""
+        with self._lock:
+            self._closed = True
+            reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper.cancel()
+            reaper.join()
 
     def jobs(self) -> list[Job]:
         """A snapshot of the registered jobs, newest first."""
