@@ -121,7 +121,8 @@ class Disk:
     # request path reads them with no lock.
 
     def add_listener(self, fn):
-        """Call fn(kind, offset, length, buf) after every completed change."""
+        """Call fn(kind, offset, length, buf) after every completed change, and
+        fn("failed", offset, length, None) after one that failed."""
         self._swap("_listeners", lambda fns: fns + (fn,))
 
     def remove_listener(self, fn):
@@ -271,12 +272,28 @@ class Disk:
                     marker(offset, length)
                 fn(*args)
             except OSError as e:
-                self._retry("write", e, self._persist_then,
-                            ((), (), marker, offset, length, fn, args))
+                self._retry_or_tell("write", e, self._persist_then,
+                                    ((), (), marker, offset, length, fn, args))
             for listener in self._listeners:
                 listener(kind, offset, length, buf)
         finally:
             self._gate.leave()
+
+    def _retry_or_tell(self, operation, e, fn, args):
+        """_retry() a failed change; if it fails for good, tell the listeners
+        (kind "failed", no data) before the error goes to the client: the
+        store may have changed some of the bytes anyway (a write cut short by
+        ENOSPC), so a job must copy the range from the disk, never the data."""
+        try:
+            self._retry(operation, e, fn, args)
+        except BaseException:
+            offset, length = args[3], args[4]
+            for listener in self._listeners:
+                try:
+                    listener("failed", offset, length, None)
+                except Exception:
+                    log.exception("a listener failed on a failed change")
+            raise
 
     def _guarded_change(self, guards, marker, kind, offset, length, buf, fn, args):
         tokens = [g.begin(offset, length) for g in guards]
@@ -285,7 +302,7 @@ class Disk:
             try:
                 self._persist_then(*call)
             except OSError as e:
-                self._retry("write", e, self._persist_then, call)
+                self._retry_or_tell("write", e, self._persist_then, call)
             for listener in self._listeners:
                 listener(kind, offset, length, buf)
         finally:

@@ -101,7 +101,8 @@ class SyncedCopyJob(CopyJob):
         the job collects writes for up to READY_COPY_INTERVAL, so a busy
         client does not wake it (and contend for the GIL) on every write."""
         # mark_part: a change inside one clean granule copies only its bytes.
-        if self.bitmap.mark_part(offset, length) and not self.is_ready:
+        # A failed change ("failed") is copied too: some of it may have landed.
+        if self.bitmap.mark_part(offset, length) and (not self.is_ready or kind == "failed"):
             self.kick()
 
     def run(self):
