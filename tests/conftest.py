@@ -225,6 +225,23 @@ def ceph_cluster(tmp_path_factory):
     cluster.stop()
 
 
+def small_tmpfs(path, size):
+    """Mount a tmpfs of size (e.g. "2M") at path for a test, unmount after (a
+    generator for a fixture); skips the test without the right to mount."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs",
+                       str(path)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield path
+    subprocess.run(["umount", "-l", str(path)])
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 2 MiB tmpfs for an overlay, so writes run out of space."""
+    yield from small_tmpfs(tmp_path / "small", "2M")
+
+
 @pytest.fixture
 def connect():
     """Open libnbd handles to URIs; all closed after the test."""

@@ -7,12 +7,12 @@ test_guest_io_errors.py does), so it outlives the server for the restart.
 """
 
 import os
-import subprocess
 
 import nbd
 import pytest
 
 from bitmap_rig import MiB, answer, covers, extents, our_bitmaps
+from conftest import small_tmpfs
 from helpers import Control
 
 NOSPACE = ("error", "GenericError",
@@ -21,12 +21,7 @@ NOSPACE = ("error", "GenericError",
 
 @pytest.fixture
 def small_fs(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)])
+    yield from small_tmpfs(tmp_path / "small", "4M")
 
 
 def _fill(h):

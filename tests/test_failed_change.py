@@ -2,8 +2,6 @@
 ENOSPC): the disk tells its listeners, and a mirror copies the range from the disk
 (found by the chaos soak: seed 1451874751, a commit whose base missed such a write)."""
 
-import subprocess
-
 import nbd
 import pytest
 
@@ -11,17 +9,6 @@ from helpers import Control
 
 MiB = 1 << 20
 CLUSTER = 64 * 1024
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 2 MiB tmpfs for the overlay, so writes run out of space."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)])
 
 
 def _wait_copied(qmp, nbytes, timeout=60):

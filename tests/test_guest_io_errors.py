@@ -4,23 +4,11 @@ import subprocess
 import threading
 
 import nbd
-import pytest
 
 from conftest import make_image
 from helpers import Control
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 2 MiB tmpfs for the overlay, so writes run out of space."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)])
 
 
 def fill_until_enospc(h, start=0):
