@@ -272,22 +272,22 @@ class Disk:
                     marker(offset, length)
                 fn(*args)
             except OSError as e:
-                self._retry_or_tell("write", e, self._persist_then,
-                                    ((), (), marker, offset, length, fn, args))
+                self._retry_or_tell(e, ((), (), marker, offset, length, fn, args),
+                                    offset, length)
             for listener in self._listeners:
                 listener(kind, offset, length, buf)
         finally:
             self._gate.leave()
 
-    def _retry_or_tell(self, operation, e, fn, args):
-        """_retry() a failed change; if it fails for good, tell the listeners
-        (kind "failed", no data) before the error goes to the client: the
-        store may have changed some of the bytes anyway (a write cut short by
-        ENOSPC), so a job must copy the range from the disk, never the data."""
+    def _retry_or_tell(self, e, call, offset, length):
+        """_retry() a failed change (_persist_then(*call)); if it fails for good,
+        tell the listeners (kind "failed", no data) before the error goes to the
+        client: the store may have changed some of the bytes anyway (a write cut
+        short by ENOSPC), so a job must copy the range from the disk, never the
+        data."""
         try:
-            self._retry(operation, e, fn, args)
+            self._retry("write", e, self._persist_then, call)
         except BaseException:
-            offset, length = args[3], args[4]
             for listener in self._listeners:
                 try:
                     listener("failed", offset, length, None)
@@ -302,7 +302,7 @@ class Disk:
             try:
                 self._persist_then(*call)
             except OSError as e:
-                self._retry_or_tell("write", e, self._persist_then, call)
+                self._retry_or_tell(e, call, offset, length)
             for listener in self._listeners:
                 listener(kind, offset, length, buf)
         finally:

@@ -165,8 +165,8 @@ class MirrorJob(SyncedCopyJob):
 
     def _on_change(self, kind, offset, length, buf):
         """Disk listener: runs in the client's thread after its change completed."""
-        if (kind != "failed" and self.copy_mode == "write-blocking" and self._fatal is None and not self.user_paused
-                and not self.cancelled):
+        if (kind != "failed" and self.copy_mode == "write-blocking" and self._fatal is None
+                and not self.user_paused and not self.cancelled):
             try:
                 if self.intent is not None:
                     self.intent.sync_owed()   # a set deferred before the change of mode
