@@ -70,6 +70,7 @@ class NbdTarget:
         self._failed = []            # [(tag, errno)] that wait() returns next
         self._h = None
         self._size = None
+        self._tls = False            # the connection is TLS (_pump only matters then)
         self._can_zero = False
         self.multi_conn = False
         self._instance = None
@@ -107,6 +108,7 @@ class NbdTarget:
         self._can_zero = bool(h.can_zero())
         self._extents_ok = bool(h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
         self.multi_conn = bool(h.can_multi_conn())
+        self._tls = _tls_negotiated(h)
         self._instance = server_instance(h.aio_get_fd()) if self.multi_conn else None
         if self._lost_at is None:
             log.info("Mirror target connected uri=%s size=%d", redact(self.address), size)
@@ -246,6 +248,8 @@ class NbdTarget:
         readable); over plain TCP one step already sends everything the
         socket takes, so this usually stops at once.
         """
+        if not self._tls:
+            return
         h = self._h
         write = self._nbd.AIO_DIRECTION_WRITE
         try:
@@ -295,10 +299,11 @@ class NbdTarget:
         if not self._pending:
             return result
         h = self._h
-        lost = is_finished(h)
         ended = []                   # (cookie, errno) of requests that completed
-        if not lost:
-            lost = self._completed(h, ended)
+        # Answers first: a connection that is gone retires what was in flight
+        # with errors, which _completed sees; only a collect that found no
+        # answer asks libnbd whether the connection is still there.
+        lost = self._completed(h, ended) or (not ended and is_finished(h))
         if lost:
             # Nothing of this batch is reported: _lose() sends it all again
             # (or fails it with ENOTCONN).
@@ -439,3 +444,11 @@ class NbdReader:
             sock.close()
         if h is not None:
             hang_up(h)
+
+
+def _tls_negotiated(h):
+    """True if the connection h negotiated TLS (unknown: True, _pump then runs)."""
+    try:
+        return bool(h.get_tls_negotiated())
+    except Exception:     # nbd.Error: a handle that never tried TLS in some versions
+        return True

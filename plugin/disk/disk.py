@@ -296,13 +296,23 @@ class Disk:
             raise
 
     def _guarded_change(self, guards, marker, kind, offset, length, buf, fn, args):
-        tokens = [g.begin(offset, length) for g in guards]
+        # One guard (a mirror's intent log, or the bitmaps) is the common case:
+        # no comprehension, no argument tuple on the way (a request in a mirror's
+        # READY pays ~1 us less of Python, and holds the GIL that much less).
+        if len(guards) == 1:
+            tokens = (guards[0].begin(offset, length),)
+        else:
+            tokens = [g.begin(offset, length) for g in guards]
         try:
-            call = (guards, tokens, marker, offset, length, fn, args)
             try:
-                self._persist_then(*call)
+                if marker is not None:
+                    marker(offset, length)
+                for g, token in zip(guards, tokens):
+                    g.persist(token)
+                fn(*args)
             except OSError as e:
-                self._retry_or_tell(e, call, offset, length)
+                self._retry_or_tell(e, (guards, tokens, marker, offset, length, fn, args),
+                                    offset, length)
             for listener in self._listeners:
                 listener(kind, offset, length, buf)
         finally:

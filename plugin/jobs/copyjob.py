@@ -37,6 +37,8 @@ PAUSE_DRAIN_TIMEOUT = 1.0
 # What a job's loop does after _copy_turn: the rest of its turn, the next turn
 # (failures were handled), or return from run() (the job was cancelled).
 GO_ON, NEXT_TURN, STOP = "go on", "next turn", "stop"
+# A turn of a job's loop keeps copies flowing for at most this long (_keep_flowing).
+TURN_BUDGET = 0.02
 
 
 class CopyJob(Job):
@@ -101,9 +103,34 @@ class CopyJob(Job):
             return pos, STOP
         if self.target.in_flight() and not copy.failures:
             self._reap(self.target.wait(0.1))
+            pos = self._keep_flowing(pos)
         if copy.failures:
             return pos, STOP if self._handle_failures() else NEXT_TURN
         return pos, GO_ON
+
+    def _keep_flowing(self, pos):
+        """While the target answers and nothing failed: start the next copies as
+        answers free their places, for up to TURN_BUDGET, without the rest of a
+        turn (pause points, progress, checkpoints), which then comes at least
+        that often.  A rate-limited job copies one range per turn (issue()).
+
+        Measured on a mirror in READY under 4 KiB client writes: a turn per
+        answer cost the job 67-97 us of CPU per copy, this 37-57 us, and the
+        client's 99th percentile fell by half (docs/benchmarks.md).  The budget
+        is the process's own clock, not the job's: a test clock that stands
+        still must not hold the loop."""
+        copy, target = self.copy, self.target
+        if self.speed:
+            return pos
+        deadline = time.monotonic() + TURN_BUDGET
+        while not copy.failures and time.monotonic() < deadline:
+            # throttle: a limit just lifted may still have a copy to pay for.
+            pos = copy.issue(pos, throttle=self.throttle)
+            if not target.in_flight() or copy.failures:
+                break
+            if not copy.reap(target.wait(0.1)):
+                break               # nothing answered: the turn goes on
+        return pos
 
     def _start_flush(self, final=False, to_ready=True):
         leaving = self.should_complete or self.cancel_requested

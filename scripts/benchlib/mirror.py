@@ -12,7 +12,9 @@ One random base of --size bytes (made once, page-cached).  Each run mirrors it
 
 Then the latency a client write sees: 4 KiB synchronous writes at random
 offsets through libnbd, median and 99th percentile, with no job and with a
-background mirror in READY (every write is then copied to the target).
+background mirror in READY (every write is then copied to the target).  Both
+phases follow a mirror to READY (the idle one cancels it) and write into
+fresh clusters of their own half of the disk (_phases).
 
 Rows are interleaved and rotated per run, after one untimed warm-up round.
 The ready and copy tables add the CPU time of the process doing the copy (our
@@ -203,8 +205,8 @@ def _nbdcopy(bench, base, discard_flush=False):
         _finish(bench, target, path)
 
 
-def _write_latencies(uri, size, count, seed):
-    """Seconds each of `count` synchronous 4 KiB writes at random offsets took."""
+def _write_latencies(uri, lo, hi, count, seed):
+    """Seconds each of `count` synchronous 4 KiB writes at random offsets in [lo, hi) took."""
     import nbd
     h = nbd.NBD()
     h.connect_uri(uri)
@@ -212,7 +214,7 @@ def _write_latencies(uri, size, count, seed):
     data = rnd.randbytes(4096)
     times = []
     for _ in range(count):
-        offset = rnd.randrange(0, size // 4096) * 4096
+        offset = rnd.randrange(lo // 4096, hi // 4096) * 4096
         start = time.perf_counter()
         h.pwrite(data, offset)
         times.append(time.perf_counter() - start)
@@ -271,16 +273,28 @@ def _p99(times):
 
 def _phases(bench, uri, count, i, start_mirror, cancel, target_path):
     """Both phases on one server and one disk, in an order that rotates per run,
-    so that the only difference between them is the mirror: {phase: [seconds]}."""
+    so that the only difference between them is the mirror: {phase: [seconds]}.
+
+    Both start the same way, from a mirror that copied the disk to READY (the
+    idle phase cancels it first), and each writes into its own half of the
+    disk, into clusters nothing wrote before.  Without that, the phases measured
+    their history as much as the mirror (docs/benchmarks.md, "tenth
+    session"): a phase right after the server started was slower than
+    one after a 1 GiB copy, and the second phase's writes found clusters the
+    first had allocated (an allocated cluster takes a write in about half the
+    time of a fresh one), so the rotation decided the ratio.
+    """
     out = {}
+    half = bench.size // 2
     for key in rotated(["idle", "ready"], i):
-        if key == "ready":
-            start_mirror()
-            _drop_cached(target_path)
+        start_mirror()
+        _drop_cached(target_path)
+        if key == "idle":
+            cancel()
         # Neither phase pays for the writeback of what came before it.
         os.sync()
-        # A new seed per phase: each writes to clusters not written before.
-        out[key] = _write_latencies(uri, bench.size, count, seed=2 * i + (key == "ready"))
+        lo = 0 if key == "idle" else half
+        out[key] = _write_latencies(uri, lo, lo + half, count, seed=2 * i + (key == "ready"))
         if key == "ready":
             cancel()
     return out
