@@ -108,7 +108,10 @@ class NbdTarget:
         self._can_zero = bool(h.can_zero())
         self._extents_ok = bool(h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
         self.multi_conn = bool(h.can_multi_conn())
-        self._tls = _tls_negotiated(h)
+        try:
+            self._tls = bool(h.get_tls_negotiated())
+        except nbd.Error:
+            self._tls = True         # unknown: _pump runs, as it always did
         self._instance = server_instance(h.aio_get_fd()) if self.multi_conn else None
         if self._lost_at is None:
             log.info("Mirror target connected uri=%s size=%d", redact(self.address), size)
@@ -444,11 +447,3 @@ class NbdReader:
             sock.close()
         if h is not None:
             hang_up(h)
-
-
-def _tls_negotiated(h):
-    """True if the connection h negotiated TLS (unknown: True, _pump then runs)."""
-    try:
-        return bool(h.get_tls_negotiated())
-    except Exception:     # nbd.Error: a handle that never tried TLS in some versions
-        return True
