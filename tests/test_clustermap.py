@@ -157,3 +157,73 @@ def test_mark_regions_within_a_window_names_only_its_regions():
     assert [r for r, v in enumerate(out) if v] == [5]
     b.mark_regions(out, 20)
     assert [r for r, v in enumerate(out) if v] == [0, 5, 9]
+
+
+def _surely_uncommitted_from_the_file(m, path, first, end):
+    """surely_uncommitted() as it was answered before: memory, then the file itself."""
+    if m._map.find(b"\x01", first, end) >= 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(first)
+        return b"\x01" not in f.read(end - first)
+
+
+@pytest.mark.parametrize("pages", [None, 2])
+def test_surely_uncommitted_answers_from_memory_what_the_file_holds(tmp_path, monkeypatch,
+                                                                    pages):
+    """A dirty page's committed bytes are kept from the change that dirtied it until the
+    next commit (or, past COMMITTED_PAGES of them, read from the file): the answer is
+    the file's in every state a random run of changes, trims and commits goes through,
+    and with room for every page no client write reads the file for it."""
+    from plugin.disk import clustermap
+    if pages is not None:
+        monkeypatch.setattr(clustermap, "COMMITTED_PAGES", pages)
+    reads = []
+    real_pread = os.pread
+    monkeypatch.setattr(clustermap.os, "pread",
+                        lambda *a: reads.append(a) or real_pread(*a))
+    import random
+    rnd = random.Random(3)
+    n = 8 * clustermap.PAGE + 100
+    path = tmp_path / "map"
+    m = new_map(path, n)
+    checks = 0
+    for step in range(600):
+        op = rnd.random()
+        first = rnd.randrange(n)
+        end = min(n, first + rnd.choice([1, 3, 50, clustermap.PAGE, 3 * clustermap.PAGE]))
+        if op < 0.55:
+            m.set(first, end, DATA)
+        elif op < 0.75:
+            m.set(first, end, rnd.choice([ZERO, ABSENT]))
+        elif op < 0.8:
+            m.commit(lambda: None)
+        for _ in range(4):
+            a = rnd.randrange(n)
+            b = min(n, a + rnd.choice([1, 2, 16, clustermap.PAGE + 7]))
+            assert m.surely_uncommitted(a, b) == _surely_uncommitted_from_the_file(m, path, a, b)
+            checks += 1
+    assert checks == 2400
+    if pages is None:
+        assert reads == []
+    else:
+        assert reads           # more dirty pages than kept: the file answers for the rest
+    m.close()
+
+
+def test_surely_uncommitted_is_false_after_a_failed_commit_until_one_succeeds(tmp_path):
+    m = new_map(tmp_path / "map", 100)
+    m.set(3, 4, DATA)
+    m.commit(lambda: None)
+    m.set(3, 4, ZERO)                  # trimmed in memory; the file still says DATA
+    assert not m.surely_uncommitted(3, 4)
+    assert m.surely_uncommitted(10, 20)
+
+    def failing():
+        raise OSError(5, "EIO")
+
+    with pytest.raises(OSError):
+        m.commit(failing)
+    assert not m.surely_uncommitted(10, 20)
+    m.commit(lambda: None)
+    assert m.surely_uncommitted(3, 4) and m.surely_uncommitted(10, 20)

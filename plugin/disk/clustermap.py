@@ -32,6 +32,10 @@ ZERO = 2     # the cluster reads as zeros, whatever the base holds
 
 PAGE = 4096
 TMP = ".tmp"          # clear()'s new map before its rename
+# surely_uncommitted() answers from memory: a page's committed bytes are kept
+# from the change that made it dirty until the next commit, for at most this
+# many pages (16 MiB of clusters each; beyond them it reads the file).
+COMMITTED_PAGES = 256
 
 _STATE_BYTES = {ABSENT: b"\x00", DATA: b"\x01", ZERO: b"\x02"}
 
@@ -87,6 +91,7 @@ class ClusterMap:
             os.close(self._fd)
             raise
         self._dirty = set()
+        self._committed = {}                   # dirty page -> its bytes in the file
         self._lock = threading.Lock()          # guards _map writes, _dirty, the journal
         self._commit_lock = threading.Lock()   # one commit at a time
         self._journal = journal
@@ -163,20 +168,45 @@ class ClusterMap:
         self.commit()          # not journaled (full, or it failed): durable now instead
 
     def _apply(self, first, end, state):
-        """Set the states in memory and mark their pages dirty (under _lock, or alone)."""
+        """Set the states in memory and mark their pages dirty (under _lock, or alone).
+
+        A clean page holds in memory what the file holds (a commit wrote it, or
+        nothing changed it since the file was read): as it turns dirty, its bytes
+        are what the file keeps until the next commit (_committed)."""
+        pages = range(first // PAGE, (end - 1) // PAGE + 1)
+        dirty, committed = self._dirty, self._committed
+        for page in pages:
+            if page not in dirty:
+                if len(committed) >= COMMITTED_PAGES:
+                    break
+                committed[page] = bytes(self._map[page * PAGE:(page + 1) * PAGE])
         self._map[first:end] = _STATE_BYTES[state] * (end - first)
-        self._dirty.update(range(first // PAGE, (end - 1) // PAGE + 1))
+        dirty.update(pages)
 
     def surely_uncommitted(self, first, end):
         """True if no cluster of [first, end) is data, in memory or in the map
         file, and no commit is under way or failed since the last one that
         succeeded: a change there reaches stable storage only through the next
         commit (the copy-before-write scratch defers its sync to it)."""
+        data = _STATE_BYTES[DATA]
         with self._lock:
             if (self._committing or self._commit_failed
-                    or self._map.find(_STATE_BYTES[DATA], first, end) >= 0):
+                    or self._map.find(data, first, end) >= 0):
                 return False
-            return _STATE_BYTES[DATA] not in os.pread(self._fd, end - first, first)
+            # What the file holds: a clean page as memory (just looked at), a
+            # dirty one as its bytes before it changed, else read (no lock taken
+            # and no GIL let go on a client's write for the usual case).
+            for page in range(first // PAGE, (end - 1) // PAGE + 1):
+                if page not in self._dirty:
+                    continue
+                lo, hi = max(first, page * PAGE), min(end, (page + 1) * PAGE)
+                before = self._committed.get(page)
+                if before is not None:
+                    if before.find(data, lo - page * PAGE, hi - page * PAGE) >= 0:
+                        return False
+                elif data in os.pread(self._fd, hi - lo, lo):
+                    return False
+            return True
 
     def add_commit_hook(self, fn):
         """fn() runs at every commit before the data sync; an error fails the commit."""
@@ -195,6 +225,7 @@ class ClusterMap:
         """[(page, bytes)] of the dirty pages, which are then clean (call under _lock)."""
         pages = sorted(self._dirty)
         self._dirty.clear()
+        self._committed.clear()
         return [(p, bytes(self._map[p * PAGE:(p + 1) * PAGE])) for p in pages]
 
     def _write(self, snapshot, sync_data):
@@ -270,6 +301,7 @@ class ClusterMap:
                 old, self._fd = self._fd, fd
                 self._map = bytearray(self.nclusters)
                 self._dirty.clear()
+                self._committed.clear()
                 if self._journal is not None:
                     self._journal.restart()
             os.close(old)
