@@ -24,7 +24,6 @@ bitmap, which is thread safe).
 
 import collections
 import logging
-import time
 
 from ..backends import MAX_ZERO
 from ..core.bitmap import DirtyBitmap
@@ -33,11 +32,6 @@ from ..disk.rangelock import RangeLock
 from .backoff import RetrySchedule
 
 log = logging.getLogger(__name__)
-
-# give_way: wait at most this long before a copy for the clients to be done,
-# looking again this often (time.sleep lets the GIL go).
-GIVE_WAY_MAX = 0.001
-GIVE_WAY_NAP = 0.00005
 
 # One failed request: operation "read" (source) or "write" (target); a flush
 # has length 0 (no range to copy again).
@@ -91,9 +85,6 @@ class CopyPipeline:
         # intent log's sync_owed: a set it deferred is durable before the target
         # can hold the change); an OSError fails the copy as a read.
         self.before_send = None
-        # fn() -> True while the copy should wait for client requests in progress
-        # (a job in READY; _give_way), or None.
-        self.give_way = None
         self._buffers = []                # free copy buffers of `chunk` bytes
         self._unpaid = 0                  # bytes copied but not yet paid to the rate limiter
 
@@ -190,8 +181,6 @@ class CopyPipeline:
                 unpaid, self._unpaid = self._unpaid, 0
                 if unpaid and throttle(unpaid):
                     break
-            if self.give_way is not None and not final:
-                self._give_way()
             run = self.bitmap.take_part(pos, self.chunk)
             if run is None:
                 break
@@ -288,17 +277,6 @@ class CopyPipeline:
             else:
                 target.submit_write(buf, o, op)
         return True
-
-    def _give_way(self):
-        """Before a copy: while give_way() says a client request is in progress,
-        wait (up to GIVE_WAY_MAX, napping with the GIL let go), so that the copy
-        runs between requests instead of taking the GIL from them."""
-        give_way = self.give_way
-        if not give_way():
-            return
-        deadline = time.monotonic() + GIVE_WAY_MAX
-        while give_way() and time.monotonic() < deadline:
-            time.sleep(GIVE_WAY_NAP)
 
     def _take_buffer(self, length):
         """A copy buffer from the pool: reused memory is already mapped and faulted in,

@@ -130,10 +130,6 @@ class Disk:
         # object each time it is looked up, but equal to the one added.
         self._swap("_listeners", lambda fns: tuple(f for f in fns if f != fn))
 
-    def busy(self):
-        """A client request is in progress (a copying job in READY gives way)."""
-        return bool(self._gate._inside)
-
     def add_guard(self, guard):
         """Run guard.begin/persist before every change and guard.end after it."""
         self._swap("_guards", lambda guards: guards + (guard,))

@@ -189,9 +189,6 @@ class MirrorJob(SyncedCopyJob):
             return
         super()._on_change(kind, offset, length, buf)
 
-    def _gives_way(self):
-        return self.copy_mode != "write-blocking"
-
     def _first_dirty(self):
         if self.bitmap_name is not None:
             self._mark_from_bitmap()

@@ -26,9 +26,6 @@ READY_COPY_INTERVAL = 0.1
 READY_FLUSH_INTERVAL = 1.0
 # A checkpoint saves the job record (its progress) at most this often.
 RECORD_PROGRESS_INTERVAL = 1.0
-# While ready, a copy gives way to client requests in progress (_clients_first)
-# unless this much is dirty: a job that falls behind copies at full speed.
-GIVE_WAY_BEHIND = 64 << 20
 
 
 class SyncedCopyJob(CopyJob):
@@ -139,7 +136,6 @@ class SyncedCopyJob(CopyJob):
             if self.compare.running:
                 self.compare.collect()
             copied_before = copy.copied
-            copy.give_way = self._clients_first if self.is_ready else None
             pos, then = self._copy_turn(pos)
             if then == STOP:
                 return
@@ -184,22 +180,6 @@ class SyncedCopyJob(CopyJob):
             else:
                 self.sleep(max(0.01, min(READY_COPY_INTERVAL,
                                          flushes.last_flush + READY_FLUSH_INTERVAL - now)))
-
-    def _clients_first(self):
-        """While ready: should the next copy wait for the client requests in
-        progress?  A copy holds the GIL for tens of microseconds, which a client
-        request in progress then waits for (with a mirror in READY the 99th
-        percentile of a 4K write doubled during each batch of copies); between
-        requests it costs them nothing.  Not once the job is behind
-        (GIVE_WAY_BEHIND dirty), nor once complete or cancel was asked, nor
-        where clients wait for the copies (_gives_way)."""
-        return (self.disk.busy() and self._leave_asked is None and self._gives_way()
-                and self.bitmap.dirty_bytes() < GIVE_WAY_BEHIND)
-
-    def _gives_way(self):
-        """False where a client request may wait for this job's copies in flight
-        (a write-blocking mirror's write-through waits for their range lock)."""
-        return True
 
     def _after_flush(self, flush):
         """A flush succeeded: vouch for the target, save progress, and READY if
