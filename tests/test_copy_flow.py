@@ -79,14 +79,6 @@ def test_a_rate_limited_job_copies_one_range_per_turn(local_disks, tmp_path, mon
     size = 4 * MiB
     disk, target = _scattered_disk(local_disks, tmp_path, size, seed=13)
     copies = size // CLUSTER // 2
-    turns = []
-    real = MirrorJob._each_turn
-
-    def each_turn(job):
-        turns.append(job.copy.copied)
-        return real(job)
-    monkeypatch.setattr(MirrorJob, "_each_turn", each_turn)
-    job = disk.mirror(str(target), granularity=CLUSTER, sync="top", speed=1 << 40)
-    disk.wait_event("BLOCK_JOB_READY")
+    job, turns = _mirror_counting_turns(disk, target, monkeypatch, speed=1 << 40)
     assert len(turns) >= copies, (len(turns), copies)
     _end(disk, job, target)
