@@ -306,7 +306,7 @@ class NbdTarget:
         # Answers first: a connection that is gone retires what was in flight
         # with errors, which _completed sees; only a collect that found no
         # answer asks libnbd whether the connection is still there.
-        lost = self._completed(h, ended) or (not ended and is_finished(h))
+        lost = h is None or self._completed(h, ended) or (not ended and is_finished(h))
         if lost:
             # Nothing of this batch is reported: _lose() sends it all again
             # (or fails it with ENOTCONN).
