@@ -321,7 +321,8 @@ class Disk:
 
     @staticmethod
     def _persist_then(guards, tokens, marker, offset, length, fn, args):
-        """Mark, persist the guards, then change (again for each retry of a held one)."""
+        """Mark, persist the guards, then change (again for each retry of a held one).
+        _guarded_change makes the first try inline, in the same order."""
         if marker is not None:
             marker(offset, length)
         for g, token in zip(guards, tokens):
