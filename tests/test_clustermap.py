@@ -147,6 +147,24 @@ def test_range_lock_excludes_overlaps_only():
     lock.release(other)
 
 
+def test_range_lock_try_acquire_never_waits_and_a_timed_out_waiter_leaves():
+    """try_acquire (a copy starting) answers at once; acquire with a timeout gives up
+    and is no sleeper any more; a release lets the range go to the next taker."""
+    lock = RangeLock()
+    t = lock.acquire(0, 10)
+    assert lock.try_acquire(9, 12) is None
+    beside = lock.try_acquire(10, 12)
+    assert beside is not None
+    assert lock.acquire(5, 6, timeout=0.01) is None
+    assert lock._sleepers == 0
+    lock.release(t)
+    inside = lock.try_acquire(5, 6)
+    assert inside is not None and lock.try_acquire(0, 6) is None
+    lock.release(inside)
+    lock.release(beside)
+    assert lock.try_acquire(0, 12) is not None
+
+
 def test_mark_regions_within_a_window_names_only_its_regions():
     b = DirtyBitmap(64 << 20, 65536)
     b.mark(0, 4096)                    # region 0

@@ -205,7 +205,9 @@ class CopyPipeline:
         """
         g = self.granularity
         first, end = offset // g, (offset + length + g - 1) // g
-        if any(o.first < end and first < o.end for o in self.ops) or self.blocked(first, end):
+        blocked = self.blocked(first, end)
+        token = None if blocked else self.ranges.try_acquire(first, end)
+        if token is None and (blocked or any(o.first < end and first < o.end for o in self.ops)):
             # A copy of these granules is in flight: a second one could land
             # before it on the target.  Retry once it has completed.
             if zero:
@@ -215,7 +217,10 @@ class CopyPipeline:
             else:
                 self.bitmap.mark(offset, length)
             return False
-        op = CopyOp(offset, length, self.ranges.acquire(first, end))
+        if token is None:
+            # A client holds them (a copy before write, a write-through): wait for it.
+            token = self.ranges.acquire(first, end)
+        op = CopyOp(offset, length, token)
         op.first, op.end = first, end
         store = self.store
         requests = []
