@@ -108,8 +108,8 @@ def test_finish_checkpoints_writes_and_syncs_once_for_many(tmp_path):
 
 def test_copied_marks_are_set_regions_apart_and_survive_a_reopen(tmp_path):
     """COPIED (2): set for every rule, written without a sync, told apart by runs().
-    A client write into a COPIED region rewrites it as SET on disk first (a pwrite,
-    no sync): COPIED stays exact, so a restart may trust it (same target instance)."""
+    A client write into a COPIED region rewrites it as SET on disk first (in the
+    file, no sync): COPIED stays exact, so a restart may trust it (same target instance)."""
     log = _log(tmp_path)
     busy = bytearray(log.nregions)
     busy[4:] = b"\x01" * (log.nregions - 4)
@@ -157,6 +157,44 @@ def test_mark_copied_skips_regions_a_change_is_in_or_ended_in_since_the_look(tmp
     on_disk = _log(tmp_path, create=False)
     assert list(on_disk.runs())[:3] == [(0, MiB, True), (MiB, 2 * MiB, False),
                                         (3 * MiB, 5 * MiB, True)]
+
+
+def test_a_client_rewriting_a_copied_region_makes_no_system_call(tmp_path, monkeypatch):
+    """The file is mapped: the COPIED -> SET rewrite on a client's path is a store
+    into the page cache (a reader of the file sees it at once), no pwrite, no
+    sync, so the client keeps the GIL a busy job thread would hold it back from."""
+    import plugin.blockcopy.intent as intent
+    log = _log(tmp_path)
+    busy = bytearray(log.nregions)
+    busy[4:] = b"\x01" * (log.nregions - 4)
+    log.mark_copied(busy)                            # regions 0-3 COPIED
+
+    def no_call(*args):
+        raise AssertionError("a system call on the client's path")
+    for name in ("pwrite", "write", "fdatasync", "fsync"):
+        monkeypatch.setattr(intent.os, name, no_call)
+    monkeypatch.setattr(intent, "pwrite_all", no_call)
+    _write(log, 2 * MiB, 4096)
+    _write(log, MiB - 4096, 8192)                    # regions 0 and 1
+    monkeypatch.undo()
+    assert (tmp_path / "disk0.intent").read_bytes()[:5] == bytes([1, 1, 1, 2, 1])
+    assert list(_log(tmp_path, create=False).runs())[:2] == [(0, 3 * MiB, False),
+                                                             (3 * MiB, MiB, True)]
+
+
+def test_a_short_file_is_written_whole_and_synced_before_it_is_mapped(tmp_path, monkeypatch):
+    """A log never written completely counts every region as set: the file says so
+    durably before the log maps it (a mapped short file would grow with zeros,
+    clear regions, where a crash could find them)."""
+    (tmp_path / "disk0.intent").write_bytes(bytes(10))
+    syncs = _Syncs(monkeypatch)
+    log = _log(tmp_path, create=False)
+    assert syncs.n == 1
+    assert list(log.regions()) == [(0, SIZE)]
+    assert (tmp_path / "disk0.intent").read_bytes() == b"\x01" * log.nregions
+    _clear_all(log)
+    log.close()
+    assert list(_log(tmp_path, create=False).regions()) == []
 
 
 def test_a_byte_other_than_0_1_2_reads_as_set(tmp_path):

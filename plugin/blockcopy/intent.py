@@ -33,7 +33,7 @@ The rule (docs/overlay.md, "Mirror durability"):
   before the previous checkpoint began.
 - COPIED: a set region the mirror holds nothing of any more (its copies
   were answered by the target, no flush yet) is rewritten as 2 ("set,
-  copied") with a pwrite and no sync, every few MiB of copy.  It is still
+  copied") in the file with no sync, every few MiB of copy.  It is still
   set for every rule above.  A mirror restarted after a crash compares such
   a region on the target with the disk instead of copying it (the target's
   answer is the truth: equal is in sync once a flush completes, anything
@@ -41,12 +41,17 @@ The rule (docs/overlay.md, "Mirror durability"):
   the target is the very instance that answered (the same file in the same
   boot, the same server process: instance() in backends/filetarget.py, nbdtarget.py), it needs no
   comparison at all, only a flush.  For that, COPIED is exact within a
-  boot: a client change into a COPIED region rewrites it as 1 (a pwrite,
-  no sync: the page cache keeps it across a kill -9, as it keeps the
+  boot: a client change into a COPIED region rewrites it as 1 (in the
+  file, no sync: the page cache keeps it across a kill -9, as it keeps the
   change) before the change is issued, and a region is marked only if no
   change into it is in progress or ended since the mirror looked at its
   holdings (mark_copied's `since`).  A power cut may leave a stale 2 (the
-  pwrite lost, the change flushed): a new boot never trusts, it compares.
+  rewrite lost, the change flushed): a new boot never trusts, it compares.
+- The file is mapped (mmap, shared): every write into it above is a store
+  into the page cache, as a pwrite is, without a system call, so a client
+  rewriting a COPIED region does not let go of the GIL for it (and wait
+  for a busy job thread to give it back).  fdatasync() on the file writes
+  back what was stored through the map; the syncs above are unchanged.
 - DEFERRED set (`defer`, a background mirror): when the store says the
   change cannot reach stable storage before its next commit (every cluster
   it touches is one the map never committed: a copy-on-write write into
@@ -76,6 +81,7 @@ write, fdatasync under the file lock).
 
 import itertools
 import logging
+import mmap
 import os
 import threading
 from array import array
@@ -143,9 +149,6 @@ class IntentLog:
         self._owed_gen = 0                   # deferred sets made (which ones a sync covered)
         if create:
             self._bits = bytearray(_SET * n)
-            os.ftruncate(self._fd, 0)
-            pwrite_all(self._fd, self._bits, 0)
-            os.fdatasync(self._fd)
         else:
             data = os.pread(self._fd, n, 0)
             if len(data) != n:
@@ -154,6 +157,16 @@ class IntentLog:
                             path, len(data), n)
                 data = _SET * n
             self._bits = bytearray(data.translate(_LOAD))
+        if create or os.fstat(self._fd).st_size != n:
+            # The file holds exactly what memory says, durably, before it is mapped
+            # (mapping a short file would extend it with zeros: clear regions).
+            os.ftruncate(self._fd, 0)
+            pwrite_all(self._fd, self._bits, 0)
+            os.fdatasync(self._fd)
+        # The file's bytes, shared with the page cache: a store into the map is
+        # a write without a system call (and without letting go of the GIL),
+        # as durable as a pwrite (a kill -9 keeps it, fdatasync writes it).
+        self._file = mmap.mmap(self._fd, n)
         # The epoch in which the last change into each region began (0: none);
         # begin_checkpoint() starts a new epoch.
         self._touched = array("Q", bytes(8 * n))
@@ -219,7 +232,7 @@ class IntentLog:
             if self._fd is None:
                 return            # the job is gone (a change that began as it ended)
             bits[first:end] = _SET * (end - first)
-            pwrite_all(self._fd, bits[first:end], first)
+            self._file[first:end] = bits[first:end]
             if deferred:
                 self._owed[first:end] = b"\x01" * (end - first)
                 self.owed = True
@@ -275,7 +288,7 @@ class IntentLog:
             if bits.find(_COPIED, first, end) < 0:
                 return                 # the mark was taken back meanwhile
             bits[first:end] = bits[first:end].replace(_COPIED, _SET)
-            pwrite_all(self._fd, bits[first:end], first)
+            self._file[first:end] = bits[first:end]
 
     def end(self, token):
         span = self._writing.get(token)
@@ -326,7 +339,8 @@ class IntentLog:
 
     def mark_copied(self, busy, first=0, end=None, since=None):
         """The mirror holds nothing of the set regions in [first, end) that busy does
-        not name: mark them COPIED (one pwrite, no sync; see the module docstring).
+        not name: mark them COPIED (one write into the file, no sync; see the module
+        docstring).
 
         since: a change_mark() taken before busy was computed.  A region a change
         is in progress in, or one ended in since then (busy may not show it), is
@@ -355,7 +369,7 @@ class IntentLog:
                 for r in marked:
                     if ended[r] >= since:
                         bits[r] = SET
-            pwrite_all(self._fd, bytes(bits), 0)
+            self._file[:] = bits
         return sum(1 for r in marked if bits[r] == COPIED)
 
     # -- checkpoints (the job thread) ---------------------------------------
@@ -411,7 +425,7 @@ class IntentLog:
                         if any(span[0] <= r < span[1] for span in writing):
                             bits[r] = 1
                             restored += 1
-                pwrite_all(self._fd, bytes(bits), 0)
+                self._file[:] = bits
                 gen = self._owed_gen
             # A client change finding a region cleared sets it again after this
             # write (under _lock), and syncs it itself unless deferred.
@@ -428,5 +442,6 @@ class IntentLog:
     def close(self):
         with self._sync_lock, self._lock:
             if self._fd is not None:
+                self._file.close()
                 os.close(self._fd)
                 self._fd = None
