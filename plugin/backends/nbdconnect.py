@@ -22,6 +22,8 @@ import re
 import threading
 import time
 
+from ..core.threads import Thread
+
 log = logging.getLogger(__name__)
 
 # A connect (TCP, TLS, NBD handshake) that takes longer than this fails.
@@ -144,8 +146,8 @@ class Attempt:
         self._handle = None
         self._error = None
         self.started = time.monotonic()
-        self._thread = threading.Thread(target=self._run, args=(name, timeout, meta),
-                                        name="nbd-connect", daemon=True)
+        self._thread = Thread(target=self._run, args=(name, timeout, meta),
+                              name="nbd-connect", daemon=True)
         self._thread.start()
 
     def _run(self, name, timeout, meta):

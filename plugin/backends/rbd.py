@@ -32,11 +32,11 @@ requests in parallel.
 import dataclasses
 import errno
 import logging
-import threading
 import urllib.parse
 
 from ..core.errors import errno_name
 from ..core.extent import append_merged
+from ..core.threads import Thread
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class _Connection:
 
     def close_within(self, seconds):
         """close() in a thread, waited for at most seconds (then it goes on alone)."""
-        t = threading.Thread(target=self.close, name="rbd-close", daemon=True)
+        t = Thread(target=self.close, name="rbd-close", daemon=True)
         t.start()
         t.join(seconds)
         if t.is_alive():

@@ -10,6 +10,7 @@ import queue
 import threading
 
 from ..core.errors import errno_of
+from ..core.threads import Thread
 from .rbd import CLOSE_WAIT, _ceph_errors, _Connection, _parse, _whole_buffer, ceph_errno
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class RbdTarget:
         self._opened = threading.Event()
         self._open_error = None
         self._closed = False
-        threading.Thread(target=self._open_first, name="rbd-open", daemon=True).start()
+        Thread(target=self._open_first, name="rbd-open", daemon=True).start()
 
     def _open_first(self):
         try:
@@ -191,7 +192,7 @@ class RbdTarget:
         old, self._c = self._c, None
         if old is not None:
             # Closing waits for the old requests; do not hold the mirror thread.
-            threading.Thread(target=old.close, name="rbd-close", daemon=True).start()
+            Thread(target=old.close, name="rbd-close", daemon=True).start()
         self._c = _Connection(self._addr, readonly=False)
         self._dead = False
         return True

@@ -26,6 +26,7 @@ import threading
 import time
 
 from ..backends import CONNECT_TIMEOUT
+from ..core.threads import Thread
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Verifier:
         self.started_at = clock()
         self._stopping = threading.Event()
         self._started = False
-        self._thread = threading.Thread(target=self._run, name="mirror-verify", daemon=True)
+        self._thread = Thread(target=self._run, name="mirror-verify", daemon=True)
 
     def start(self):
         self._thread.start()

@@ -28,6 +28,7 @@ import time
 
 from ..core import packedbitmap
 from ..core.packedbitmap import PackedBitmap
+from ..core.threads import Thread
 from . import bitmapfile, bitmaprecord
 from .bitmapchange import Change, busy_error, not_found
 from .bitmaprecord import BitmapFile, RegionRecord
@@ -228,8 +229,8 @@ class BitmapSet:
     def start(self):
         """after_fork: the checkpoint thread."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="bitmap-checkpoints",
-                                            daemon=True)
+            self._thread = Thread(target=self._run, name="bitmap-checkpoints",
+                                  daemon=True)
             self._thread.start()
 
     def _run(self):

@@ -16,12 +16,12 @@ The map turns DATA only after the cluster's bytes are fully written.
 import errno
 import logging
 import os
-import threading
 
 from ..backends import is_nbd_uri, is_rbd_uri
 from ..core.fileio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from ..core.fileio import fsync_dir, pread_all, pwrite_all, unlink_if_there
 from ..core.extent import append_merged
+from ..core.threads import Thread
 from . import clustermap, mapjournal, statecheck, statedir
 from .clustermap import ABSENT, DATA, ZERO
 from .rangelock import RangeLock
@@ -424,8 +424,8 @@ class OverlayStore:
             raise
         old, self._fd = self._fd, fd
         fsync_dir(self.state.path)
-        self._releasing = threading.Thread(target=os.close, args=(old,), daemon=True,
-                                           name="overlay-release")
+        self._releasing = Thread(target=os.close, args=(old,), daemon=True,
+                                 name="overlay-release")
         self._releasing.start()
 
     def allocation(self):

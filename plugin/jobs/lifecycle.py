@@ -25,9 +25,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import threading
 
 from ..core.errors import CommandError, error_text
+from ..core.threads import Thread
 from .states import VERBS, refused_verb_error
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ class JobLifecycle:
                 raise RuntimeError(f"job {self.id} cannot start in state {self._status}")
             self._busy = True
             self._transition("running")
-            self._thread = threading.Thread(target=self._thread_main,
-                                            name=f"job-{self.id}", daemon=True)
+            self._thread = Thread(target=self._thread_main,
+                                  name=f"job-{self.id}", daemon=True)
             self._thread.start()
 
     def join(self, timeout: float | None = None) -> bool:

@@ -44,10 +44,10 @@ error (its copy-on-read is a read):
 """
 
 import logging
-import threading
 
 from ..blockcopy.cadence import Cadence
 from ..core.errors import errno_of
+from ..core.threads import Thread
 from .engine import Job
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,8 @@ class StreamJob(Job):
                 return
             self._flusher.join()
         self._checkpoints.mark(self._copied)
-        self._flusher = threading.Thread(target=self._flush_and_save, daemon=True,
-                                         name="stream-checkpoint-%s" % self.id)
+        self._flusher = Thread(target=self._flush_and_save, daemon=True,
+                               name="stream-checkpoint-%s" % self.id)
         self._flusher.start()
 
     def _flush_and_save(self):

@@ -33,6 +33,7 @@ import socket
 import threading
 import time
 
+from ..core.threads import Thread
 from .connection import Connection
 from .listener import bind_socket, free_descriptors, peer_allowed, unlink_socket
 from .session import SessionRules, refusal
@@ -117,7 +118,7 @@ class ControlServer:
                 self._close_waker()
                 raise
             self._listener = listener
-            self._thread = threading.Thread(target=self._run, name="qmp-control", daemon=True)
+            self._thread = Thread(target=self._run, name="qmp-control", daemon=True)
             self._thread.start()
         log.info("QMP control server listening path=%s", self.path)
 
