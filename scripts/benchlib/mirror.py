@@ -35,7 +35,7 @@ from benchlib.overlay import make_base, rotated
 from benchlib.stream import _wait_for
 from benchlib.results import Goal
 from benchlib.servers import qsd_monitor, qsd_export
-from benchlib.smallio import FRESH_WRITE_MEMORY, recycle_memory
+from benchlib.smallio import DEFAULT_THREADS, FRESH_WRITE_MEMORY, recycle_memory
 
 TITLE = "drive-mirror to an nbdkit file target: overlay plugin vs qemu-storage-daemon"
 SECTION = "mirror"
@@ -126,10 +126,14 @@ def _cancel(qmp, device):
 
 
 def _start_ours(bench, base, name, env=None):
+    """Our plugin as scripts/nbdkit-overlay ships it (--threads 2, not nbdkit's 16:
+    with 16 the client's 99th percentile in READY was 2.1-3.8x idle where 2 gave
+    1.4-2.2x, docs/benchmarks.md), an empty overlay on base, a control socket."""
     state = bench.path("state-" + name)
     control = bench.path(name + "-ctl.sock")
-    server = bench.servers.nbdkit(name, "python", PLUGIN, "overlay=" + state, "base=" + base,
-                                  "control=" + control, env=env)
+    server = bench.servers.nbdkit(name, "--threads", str(DEFAULT_THREADS), "python", PLUGIN,
+                                  "overlay=" + state, "base=" + base, "control=" + control,
+                                  env=env)
     _wait_for(control, server)
     return server, state, control
 
