@@ -182,6 +182,25 @@ def test_a_client_rewriting_a_copied_region_makes_no_system_call(tmp_path, monke
                                                              (3 * MiB, MiB, True)]
 
 
+def test_a_log_that_cannot_be_mapped_is_written_with_pwrite(tmp_path, monkeypatch):
+    """As the map journal: where the file cannot be mapped, the same writes go through
+    pwrite, and what a reopen reads is the same."""
+    import plugin.blockcopy.intent as intent
+
+    def refuse(*args):
+        raise OSError(19, "No such device")
+    monkeypatch.setattr(intent.mmap, "mmap", refuse)
+    log = _log(tmp_path)
+    busy = bytearray(log.nregions)
+    busy[4:] = b"\x01" * (log.nregions - 4)
+    log.mark_copied(busy)                            # regions 0-3 COPIED
+    _write(log, 2 * MiB, 4096)
+    monkeypatch.undo()
+    assert list(_log(tmp_path, create=False).runs())[:3] == [
+        (0, 2 * MiB, True), (2 * MiB, MiB, False), (3 * MiB, MiB, True)]
+    log.close()
+
+
 def test_a_short_file_is_written_whole_and_synced_before_it_is_mapped(tmp_path, monkeypatch):
     """A log never written completely counts every region as set: the file says so
     durably before the log maps it (a mapped short file would grow with zeros,

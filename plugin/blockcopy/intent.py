@@ -47,11 +47,10 @@ The rule (docs/overlay.md, "Mirror durability"):
   change into it is in progress or ended since the mirror looked at its
   holdings (mark_copied's `since`).  A power cut may leave a stale 2 (the
   rewrite lost, the change flushed): a new boot never trusts, it compares.
-- The file is mapped (mmap, shared): every write into it above is a store
-  into the page cache, as a pwrite is, without a system call, so a client
-  rewriting a COPIED region does not let go of the GIL for it (and wait
-  for a busy job thread to give it back).  fdatasync() on the file writes
-  back what was stored through the map; the syncs above are unchanged.
+- The file is mapped (mmap, shared; pwrite where it cannot be, as the map
+  journal does): a write into it is a store into the page cache, durable
+  as a pwrite, with no system call, so a client rewriting a COPIED region
+  keeps the GIL.  fdatasync() writes back what was stored.
 - DEFERRED set (`defer`, a background mirror): when the store says the
   change cannot reach stable storage before its next commit (every cluster
   it touches is one the map never committed: a copy-on-write write into
@@ -122,8 +121,7 @@ class Checkpoint:
     __slots__ = ("epoch", "candidates")
 
     def __init__(self, epoch, candidates):
-        self.epoch = epoch
-        self.candidates = candidates
+        self.epoch, self.candidates = epoch, candidates
 
     def __len__(self):
         return len(self.candidates)
@@ -142,31 +140,28 @@ class IntentLog:
         self.nregions = n = max(1, (size + region_size - 1) // region_size)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._lock = threading.Lock()        # file writes, the slow path, checkpoints
-        # Syncs that need not hold _lock (sync_owed, checkpoints) take this one
-        # instead, one at a time: a client rewriting a COPIED region or making a
-        # deferred set does not wait for the disk.  Order: _sync_lock, then _lock.
+        # Syncs (sync_owed, checkpoints) take this one, not _lock: a client rewriting a
+        # COPIED region or making a deferred set never waits for the disk.  _sync_lock first.
         self._sync_lock = threading.Lock()
         self._owed_gen = 0                   # deferred sets made (which ones a sync covered)
-        if create:
-            self._bits = bytearray(_SET * n)
-        else:
-            data = os.pread(self._fd, n, 0)
-            if len(data) != n:
-                # Never written completely: every region may differ.
-                log.warning("intent log %s has %d bytes, not %d: every region counts as dirty",
-                            path, len(data), n)
-                data = _SET * n
-            self._bits = bytearray(data.translate(_LOAD))
+        data = _SET * n if create else os.pread(self._fd, n, 0)
+        if len(data) != n:
+            # Never written completely: every region may differ.
+            log.warning("intent log %s has %d bytes, not %d: every region counts as dirty",
+                        path, len(data), n)
+            data = _SET * n
+        self._bits = bytearray(data.translate(_LOAD))
         if create or os.fstat(self._fd).st_size != n:
-            # The file holds exactly what memory says, durably, before it is mapped
-            # (mapping a short file would extend it with zeros: clear regions).
+            # Durably what memory says before it is mapped (not zeros: clear regions).
             os.ftruncate(self._fd, 0)
             pwrite_all(self._fd, self._bits, 0)
             os.fdatasync(self._fd)
-        # The file's bytes, shared with the page cache: a store into the map is
-        # a write without a system call (and without letting go of the GIL),
-        # as durable as a pwrite (a kill -9 keeps it, fdatasync writes it).
-        self._file = mmap.mmap(self._fd, n)
+        try:
+            os.posix_fallocate(self._fd, 0, n)      # its blocks exist: a store needs no space
+            self._file = mmap.mmap(self._fd, n)     # the file's bytes (see the docstring)
+        except (OSError, ValueError) as e:
+            log.warning("cannot allocate or map intent log %s (%s): written with pwrite", path, e)
+            self._file = None
         # The epoch in which the last change into each region began (0: none);
         # begin_checkpoint() starts a new epoch.
         self._touched = array("Q", bytes(8 * n))
@@ -232,7 +227,7 @@ class IntentLog:
             if self._fd is None:
                 return            # the job is gone (a change that began as it ended)
             bits[first:end] = _SET * (end - first)
-            self._file[first:end] = bits[first:end]
+            self._store(first, end)
             if deferred:
                 self._owed[first:end] = b"\x01" * (end - first)
                 self.owed = True
@@ -288,7 +283,14 @@ class IntentLog:
             if bits.find(_COPIED, first, end) < 0:
                 return                 # the mark was taken back meanwhile
             bits[first:end] = bits[first:end].replace(_COPIED, _SET)
-            self._file[first:end] = bits[first:end]
+            self._store(first, end)
+
+    def _store(self, first, end):
+        """(under _lock) Regions [first, end) into the file: a store into its mapping."""
+        if self._file is not None:
+            self._file[first:end] = self._bits[first:end]
+        else:
+            pwrite_all(self._fd, self._bits[first:end], first)
 
     def end(self, token):
         span = self._writing.get(token)
@@ -369,7 +371,7 @@ class IntentLog:
                 for r in marked:
                     if ended[r] >= since:
                         bits[r] = SET
-            self._file[:] = bits
+            self._store(0, self.nregions)
         return sum(1 for r in marked if bits[r] == COPIED)
 
     # -- checkpoints (the job thread) ---------------------------------------
@@ -425,7 +427,7 @@ class IntentLog:
                         if any(span[0] <= r < span[1] for span in writing):
                             bits[r] = 1
                             restored += 1
-                self._file[:] = bits
+                self._store(0, self.nregions)
                 gen = self._owed_gen
             # A client change finding a region cleared sets it again after this
             # write (under _lock), and syncs it itself unless deferred.
@@ -442,6 +444,7 @@ class IntentLog:
     def close(self):
         with self._sync_lock, self._lock:
             if self._fd is not None:
-                self._file.close()
+                if self._file is not None:
+                    self._file.close()
                 os.close(self._fd)
                 self._fd = None
